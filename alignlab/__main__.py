@@ -1,0 +1,5 @@
+import sys
+
+from alignlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,16 @@
+"""Built-ins that need no download: a tiny base model (`builtin:tiny-llama`) and synthetic tasks with exact rewards."""
+
+from alignlab.builtin.tasks import BUILTIN_TASKS, Task, arith_reward, flipped_indices, generate_task, write_task
+from alignlab.builtin.tiny_model import BUILTIN_MODELS, builtin_model_path, resolve_model_name
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BUILTIN_TASKS",
+    "Task",
+    "arith_reward",
+    "builtin_model_path",
+    "flipped_indices",
+    "generate_task",
+    "resolve_model_name",
+    "write_task",
+]

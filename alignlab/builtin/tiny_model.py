@@ -1,0 +1,283 @@
+"""Built-in tiny base model, built on this machine on first use (no download).
+
+`builtin:tiny-llama` in a recipe resolves to a directory holding a randomly initialised ~3M-parameter
+`LlamaForCausalLM` and a byte-level BPE tokenizer trained here on a generated corpus (`tokenizer_corpus`), both
+saved with `save_pretrained` (safetensors). The build is deterministic: the same code gives bit-identical files.
+
+Tokenizer design (and why):
+- byte-level BPE (vocab 1024) with a digit pre-tokenizer, so every digit is one token and `a+b` is learnable;
+- special tokens: pad `<|pad|>` (id 0, distinct from eos so padding is never mistaken for the end of a turn),
+  bos `<|begin_of_text|>` (1), eos `<|im_end|>` (2: the end of an assistant turn, so generation stops there),
+  `<|im_start|>` (3);
+- ChatML chat template; the template writes the single bos at the start, and the tokenizer adds no special tokens
+  of its own (so `apply_chat_template(tokenize=True)` has exactly one bos, and one eos per turn). The assistant
+  content and its `<|im_end|>` are wrapped in `{% generation %}` so `return_assistant_tokens_mask=True` (TRL's
+  `assistant_only_loss`) works.
+
+Cache: `<cache>/builtin/<name>-v<version>`, where <cache> is the `cache_dir` argument, else $ALIGNLAB_CACHE, else
+~/.cache/alignlab. The model is built in a temporary directory beside it and renamed into place, and a marker
+file is written last, so a crash or two concurrent processes (e.g. `accelerate launch` with 2 processes) never
+leave a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignlab.builtin.tasks import task_corpus
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BUILTIN_PREFIX",
+    "BuiltinModel",
+    "build_builtin_model",
+    "builtin_model_path",
+    "resolve_model_name",
+    "tokenizer_corpus",
+]
+
+BUILTIN_PREFIX = "builtin:"
+MARKER_FILE = ".alignlab-complete"
+
+PAD, BOS, EOS, IM_START = "<|pad|>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]  # ids 0..3, in this order
+
+# ChatML. The bos is written by the template (the tokenizer itself adds none). Only the assistant content and
+# its <|im_end|> are inside {% generation %}: that is what the model is trained to produce; the "\n" after it
+# is not (generation stops at <|im_end|>, the eos).
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('Unknown role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{{- '\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Recipe for one builtin model. Bump `version` whenever anything here changes the built files."""
+
+    description: str
+    version: int = 1
+    seed: int = 0
+    vocab_size: int = 1024
+    model_max_length: int = 512
+    llama: dict = field(default_factory=dict)  # LlamaConfig kwargs
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny-llama": BuiltinModel(
+        description="~3.1M-parameter Llama (4 layers, hidden 256, 4 heads), byte-level BPE vocab 1024",
+        llama=dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("ALIGNLAB_CACHE"):
+        return Path(os.environ["ALIGNLAB_CACHE"])
+    return Path.home() / ".cache" / "alignlab"
+
+
+def _spec(name: str) -> BuiltinModel:
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown builtin model {name!r}; known builtin models: {', '.join(sorted(BUILTIN_MODELS))}")
+    return BUILTIN_MODELS[name]
+
+
+def builtin_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Directory of builtin model `name` (model + tokenizer), building it on first use."""
+    spec = _spec(name)
+    final = _cache_root(cache_dir) / "builtin" / f"{name}-v{spec.version}"
+    if (final / MARKER_FILE).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        # Not ours to trust (no marker: written by something else); move it aside rather than build on top.
+        _discard(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build_builtin_model(name, tmp)
+        (tmp / MARKER_FILE).write_text(f"{name} v{spec.version}\n")
+        try:
+            os.replace(tmp, final)  # atomic; fails if another process got there first
+        except OSError:
+            if not (final / MARKER_FILE).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _discard(path: Path) -> None:
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
+    try:
+        os.replace(path, trash / path.name)
+    except OSError:
+        pass  # another process moved it first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """"builtin:<name>" -> the built model's directory (as a string); anything else is returned unchanged."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX) :]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------------------
+
+_SUBJECTS = [
+    "the model", "the assistant", "a student", "the teacher", "my friend", "the team", "a small robot",
+    "the user", "the reviewer", "our group", "the old man", "a young woman", "the engineer", "the writer",
+    "the cat", "the dog", "this tool", "the program", "she", "he", "they", "we", "you", "it", "I",
+]  # fmt: skip
+_VERBS = [
+    "reads", "writes", "answers", "learns", "explains", "checks", "builds", "finds", "helps", "asks",
+    "trains", "tests", "solves", "counts", "adds", "likes", "needs", "wants", "makes", "sees", "follows",
+    "compares", "prefers", "rejects", "chooses", "improves", "describes", "remembers", "opens", "closes",
+]  # fmt: skip
+_OBJECTS = [
+    "the question", "a short answer", "the book", "the data", "a new recipe", "the result", "the numbers",
+    "a simple plan", "the letter", "the code", "the story", "every example", "the reward", "the table",
+    "a good reason", "the door", "the window", "some water", "the problem", "the sum", "the report",
+    "a better response", "the first step", "the last line", "the map", "a long list", "the small model",
+]  # fmt: skip
+_ADVERBS = [
+    "carefully", "quickly", "slowly", "again", "today", "every day", "at night", "in the morning",
+    "without help", "with care", "for a while", "once more", "very well", "as usual", "in silence",
+]  # fmt: skip
+_OPENERS = [
+    "Please", "Can you", "Could you", "Tell me how to", "Explain how to", "Help me",
+    "I would like to", "Let us", "Try to", "Remember to",
+]  # fmt: skip
+_IMPERATIVES = [
+    "write a short poem", "answer the question", "add the two numbers", "check the result", "explain the idea",
+    "summarize the text", "list three colors", "name a city", "describe the weather", "count to ten",
+    "say hello", "give an example", "fix the error", "read the letter", "find the answer",
+]  # fmt: skip
+_REPLIES = [
+    "Sure, here is the answer.", "Of course.", "I am not sure.", "The answer is", "Yes.", "No.",
+    "Thank you!", "Here is a short summary:", "Let me think about it.", "That is a good question.",
+    "You are a helpful assistant.", "Hello! How can I help you today?", "I think so.", "Good morning.",
+]  # fmt: skip
+
+
+def _english_line(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.5:
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+        if rng.random() < 0.5:
+            s += f" {rng.choice(_ADVERBS)}"
+        s = s[0].upper() + s[1:] + rng.choice([".", ".", ".", "!", "?"])
+        if rng.random() < 0.3:
+            s += f" {rng.choice(_REPLIES)}"
+        return s
+    if kind < 0.8:
+        return f"{rng.choice(_OPENERS)} {rng.choice(_IMPERATIVES)}{rng.choice(['?', '.', '!'])}"
+    if kind < 0.9:
+        return rng.choice(_REPLIES)
+    n = rng.randint(0, 9999)
+    return f"There are {n} {rng.choice(['apples', 'steps', 'words', 'pages', 'tokens'])}, not {n + rng.randint(1, 20)}."
+
+
+def tokenizer_corpus(seed: int = 0, n_english: int = 20000, n_task: int = 4000) -> list[str]:
+    """The deterministic corpus the builtin tokenizer is trained on: English-ish lines + builtin task strings.
+
+    The chat markup (role names, "\\n") is included, the special tokens themselves are not (they are added whole).
+    """
+    rng = random.Random(f"tokenizer-corpus/{seed}")
+    lines = [_english_line(rng) for _ in range(n_english)]
+    lines += [f"system\n{r}\nuser\n{q}\nassistant\n" for r, q in zip(_REPLIES, _IMPERATIVES)]
+    lines += task_corpus(seed, n_task)
+    rng.shuffle(lines)
+    return lines
+
+
+def _build_tokenizer(spec: BuiltinModel):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits first (each digit its own pre-token, so BPE can never merge "12"), then the usual byte-level split.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(spec.seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=[IM_START],
+        model_max_length=spec.model_max_length,
+        padding_side="right",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_builtin_model(name: str, out_dir: str | Path) -> Path:
+    """Build builtin model `name` into `out_dir` (no caching, no atomicity: see `builtin_model_path`)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    spec = _spec(name)
+    out_dir = Path(out_dir)
+    tokenizer = _build_tokenizer(spec)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlamaConfig(vocab_size=len(tokenizer), **spec.llama, **ids)
+    # Seeded init without touching the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,296 @@
+"""Pairwise preference losses (DPO and its robust variants), selected by name from a registry.
+
+Every loss is a small pure function of the per-pair log-ratio difference
+
+    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]        shape [B]
+
+plus the KL strength ``beta`` and the loss's own keyword-only parameters. Each returns ``(loss, extra_metrics)``:
+a 0-dim loss (mean over the batch unless stated) and a dict of extra 0-dim detached metrics (usually empty).
+
+``PREFERENCE_LOSSES`` maps a name to its function; the accepted parameters and their defaults are read from the
+function's signature, so adding a loss means writing one function and one registry line, never an if/elif on names.
+``preference_loss`` is the entry point the stages call: it validates, computes h and the reward metrics, and
+dispatches. Formulas and sources: the docstring of each function, and the design notes (ALGORITHMS.md).
+
+Notation: l(z) = -log sigma(z), computed as softplus(-z) (never log(sigmoid(z)), which underflows to -inf).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+Metrics = dict[str, Tensor]
+
+
+def _nll_sigmoid(z: Tensor) -> Tensor:
+    """l(z) = -log sigma(z) = softplus(-z), elementwise; exact for large |z|."""
+    return F.softplus(-z)
+
+
+def _cdpo_per_pair(h: Tensor, beta: float, eps: float) -> Tensor:
+    """Per-pair cDPO loss (1-eps) l(beta h) + eps l(-beta h), shape [B]; eps = 0 gives per-pair DPO."""
+    z = beta * h
+    return (1.0 - eps) * _nll_sigmoid(z) + eps * _nll_sigmoid(-z)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The losses. Signature: fn(h [B], beta, *, <params with defaults>) -> (loss [], extra metrics).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dpo_loss(h: Tensor, beta: float) -> tuple[Tensor, Metrics]:
+    """DPO, Rafailov et al. 2023 (arXiv 2305.18290, eq. 7): L = mean_i l(beta h_i).
+
+    h: [B] log-ratio differences. Returns a 0-dim loss. At pi = pi_ref (h = 0), L = ln 2.
+    """
+    return _nll_sigmoid(beta * h).mean(), {}
+
+
+def ipo_loss(h: Tensor, beta: float) -> tuple[Tensor, Metrics]:
+    """IPO, Azar et al. 2023 (arXiv 2310.12036, eq. 17): L = mean_i (h_i - 1/(2 tau))^2, with tau = beta.
+
+    h: [B]. The function uses the log-probs it is given; the IPO stage passes length-averaged log-probs
+    (as TRL does), see ALGORITHMS.md. At h = 0, L = (1/(2 beta))^2.
+    """
+    return (h - 1.0 / (2.0 * beta)).pow(2).mean(), {}
+
+
+def hinge_loss(h: Tensor, beta: float) -> tuple[Tensor, Metrics]:
+    """Hinge / SLiC, Zhao et al. 2023 (arXiv 2305.10425): L = mean_i max(0, 1 - beta h_i).
+
+    h: [B]. At h = 0, L = 1.
+    """
+    return torch.relu(1.0 - beta * h).mean(), {}
+
+
+def cdpo_loss(h: Tensor, beta: float, *, eps: float = 0.0) -> tuple[Tensor, Metrics]:
+    """Conservative DPO / label smoothing, Mitchell 2023 note ("A note on DPO with noisy preferences"):
+
+    L = mean_i [(1-eps) l(beta h_i) + eps l(-beta h_i)],  eps in [0, 0.5) the assumed label-flip rate.
+    h: [B]. eps = 0 is DPO.
+    """
+    return _cdpo_per_pair(h, beta, eps).mean(), {}
+
+
+def rdpo_loss(h: Tensor, beta: float, *, eps: float = 0.0) -> tuple[Tensor, Metrics]:
+    """Robust DPO, Chowdhury, Kini, Natarajan 2024 (arXiv 2403.00409), unbiased under flip rate eps:
+
+    L = mean_i [(1-eps) l(beta h_i) - eps l(-beta h_i)] / (1 - 2 eps),  eps in [0, 0.5).
+    h: [B]. Unbiased: (1-eps) L(h) + eps L(-h) = l(beta h). A single term can be negative (it subtracts
+    eps l(-beta h)), so the loss is NOT bounded below by 0. eps = 0 is DPO.
+    """
+    z = beta * h
+    per_pair = ((1.0 - eps) * _nll_sigmoid(z) - eps * _nll_sigmoid(-z)) / (1.0 - 2.0 * eps)
+    return per_pair.mean(), {}
+
+
+def drdpo_loss(h: Tensor, beta: float, *, beta_prime: float = 1.0) -> tuple[Tensor, Metrics]:
+    """Dr. DPO, Wu et al. 2024 (arXiv 2407.07880): L = -beta' log( mean_i exp(-l_i / beta') ),
+
+    with l_i = l(beta h_i) the per-pair DPO loss and beta' > 0. h: [B]. Computed as
+    -beta' (logsumexp(-l / beta') - log B), stable for any beta'. beta' -> inf gives mean DPO;
+    small beta' down-weights high-loss (likely flipped) pairs.
+    """
+    per_pair = _nll_sigmoid(beta * h)
+    log_mean = torch.logsumexp(-per_pair / beta_prime, dim=0) - math.log(per_pair.numel())
+    return -beta_prime * log_mean, {}
+
+
+def kldpo_loss(
+    h: Tensor,
+    beta: float,
+    *,
+    tau: float = 0.05,
+    w_max: float = 10.0,
+    eps: float = 0.0,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Metrics]:
+    """KLDPO (KL-ball distributionally robust DPO), Xu et al. 2025 (arXiv 2502.01930;
+    per-minibatch form of the authors' OpenRLHF code):
+
+        l_i  = (1-eps) l(beta h_i) + eps l(-beta h_i)           base per-pair loss (DPO when eps = 0), [B]
+        lbar = mean of detached l over the GLOBAL batch         gather(l.detach()) when gather is given
+        w_i  = min(exp((l_i - lbar) / tau), w_max)              detached, NOT renormalised
+        L    = mean_i (w_i l_i) over the local batch
+
+    h: [B]. tau > 0 (e.g. 0.05); tau -> inf gives the base loss. ``gather`` is a callable Tensor [B] -> Tensor
+    [N] that concatenates the detached per-pair losses of all processes (e.g. ``accelerator.gather``);
+    None means a single process. Extra metrics: kldpo/weight_mean, kldpo/weight_max, kldpo/weight_min.
+    """
+    per_pair = _cdpo_per_pair(h, beta, eps)
+    detached = per_pair.detach()
+    global_losses = gather(detached) if gather is not None else detached
+    lbar = global_losses.mean()
+    # Clamp the exponent rather than the exp: exp of a large exponent is inf; min(inf, w_max) would still be
+    # w_max, but never forming inf keeps the weights (and anything logged from them) finite.
+    weights = torch.exp(((detached - lbar) / tau).clamp(max=math.log(w_max)))
+    loss = (weights * per_pair).mean()
+    metrics = {
+        "kldpo/weight_mean": weights.mean(),
+        "kldpo/weight_max": weights.max(),
+        "kldpo/weight_min": weights.min(),
+    }
+    return loss, metrics
+
+
+def wdpo_loss(h: Tensor, beta: float, *, rho: float = 0.01, eps: float = 0.0) -> tuple[Tensor, Metrics]:
+    """WDPO base term ONLY (Wasserstein-ball DRO DPO, Xu et al. 2025, arXiv 2502.01930):
+
+    returns mean_i [(1-eps) l(beta h_i) + eps l(-beta h_i)] (DPO when eps = 0). h: [B].
+    The robust part, rho * mean_i R_i, needs the input embeddings and is added by the stage with
+    :func:`wdpo_penalty`; ``rho`` (>= 0) is accepted and validated here so that one params dict describes
+    the method, but it is not used by this function.
+    """
+    del rho  # used by the stage via wdpo_penalty
+    return _cdpo_per_pair(h, beta, eps).mean(), {}
+
+
+PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "cdpo": cdpo_loss,
+    "rdpo": rdpo_loss,
+    "drdpo": drdpo_loss,
+    "kldpo": kldpo_loss,
+    "wdpo": wdpo_loss,
+}
+
+
+# Losses defined on per-token AVERAGED log-probs: the stage divides each summed log-prob by its completion
+# length before calling them (IPO: TRL's choice, confirmed with the authors; see ALGORITHMS.md).
+LENGTH_NORMALIZED_LOSSES: frozenset[str] = frozenset({"ipo"})
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter validation (shared by every loss that takes a parameter of that name).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# name -> (predicate on the value, human-readable allowed range)
+_PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": (lambda v: _is_real(v) and v > 0 and math.isfinite(v), "beta must be a finite number > 0"),
+    "eps": (lambda v: _is_real(v) and 0 <= v < 0.5, "eps must be in [0, 0.5)"),
+    "tau": (lambda v: _is_real(v) and v > 0, "tau must be > 0"),
+    "beta_prime": (lambda v: _is_real(v) and v > 0, "beta_prime must be > 0"),
+    "rho": (lambda v: _is_real(v) and v >= 0 and math.isfinite(v), "rho must be a finite number >= 0"),
+    "w_max": (lambda v: _is_real(v) and v >= 1, "w_max must be >= 1"),
+    "gather": (lambda v: v is None or callable(v), "gather must be None or a callable Tensor -> Tensor"),
+}
+
+
+def _check_name(name: str) -> Callable[..., tuple[Tensor, Metrics]]:
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {name!r}; known losses: {', '.join(sorted(PREFERENCE_LOSSES))}")
+    return PREFERENCE_LOSSES[name]
+
+
+def preference_loss_params(name: str) -> dict[str, Any]:
+    """Accepted parameters of loss ``name`` (besides beta) with their defaults, e.g. {'eps': 0.0} for rdpo."""
+    fn = _check_name(name)
+    return {
+        p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def validate_preference_params(name: str, beta: float, params: dict[str, Any]) -> None:
+    """Raise ValueError unless ``name`` is a known loss, beta > 0, and every key of ``params`` is a parameter of
+    that loss with a value in its allowed range. Needs no tensors (the recipe validator calls it early)."""
+    accepted = preference_loss_params(name)
+    ok, allowed = _PARAM_CHECKS["beta"]
+    if not ok(beta):
+        raise ValueError(f"{name}: {allowed}, got beta={beta!r}")
+    for key, value in params.items():
+        if key not in accepted:
+            shown = ", ".join(accepted) if accepted else "none besides beta"
+            raise ValueError(f"{name}: unknown parameter {key!r}; {name} accepts: {shown}")
+        ok, allowed = _PARAM_CHECKS[key]
+        if not ok(value):
+            raise ValueError(f"{name}: {allowed}, got {key}={value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def preference_loss(
+    name: str,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    **params: Any,
+) -> tuple[Tensor, Metrics]:
+    """Compute preference loss ``name`` (a key of PREFERENCE_LOSSES) on a batch of pairs.
+
+    All four inputs are [B] summed completion log-probs. Returns ``(loss, metrics)``: ``loss`` is 0-dim, and
+    ``metrics`` maps a name to a 0-dim DETACHED tensor (call ``.item()`` to log):
+      rewards/chosen     mean beta (pi_c - ref_c)
+      rewards/rejected   mean beta (pi_r - ref_r)
+      rewards/margins    mean of chosen minus rejected reward
+      rewards/accuracies mean [chosen reward > rejected reward]
+    plus the loss's own extras (kldpo: kldpo/weight_mean, kldpo/weight_max, kldpo/weight_min).
+    For ``wdpo`` only the base term is returned; the stage adds rho * wdpo_penalty(...).mean().
+    """
+    validate_preference_params(name, beta, params)
+    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
+        raise ValueError(f"preference_loss expects four 1-D log-prob tensors of equal shape [B], got {shapes}")
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B]
+    h = chosen_logratios - rejected_logratios  # [B]
+    loss, extra = PREFERENCE_LOSSES[name](h, beta, **params)
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    metrics: Metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+    }
+    metrics.update({k: v.detach() for k, v in extra.items()})
+    return loss, metrics
+
+
+def wdpo_penalty(total_loss: Tensor, inputs_embeds: Tensor, create_graph: bool = True) -> Tensor:
+    """WDPO gradient-norm regulariser R, shape [B] (Xu et al. 2025, arXiv 2502.01930, WDPO).
+
+    WDPO's Wasserstein-ball DRO objective is replaced by its first-order approximation, a gradient-norm penalty
+    on the input embeddings:
+
+        g_i = d(sum_j l_j) / d(input embeddings of pair i)
+        R_i = ||g_i||^2 summed over sequence and hidden dims, chosen row i plus rejected row i
+        L   = mean_i (l_i + rho R_i)                    (the stage adds rho * R.mean() to the base loss)
+
+    Args:
+        total_loss: 0-dim loss whose gradient is taken. To match the paper's g_i pass the SUM of the per-pair
+            base losses (e.g. ``loss * B`` when ``loss`` is the batch mean; the mean gives R / B^2).
+        inputs_embeds: [2B, T, H] leaf of the graph the model ran on (``model(inputs_embeds=...)``), with the
+            batch laid out as [chosen rows; rejected rows]: rows 0..B-1 chosen, rows B..2B-1 rejected.
+        create_graph: keep the graph of g so that R is differentiable (True while training, False to log).
+
+    Double backprop does not work through the fused SDPA attention kernels: load the model with
+    ``attn_implementation="eager"`` or run inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
+    """
+    if inputs_embeds.dim() < 1 or inputs_embeds.shape[0] % 2:
+        raise ValueError(
+            f"inputs_embeds must be [2B, ...] (chosen rows then rejected), got {tuple(inputs_embeds.shape)}"
+        )
+    (grad,) = torch.autograd.grad(total_loss, inputs_embeds, create_graph=create_graph)
+    sq_norms = grad.pow(2).flatten(1).sum(dim=1)  # [2B]
+    half = inputs_embeds.shape[0] // 2
+    return sq_norms[:half] + sq_norms[half:]  # [B]

@@ -1,0 +1,197 @@
+"""Model builders shared by every stage: tokenizer, base model (optionally 4/8-bit), PEFT, and the hand-off
+from one stage's output to the next stage's trainable model and reference.
+
+Hand-off rules (the part other tools leave to users):
+- previous output is an adapter: load its base (quantized again for QLoRA) and continue the SAME adapter;
+  the reference for DPO/PPO is that adapter frozen (a second, frozen copy "ref" on the same backbone), so the
+  reference is the SFT model, not the raw base, and no second backbone is held in memory;
+- previous output is full weights (full fine-tuning, or `merge: true`): load them; apply a fresh adapter
+  when the recipe asks for PEFT; the reference is the input model with the new adapter disabled;
+- no previous stage: the recipe's base model, with a fresh adapter when PEFT is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alignlab.outputs import StageOutput
+    from alignlab.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+REF_ADAPTER = "ref"  # the name TRL's trainers look for when the reference is a frozen copy of the adapter
+
+
+def resolve_base(recipe: Recipe) -> str:
+    from alignlab.builtin import resolve_model_name
+
+    return resolve_model_name(recipe.model.name_or_path)
+
+
+def load_tokenizer(recipe: Recipe, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    spec = recipe.model
+    src = spec.tokenizer or path or resolve_base(recipe)
+    tok = AutoTokenizer.from_pretrained(src, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.chat_template:
+        tok.chat_template = recipe.resolve_path(spec.chat_template).read_text()
+    if tok.pad_token is None:
+        # Padding is masked everywhere; EOS as pad is the usual fallback for models shipped without one.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_causal_lm(recipe: Recipe, path: str, *, quantize: bool | None = None, head: str = "causal_lm", **extra):
+    """A pretrained model from `path` with the recipe's dtype, attention and quantization settings."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    spec, peft = recipe.model, recipe.peft
+    if spec.trust_remote_code:
+        log.warning("trust_remote_code is on: code shipped with %s will run on this machine", path)
+    kwargs = dict(
+        dtype=_dtype(spec.dtype),
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision if path == resolve_base(recipe) else None,
+        **extra,
+    )
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    quantize = peft.quantized if quantize is None else quantize
+    if quantize:
+        kwargs["quantization_config"] = bnb_config(recipe)
+    cls = AutoModelForSequenceClassification if head == "sequence_classification" else AutoModelForCausalLM
+    model = cls.from_pretrained(path, **kwargs)
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def bnb_config(recipe: Recipe):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.peft.quantization or _default_quant()
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def _default_quant():
+    from alignlab.recipe import QuantizationSpec
+
+    return QuantizationSpec()
+
+
+def lora_config(recipe: Recipe, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    p = recipe.peft
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules,
+        use_dora=p.method == "dora",
+        use_rslora=p.use_rslora,
+        modules_to_save=p.modules_to_save,
+        task_type=task_type,
+    )
+
+
+def load_stage_model(recipe: Recipe, source: StageOutput | None, *, head: str = "causal_lm", ref_adapter=False):
+    """The model a stage trains, built from the previous stage's output (see the module docstring).
+
+    `ref_adapter`: when continuing an adapter, also load it a second time, frozen, as adapter "ref", the
+    reference policy for DPO/PPO on the same backbone. Returns (model, input_path) where input_path is the
+    directory the weights (not the adapter) came from.
+    """
+    from peft import PeftModel, get_peft_model
+
+    task_type = "SEQ_CLS" if head == "sequence_classification" else "CAUSAL_LM"
+    if source is not None and source.kind == "adapter" and source.head == head:
+        model = load_causal_lm(recipe, source.base, head=head)
+        model = PeftModel.from_pretrained(model, source.path, is_trainable=True)
+        if ref_adapter:
+            model.load_adapter(source.path, adapter_name=REF_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
+        return model, source.base
+    if source is not None and source.kind == "adapter":
+        # A causal-LM adapter feeding a reward model (different head): start from the merged weights.
+        path = source.merged_path or merge_adapter(recipe, source, Path(source.path).parent / "merged")
+    else:
+        path = source.path if source is not None and source.kind == "full" else resolve_base(recipe)
+    model = load_causal_lm(recipe, path, head=head, **({"num_labels": 1} if task_type == "SEQ_CLS" else {}))
+    if task_type == "SEQ_CLS" and model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(recipe, path).pad_token_id
+    if recipe.peft.enabled:
+        model = get_peft_model(model, lora_config(recipe, task_type))
+    return model, path
+
+
+def check_target_modules(recipe: Recipe, model) -> None:
+    """A LoRA target module that the model lacks is an error that lists the module names it has."""
+    targets = recipe.peft.target_modules
+    if not recipe.peft.enabled or isinstance(targets, str):
+        return
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ValueError(
+            f"peft.target_modules: {', '.join(missing)} not found in the model; its linear modules are "
+            f"{', '.join(linear)}. Use some of those, or 'all-linear'."
+        )
+
+
+def save_model_atomic(model, tokenizer, final_dir: Path) -> Path:
+    """save_pretrained (safetensors) into a temporary folder, then rename it into place, so a crash never
+    leaves a half-written model where a good one was."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final_dir)
+    return final_dir
+
+
+def merge_adapter(recipe: Recipe, source: StageOutput, out_dir: Path) -> str:
+    """Merge an adapter into full-precision base weights and save them (QLoRA: the base is reloaded
+    unquantized in the compute dtype, so the merge is not done into 4-bit weights)."""
+    from peft import PeftModel
+
+    base = load_causal_lm(recipe, source.base, quantize=False, head=source.head)
+    merged = PeftModel.from_pretrained(base, source.path).merge_and_unload()
+    save_model_atomic(merged, load_tokenizer(recipe, source.base), out_dir)
+    return str(out_dir)

@@ -1,0 +1,163 @@
+"""DPO stage: direct preference optimisation and its robust variants (cdpo, rdpo, ipo, hinge, drdpo, kldpo,
+wdpo) on TRL's DPOTrainer, with the loss chosen by name from alignlab.losses.
+
+    accelerate launch -m alignlab run recipes/quickstart.yaml --stage dpo
+
+TRL does the tokenisation, batching, reference handling and logging; `compute_loss` is replaced by a short
+override that computes summed completion log-probs and calls `preference_loss` (no branching on loss names).
+Reference model: the stage's INPUT model, frozen. After a LoRA/QLoRA SFT stage the policy continues the SFT
+adapter and TRL keeps a frozen copy of it as adapter "ref" on the same backbone (no second model in memory);
+after full fine-tuning the reference is a frozen copy of the input weights. `precompute_ref_logps: true`
+computes reference log-probs once and caches them in <stage>/ref_logps/, keyed by data content and weights,
+so a second or resumed run reads them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from trl import DPOConfig, DPOTrainer
+
+from alignlab.data import build_datasets
+from alignlab.losses import LENGTH_NORMALIZED_LOSSES, preference_loss, wdpo_penalty
+from alignlab.models import check_target_modules, load_stage_model, load_tokenizer
+from alignlab.pipeline import StageContext
+from alignlab.stages.common import train_and_save, trainer_args
+
+log = logging.getLogger("alignlab")
+
+
+def run(ctx: StageContext):
+    spec, recipe = ctx.spec, ctx.recipe
+
+    # Inputs
+    model, base = load_stage_model(recipe, ctx.input)
+    check_target_modules(recipe, model)
+    tokenizer = load_tokenizer(recipe, base)
+    train_ds, eval_ds = build_datasets(spec.dataset, recipe, "dpo", tokenizer.chat_template is not None)
+
+    # Trainer
+    args = trainer_args(
+        DPOConfig,
+        ctx,
+        spec.train,
+        has_eval=eval_ds is not None,
+        beta=spec.loss.beta,
+        precompute_ref_log_probs=spec.precompute_ref_logps,
+    )
+    trainer = RegistryDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        loss_name=spec.loss.name,
+        loss_params=spec.loss.params,
+        ref_cache_dir=ctx.stage_dir / "ref_logps",
+    )
+
+    # Train, save, report
+    return train_and_save(trainer, ctx, base=base)
+
+
+class RegistryDPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss comes from alignlab's registry. Only the loss computation and the on-disk cache
+    of precomputed reference log-probs differ from TRL."""
+
+    def __init__(self, *args, loss_name: str, loss_params: dict, ref_cache_dir: Path, **kwargs):
+        self.loss_name, self.loss_params, self.ref_cache_dir = loss_name, dict(loss_params), Path(ref_cache_dir)
+        self.wdpo_rho = self.loss_params.get("rho", 0.01) if loss_name == "wdpo" else 0.0
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        mask = inputs["completion_mask"][:, 1:]  # [2B, T-1]: log-prob of token t+1 is read at position t
+        chosen, rejected = self._logps(model, inputs, mask, need_embeds=self.wdpo_rho > 0 and model.training)
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
+        if self.loss_name in LENGTH_NORMALIZED_LOSSES:
+            # IPO on per-token averages (ALGORITHMS.md: TRL's choice, confirmed with the IPO authors).
+            n_c, n_r = mask.sum(1).clamp(min=1).chunk(2)
+            chosen, rejected, ref_chosen, ref_rejected = (
+                chosen / n_c,
+                rejected / n_r,
+                ref_chosen / n_c,
+                ref_rejected / n_r,
+            )
+        params = dict(self.loss_params)
+        if "gather" in _accepted(self.loss_name) and self.accelerator.num_processes > 1:
+            params["gather"] = self.accelerator.gather  # KLDPO's batch mean is over every process's pairs
+        loss, metrics = preference_loss(
+            self.loss_name, chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), self.beta, **params
+        )
+        if self.wdpo_rho > 0 and model.training:
+            # WDPO: g_i = d(sum of per-pair losses)/d(embeddings); the batch loss is their mean, hence * B.
+            with _math_sdpa():
+                penalty = wdpo_penalty(loss * chosen.shape[0], self._embeds, create_graph=True)
+            loss = loss + self.wdpo_rho * penalty.mean()
+            metrics["wdpo/penalty"] = penalty.detach().mean()
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+        return (loss, None) if return_outputs else loss
+
+    def _logps(self, model, inputs, mask, need_embeds: bool):
+        """Summed completion log-probs [B] of chosen and rejected (batch rows are [chosen; rejected])."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        kwargs = {
+            k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+        }
+        if need_embeds:
+            # WDPO needs the input embeddings in the graph; frozen embeddings (LoRA) are made a leaf that wants grad.
+            embeds = self.accelerator.unwrap_model(model).get_input_embeddings()(kwargs.pop("input_ids"))
+            self._embeds = embeds if embeds.requires_grad else embeds.detach().requires_grad_(True)
+            kwargs["inputs_embeds"] = self._embeds
+        with _math_sdpa() if need_embeds else contextlib.nullcontext():
+            out = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+        per_token = out.log_probs[:, -mask.shape[1] :]  # [2B, T-1], zero where labels are -100
+        return (per_token * mask).sum(dim=1).chunk(2)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precompute, plus a cache on disk keyed by the tokenised data and the reference weights."""
+        key = _content_hash(dataset, self._precompute_model_hash)
+        path = self.ref_cache_dir / f"{name}-{key[:20]}.safetensors"
+        if path.exists():
+            log.info("reference log-probs for %s read from %s", name, path)
+            cached = load_file(path)
+            dataset = dataset.add_column("ref_chosen_logps", cached["ref_chosen_logps"].tolist())
+            return dataset.add_column("ref_rejected_logps", cached["ref_rejected_logps"].tolist())
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {k: torch.tensor(dataset[k]) for k in ("ref_chosen_logps", "ref_rejected_logps")}
+            save_file(tensors, str(path) + ".tmp")
+            Path(str(path) + ".tmp").replace(path)
+        return dataset
+
+
+def _accepted(loss_name: str) -> dict:
+    from alignlab.losses import preference_loss_params
+
+    return preference_loss_params(loss_name)
+
+
+def _math_sdpa():
+    """Double backprop has no derivative through the fused SDPA kernels; the math backend has one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _content_hash(dataset, model_hash) -> str:
+    h = hashlib.sha256(str(model_hash).encode())
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    for column in table.columns:
+        for chunk in column.chunks:
+            h.update(str(chunk.to_pylist()).encode())
+    return h.hexdigest()

@@ -1,0 +1,135 @@
+"""The recipe keys of each stage type. Light on purpose (pydantic only): `alignlab validate` reads these
+without importing torch. The code that runs a stage lives beside this file, one module per stage type."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from alignlab.recipe import DatasetSpec, StageSpec, Strict, TrainSpec, register_stage_spec
+
+
+@register_stage_spec("sft")
+class SFTSpec(StageSpec):
+    """Supervised fine-tuning on prompt/completion, chat messages or plain text (TRL's SFTTrainer).
+    The loss is on completions / assistant turns only unless `completion_only_loss: false`."""
+
+    type: Literal["sft"] = "sft"
+    dataset: DatasetSpec
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=2e-4))
+    packing: bool = False
+    completion_only_loss: bool = True
+
+
+class PreferenceLossSpec(Strict):
+    """A preference loss chosen by name, with its parameters as sibling keys:
+    `{name: rdpo, beta: 0.1, eps: 0.2}`. Names and parameters: alignlab/losses/preference.py."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "dpo"
+    beta: float = Field(0.1, gt=0)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _check(self):
+        from alignlab.losses import validate_preference_params
+
+        validate_preference_params(self.name, self.beta, self.params)
+        return self
+
+
+@register_stage_spec("dpo")
+class DPOSpec(StageSpec):
+    """Direct preference optimisation and its robust variants on preference pairs (prompt, chosen, rejected).
+    The reference model is the stage's input model (e.g. the SFT model), frozen."""
+
+    type: Literal["dpo"] = "dpo"
+    dataset: DatasetSpec
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+    loss: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec)
+    precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
+
+
+@register_stage_spec("reward")
+class RewardSpec(StageSpec):
+    """Bradley-Terry reward model (sequence-classification head) on preference pairs."""
+
+    type: Literal["reward"] = "reward"
+    dataset: DatasetSpec
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=1e-4))
+    center_coef: float | None = Field(None, ge=0, description="Reward centering eta (0.01 recommended when on)")
+
+
+class RolloutSpec(Strict):
+    batch_size: int = Field(16, gt=0, description="Prompts per PPO update (per process)")
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    missing_eos_penalty: float | None = Field(None, ge=0)
+
+
+class PPOHyperSpec(Strict):
+    epochs: int = Field(4, gt=0, description="PPO epochs over each rollout batch")
+    minibatch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0, description="Set to use the adaptive KL controller")
+    kl_horizon: int = Field(10000, gt=0)
+    whiten_advantages: bool = True
+    max_grad_norm: float = Field(1.0, ge=0)
+
+
+@register_stage_spec("ppo")
+class PPOSpec(StageSpec):
+    """PPO for RLHF (alignlab's own loop on accelerate). Reward: a reward stage / model, or a Python
+    function `module:function(prompts, completions) -> list[float]`."""
+
+    type: Literal["ppo"] = "ppo"
+    dataset: DatasetSpec
+    reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
+    reward_fn: str | None = Field(None, description="module:function returning one float per completion")
+    steps: int = Field(100, gt=0, description="PPO updates (rollout batches)")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    ppo: PPOHyperSpec = Field(default_factory=PPOHyperSpec)
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    report_to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_reward(self):
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError(
+                "a ppo stage needs exactly one of reward_model (an earlier reward stage's name or a path) "
+                "or reward_fn (module:function)"
+            )
+        return self
+
+
+@register_stage_spec("eval")
+class EvalSpec(StageSpec):
+    """Evaluate the input model against a reference: ground-truth reward, win rate, KL, preference accuracy,
+    perplexity; writes eval.json, eval.md and training-curve plots."""
+
+    type: Literal["eval"] = "eval"
+    dataset: DatasetSpec = Field(description="Prompts (with answers when the task has a reward function)")
+    preference_dataset: DatasetSpec | None = None
+    sft_dataset: DatasetSpec | None = Field(None, description="Held-out SFT data for perplexity")
+    reference: str = Field("base", description="base, or the name of an earlier stage")
+    reward_fn: str | None = None
+    reward_model: str | None = None
+    beta: float = Field(0.1, gt=0, description="beta of the implicit DPO reward")
+    num_prompts: int = Field(200, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    num_samples_shown: int = Field(5, ge=0)
+    batch_size: int = Field(32, gt=0)
