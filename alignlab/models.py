@@ -146,6 +146,7 @@ def load_stage_model(recipe: Recipe, source: StageOutput | None, *, head: str = 
     if task_type == "SEQ_CLS" and model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(recipe, path).pad_token_id
     if recipe.peft.enabled:
+        check_target_modules(recipe, model)
         model = get_peft_model(model, lora_config(recipe, task_type))
     return model, path
 

@@ -25,7 +25,7 @@ from trl import DPOConfig, DPOTrainer
 
 from alignlab.data import build_datasets
 from alignlab.losses import LENGTH_NORMALIZED_LOSSES, preference_loss, wdpo_penalty
-from alignlab.models import check_target_modules, load_stage_model, load_tokenizer
+from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.pipeline import StageContext
 from alignlab.stages.common import train_and_save, trainer_args
 
@@ -37,7 +37,6 @@ def run(ctx: StageContext):
 
     # Inputs
     model, base = load_stage_model(recipe, ctx.input)
-    check_target_modules(recipe, model)
     tokenizer = load_tokenizer(recipe, base)
     train_ds, eval_ds = build_datasets(spec.dataset, recipe, "dpo", tokenizer.chat_template is not None)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from trl import SFTConfig, SFTTrainer
 
 from alignlab.data import build_datasets
-from alignlab.models import check_target_modules, load_stage_model, load_tokenizer
+from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.pipeline import StageContext
 from alignlab.stages.common import train_and_save, trainer_args
 
@@ -22,7 +22,6 @@ def run(ctx: StageContext):
 
     # Inputs
     model, base = load_stage_model(recipe, ctx.input)
-    check_target_modules(recipe, model)
     tokenizer = load_tokenizer(recipe, base)
     chat = tokenizer.chat_template is not None
     train_ds, eval_ds = build_datasets(spec.dataset, recipe, "sft", chat)

@@ -1,0 +1,106 @@
+"""Sampling completions for prompts: shared by PPO rollouts and evaluation.
+
+Prompts are chat-templated once (add_generation_prompt) when the tokenizer has a template, left-padded so
+every row's completion starts at the same column, and sampled until EOS or `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded prompt tokens
+    prompt_mask: torch.Tensor  # [B, P] 1 = real prompt token
+    completion_ids: torch.Tensor  # [B, C] right-padded completion tokens (EOS included when produced)
+    completion_mask: torch.Tensor  # [B, C] 1 = real completion token, up to and including the first EOS
+    texts: list[str]  # decoded completions, special tokens stripped
+    ended: torch.Tensor  # [B] bool: the completion produced EOS
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [B, P + C]
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # [B, P + C]
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def encode_prompts(tokenizer, prompts: list, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-template (when the tokenizer has one and prompts are message lists) and left-pad."""
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        # The template already holds any BOS it wants; add_special_tokens would add a second one.
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator_seed: int | None = None,
+) -> Rollout:
+    """Sample (temperature > 0) or decode greedily (temperature == 0) one completion per prompt."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    sample = temperature > 0
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=0 if sample else None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1] :]
+    completion_mask, ended = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, ended)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C] mask of tokens up to and including the first EOS (all when none), and [B] whether EOS came."""
+    is_eos = completion_ids == eos_id
+    ended = is_eos.any(dim=1)
+    first = torch.where(
+        ended, is_eos.int().argmax(dim=1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long)
+    )
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None, :] <= first[:, None]).long(), ended
+
+
+def sequence_logprobs(model, input_ids, attention_mask, start: int, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs [B, T - start] of input_ids[:, start:] under the model (logits / temperature)."""
+    # Left padding: positions count real tokens only, as generate() did when it sampled them.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+    logits = logits[:, start - 1 : -1].float() / temperature
+    targets = input_ids[:, start:]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

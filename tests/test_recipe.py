@@ -1,0 +1,155 @@
+"""Recipe schema: typed keys, errors that name the key, its line and the closest valid key; overrides;
+every shipped recipe parses and validates."""
+
+from pathlib import Path
+
+import pytest
+
+from alignlab.recipe import RecipeError, apply_override, load_recipe
+from alignlab.stages.specs import DPOSpec, SFTSpec
+from alignlab.validate import validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+MINIMAL = """\
+name: t
+model:
+  name_or_path: builtin:tiny-llama
+stages:
+  - name: sft
+    type: sft
+    dataset:
+      path: builtin:arith
+      split: sft
+"""
+
+
+def _error(tmp_path, text, overrides=None) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, overrides)
+    return str(exc.value)
+
+
+def test_minimal_recipe_parses_with_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL)
+    recipe = load_recipe(path)
+    assert recipe.seed == 42 and recipe.peft.method == "none"
+    assert isinstance(recipe.stages[0], SFTSpec)
+    assert recipe.stages[0].input == "previous" and recipe.stages[0].train.learning_rate == 2e-4
+    assert recipe.run_dir == Path("runs/t")
+
+
+def test_misspelt_key_names_key_line_and_suggestion(tmp_path):
+    msg = _error(tmp_path, MINIMAL.replace("    dataset:", "    traim:\n      epochs: 1\n    dataset:"))
+    assert "unknown key 'stages[0].traim'" in msg
+    assert "r.yaml:7" in msg  # the line of the misspelt key
+    assert "Did you mean 'train'?" in msg
+
+
+def test_misspelt_nested_key_suggests_closest(tmp_path):
+    msg = _error(tmp_path, MINIMAL + "    train:\n      learning_rat: 0.1\n")
+    assert "unknown key 'stages[0].train.learning_rat'" in msg and "Did you mean 'learning_rate'?" in msg
+    assert "r.yaml:11" in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    msg = _error(tmp_path, MINIMAL + "sead: 3\n")
+    assert "unknown key 'sead'" in msg and "Did you mean 'seed'?" in msg
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    msg = _error(tmp_path, MINIMAL.replace("name: t", "name: t\nseed: many"))
+    assert "seed" in msg and "'many'" in msg
+
+
+def test_missing_required_key(tmp_path):
+    msg = _error(tmp_path, MINIMAL.replace("model:\n  name_or_path: builtin:tiny-llama\n", ""))
+    assert "missing required key 'model'" in msg
+
+
+def test_unknown_stage_type_lists_known(tmp_path):
+    msg = _error(tmp_path, MINIMAL.replace("type: sft", "type: sftt"))
+    assert "unknown stage type 'sftt'" in msg and "Did you mean 'sft'?" in msg and "dpo" in msg
+
+
+def test_malformed_yaml(tmp_path):
+    msg = _error(tmp_path, "name: [unclosed\n")
+    assert "malformed YAML" in msg and "r.yaml" in msg
+
+
+def test_bad_loss_parameter_and_unknown_loss(tmp_path):
+    base = MINIMAL.replace("type: sft", "type: dpo").replace("split: sft", "split: preference")
+    msg = _error(tmp_path, base + "    loss:\n      name: rdpo\n      eps: 0.7\n")
+    assert "eps must be in [0, 0.5)" in msg
+    msg = _error(tmp_path, base + "    loss:\n      name: dpoo\n")
+    assert "unknown preference loss 'dpoo'" in msg and "kldpo" in msg
+    msg = _error(tmp_path, base + "    loss:\n      name: dpo\n      tau: 1\n")
+    assert "unknown parameter 'tau'" in msg
+
+
+def test_loss_params_are_sibling_keys(tmp_path):
+    base = MINIMAL.replace("type: sft", "type: dpo").replace("split: sft", "split: preference")
+    path = tmp_path / "r.yaml"
+    path.write_text(base + "    loss:\n      name: kldpo\n      beta: 0.2\n      tau: 0.5\n")
+    spec = load_recipe(path).stages[0]
+    assert isinstance(spec, DPOSpec) and spec.loss.beta == 0.2 and spec.loss.params == {"tau": 0.5}
+
+
+def test_overrides_by_stage_name_and_index(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL)
+    recipe = load_recipe(path, ["stages.sft.train.max_steps=7", "stages.0.train.learning_rate=0.5", "seed=3"])
+    assert recipe.stages[0].train.max_steps == 7 and recipe.stages[0].train.learning_rate == 0.5
+    assert recipe.seed == 3
+    msg = _error(tmp_path, MINIMAL, ["stages.nope.train.max_steps=1"])
+    assert "no stage named 'nope'" in msg and "sft" in msg
+    msg = _error(tmp_path, MINIMAL, ["stages.sft.train.max_stepz=1"])
+    assert "Did you mean 'max_steps'?" in msg
+
+
+def test_override_syntax_error():
+    with pytest.raises(RecipeError, match="key.sub=value"):
+        apply_override({}, "stages.sft.train.max_steps")
+
+
+def test_stage_chain_must_point_backwards(tmp_path):
+    text = MINIMAL + "  - name: dpo\n    type: dpo\n    input: later\n    dataset:\n      path: builtin:arith\n"
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match="'later', which is not a stage of this recipe"):
+        validate_recipe(path)
+    path.write_text(
+        MINIMAL.replace("    dataset:", "    input: dpo\n    dataset:")
+        + text[len(MINIMAL) :].replace("    input: later\n", "")
+    )
+    with pytest.raises(RecipeError, match="comes later in the recipe"):
+        validate_recipe(path)
+
+
+def test_duplicate_stage_names(tmp_path):
+    msg = _error(tmp_path, MINIMAL + MINIMAL[MINIMAL.index("  - name") :])
+    assert "unique" in msg and "sft" in msg
+
+
+def test_unknown_trl_extra_argument(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "    train:\n      extra:\n        warmup_stepz: 3\n")
+    with pytest.raises(RecipeError, match="warmup_stepz: not a field of TRL's SFTConfig. Did you mean 'warmup_steps'"):
+        validate_recipe(path)
+
+
+def test_shipped_recipes_are_found():
+    names = {p.name for p in RECIPES}
+    assert "quickstart.yaml" in names and len(RECIPES) >= 5
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_validates(path):
+    recipe, notes = validate_recipe(path)
+    assert recipe.stages
+    # Offline, hub models and datasets are reported as not checked, never as errors.
+    assert all("not checked offline" in n for n in notes)
