@@ -14,7 +14,6 @@ so a second or resumed run reads them back.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -117,9 +116,15 @@ class RegistryDPOTrainer(DPOTrainer):
             embeds = self.accelerator.unwrap_model(model).get_input_embeddings()(kwargs.pop("input_ids"))
             self._embeds = embeds if embeds.requires_grad else embeds.detach().requires_grad_(True)
             kwargs["inputs_embeds"] = self._embeds
-        with _math_sdpa() if need_embeds else contextlib.nullcontext():
+        if need_embeds:
+            # TRL's fused LM head has no double backward, so WDPO reads log-probs off plain logits.
+            with _math_sdpa():
+                logits = model(**kwargs, use_cache=False).logits[:, :-1].float()  # [2B, T-1, V]
+            targets = labels[:, 1:].clamp(min=0)
+            per_token = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        else:
             out = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-        per_token = out.log_probs[:, -mask.shape[1] :]  # [2B, T-1], zero where labels are -100
+            per_token = out.log_probs[:, -mask.shape[1] :]  # [2B, T-1], zero where labels are -100
         return (per_token * mask).sum(dim=1).chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):

@@ -1,0 +1,69 @@
+"""The dpo stage routes TRL's DPOTrainer through alignlab's loss registry.
+
+At the first logged step the policy equals the reference (h = 0 for every pair), so each loss has a value known
+by hand: dpo/kldpo/drdpo/cdpo/rdpo = ln 2 (kldpo: every l_i = ln 2 = lbar, so every weight is exp(0) = 1),
+hinge = max(0, 1 - 0) = 1, ipo = (0 - 1/(2 * 0.1))^2 = 25, wdpo = ln 2 + rho * mean R with R > 0.
+"""
+
+import json
+import math
+
+import pytest
+
+from alignlab.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(write_recipe, tmp_path, loss: dict, attn=None):
+    model = {"name_or_path": "builtin:tiny-llama"}
+    if attn:
+        model["attn_implementation"] = attn
+    recipe = {
+        "name": "dpo-stage",
+        "seed": 0,
+        "model": model,
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "stages": [
+            {
+                "name": "dpo",
+                "type": "dpo",
+                "dataset": {"path": "builtin:arith", "split": "preference", "size": 32, "eval_size": 16},
+                "loss": loss,
+                "train": {
+                    "max_steps": 2,
+                    "per_device_batch_size": 8,
+                    "learning_rate": 1e-3,
+                    "max_length": 48,
+                    "logging_steps": 1,
+                },
+            }
+        ],
+    }
+    assert main(["run", str(write_recipe(recipe))]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r and "final" not in r]
+
+
+@pytest.mark.parametrize(
+    "loss,expected",
+    [
+        ({"name": "kldpo", "tau": 0.5}, math.log(2)),
+        ({"name": "hinge"}, 1.0),
+        ({"name": "ipo"}, 25.0),
+        ({"name": "drdpo", "beta_prime": 0.5}, math.log(2)),
+    ],
+    ids=["kldpo", "hinge", "ipo", "drdpo"],
+)
+def test_first_step_loss_matches_hand_value(write_recipe, tmp_path, loss, expected):
+    rows = _run(write_recipe, tmp_path, {"beta": 0.1, **loss})
+    assert rows[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    if loss["name"] == "kldpo":
+        assert rows[0]["kldpo/weight_max"] == pytest.approx(1.0) and rows[0]["kldpo/weight_min"] == pytest.approx(1.0)
+
+
+def test_wdpo_adds_the_gradient_penalty(write_recipe, tmp_path):
+    rows = _run(write_recipe, tmp_path, {"name": "wdpo", "beta": 0.1, "rho": 1.0}, attn="eager")
+    penalty = rows[0]["wdpo/penalty"]
+    assert penalty > 0
+    assert rows[0]["loss"] == pytest.approx(math.log(2) + 1.0 * penalty, rel=1e-4)
