@@ -24,7 +24,28 @@ def main(argv: list[str] | None = None) -> int:
     bi = sub.add_parser("builtin", help="build a builtin model and print its path (e.g. tiny-llama)")
     bi.add_argument("name", nargs="?", default="tiny-llama")
 
-    args = parser.parse_args(argv)
+    ev = sub.add_parser("eval", help="evaluate checkpoints against a reference: eval.json, eval.md, plots")
+    ev.add_argument("checkpoints", nargs="+", help="a run dir, stage dir, model dir, adapter dir, or 'base'")
+    ev.add_argument("--recipe", help="recipe whose eval stage gives the settings (default: the checkpoint's run's)")
+    ev.add_argument("--stage", help="which eval stage of the recipe (default: its first)")
+    ev.add_argument("--reference", help="base, a stage of the run, or a checkpoint (default: the stage's reference)")
+    ev.add_argument("--out", help="output folder (default: <stage dir>/eval, or <model dir>-eval)")
+    ev.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an eval-stage key, e.g. --set num_prompts=50 --set dataset.path=data.jsonl",
+    )
+
+    # Overrides may come before or after options (`run R --stage dpo a.b=1`): collect the stray ones.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from alignlab.data import DataError
     from alignlab.recipe import RecipeError
 
@@ -38,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _run(args)
+        if args.command == "eval":
+            return _eval(args)
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +85,14 @@ def _run(args) -> int:
     recipe, notes = validate_recipe(args.recipe, args.overrides)
     outputs = run_pipeline(recipe, only=args.stage, resume=args.resume, force=args.force)
     print_summary(recipe, outputs)
+    return 0
+
+
+def _eval(args) -> int:
+    from alignlab.evaluation import run_cli
+
+    for md in run_cli(args.checkpoints, args.recipe, args.stage, args.reference, args.out, args.sets):
+        print(f"\n{md.read_text()}\nwritten to {md.parent}")
     return 0
 
 

@@ -12,8 +12,8 @@ eval.json keys (EVAL_KEYS; a value is null when the input it needs was not given
     policy, reference        str    what was evaluated, and what it is compared with
     num_prompts              int    prompts both models completed
     true_reward              float  mean of the task's reward function (`reward_fn`, module:function, called as
-    true_reward_reference           fn(prompts, completions, **other_columns) like the PPO stage) on the policy's /
-                                    the reference's completions
+    true_reward_reference           the PPO stage calls it: fn(prompt texts, completions)) on the policy's / the
+                                    reference's completions
     mean_score               float  mean reward-model score (`reward_model`) of the policy's / reference's
     mean_score_reference            completions
     win_rate                 float  fraction of prompts where the policy's completion outscores the reference's,
@@ -43,6 +43,7 @@ the rest of the templated prompt + completion conversation (from where the two t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -222,15 +223,20 @@ def tokenize_completion(tokenizer, prompt, completion) -> tuple[list[int], int]:
     return full, n
 
 
+def split_last_turn(prompt, completion):
+    """(prompt, completion) with an implicit prompt made explicit: a chat given without a prompt scores its last
+    assistant turn (the turns before it are the prompt); a plain text without a prompt is scored whole."""
+    if prompt or not isinstance(completion, list):
+        return prompt or "", completion
+    last = max(i for i, m in enumerate(completion) if m["role"] == "assistant")
+    return completion[:last], completion[last : last + 1]
+
+
 def _sft_pair(row: dict):
-    """(prompt, completion) of an SFT row: prompt/completion, a chat (the last assistant turn is scored) or text."""
+    """(prompt, completion) of an SFT row: prompt/completion, a chat (the last assistant turn) or a text."""
     if "completion" in row:
         return row["prompt"], row["completion"]
-    if "messages" in row:
-        msgs = row["messages"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return msgs[:last], msgs[last : last + 1]
-    return "", row["text"]
+    return split_last_turn(None, row["messages"] if "messages" in row else row["text"])
 
 
 @torch.no_grad()
@@ -259,32 +265,39 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def reward_fn_scores(fn, rows: list[dict], completions: list[str]) -> list[float]:
-    """The task's reward function on completions: fn(prompt texts, completions, **other columns)."""
-    prompts = [prompt_text(r["prompt"]) for r in rows]
-    extra = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
-    return [float(x) for x in fn(prompts, completions, **extra)]
+    """The task's reward function on completions, called as the PPO stage calls it: fn(prompt texts, completions)
+    with the prompts' user texts (alignlab.data.prompt_text)."""
+    values = fn([prompt_text(r["prompt"]) for r in rows], list(completions))
+    if len(values) != len(completions):
+        raise ValueError(f"reward_fn returned {len(values)} scores for {len(completions)} completions")
+    return [float(v) for v in values]
 
 
-def conversation_text(tokenizer, prompt, completion) -> str:
-    if isinstance(prompt, list):
-        if isinstance(completion, str):
-            completion = [{"role": "assistant", "content": completion}]
-        return tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    return prompt + completion
+def reward_model_ids(tokenizer, prompt, completion) -> list[int]:
+    """A conversation tokenised as TRL's RewardTrainer tokenises its pairs (and the PPO stage its responses): the
+    chat template over prompt + assistant turn; plain text + EOS otherwise. An empty prompt with a chat completion
+    is an implicit prompt (the conversation is all in `completion`)."""
+    if isinstance(completion, str) and isinstance(prompt, list):
+        completion = [{"role": "assistant", "content": completion}]
+    if isinstance(completion, list) and tokenizer.chat_template is not None:
+        messages = (prompt or []) + completion
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    text = (prompt_text(prompt) if prompt else "") + prompt_text(completion) + tokenizer.eos_token
+    return tokenizer(text)["input_ids"]
 
 
 @torch.no_grad()
 def reward_model_scores(model, tokenizer, prompts: list, completions: list, batch_size: int) -> list[float]:
-    """A sequence-classification reward model's score of each full conversation (prompt + completion)."""
-    texts = [conversation_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
-    chat = isinstance(prompts[0], list)
+    """A sequence-classification reward model's score of each conversation (prompt + completion), read by the
+    model on its last non-padding token (right padding)."""
+    rows = [reward_model_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     scores = []
     try:
-        for batch in _batches(texts, batch_size):
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            scores += model(**enc).logits[:, 0].float().tolist()
+        for batch in _batches(rows, batch_size):
+            enc = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(device)
+            scores += model(**enc, use_cache=False).logits[:, 0].float().tolist()
     finally:
         tokenizer.padding_side = side
     return scores
@@ -306,7 +319,7 @@ def evaluate_models(
     `spec` is an EvalSpec (alignlab/stages/specs.py)."""
     from alignlab.validate import load_reward_fn
 
-    tokenizer = load_tokenizer(recipe, _weights_dir(recipe, policy))
+    tokenizer = load_tokenizer(recipe, _tokenizer_dir(recipe, policy))
     chat = tokenizer.chat_template is not None
     rows = build_datasets(spec.dataset, recipe, "eval", chat, with_eval=False)[0]
     rows = [rows[i] for i in range(min(spec.num_prompts, len(rows)))]
@@ -341,8 +354,8 @@ def evaluate_models(
     # Implicit DPO reward on held-out preference pairs.
     if spec.preference_dataset is not None:
         pairs = build_datasets(spec.preference_dataset, recipe, "dpo", chat, with_eval=False)[0]
-        chosen = [tokenize_completion(tokenizer, r.get("prompt", ""), r["chosen"]) for r in pairs]
-        rejected = [tokenize_completion(tokenizer, r.get("prompt", ""), r["rejected"]) for r in pairs]
+        chosen = [tokenize_completion(tokenizer, *split_last_turn(r.get("prompt"), r["chosen"])) for r in pairs]
+        rejected = [tokenize_completion(tokenizer, *split_last_turn(r.get("prompt"), r["rejected"])) for r in pairs]
         r_c = spec.beta * _log_ratio(models, chosen, tokenizer.pad_token_id, spec.batch_size)
         r_r = spec.beta * _log_ratio(models, rejected, tokenizer.pad_token_id, spec.batch_size)
         acc = compute_metric("preference_accuracy", chosen_rewards=r_c.tolist(), rejected_rewards=r_r.tolist())
@@ -360,13 +373,15 @@ def evaluate_models(
     # Rewards: the task's ground truth, and a reward model's scores.
     pol_rewards = ref_rewards = None
     if reward_fn is not None:
-        pol_rewards, ref_rewards = reward_fn_scores(reward_fn, rows, pol_texts), reward_fn_scores(reward_fn, rows, ref_texts)
+        pol_rewards = reward_fn_scores(reward_fn, rows, pol_texts)
+        ref_rewards = reward_fn_scores(reward_fn, rows, ref_texts)
         res["true_reward"] = compute_metric("mean_reward", rewards=pol_rewards)["mean_reward"]
         res["true_reward_reference"] = compute_metric("mean_reward", rewards=ref_rewards)["mean_reward"]
         res["win_rate_by"] = "reward_fn"
     if reward_model is not None:
+        reward_model = dataclasses.replace(reward_model, head="sequence_classification")
         rm = load_model(recipe, reward_model)
-        rm_tok = load_tokenizer(recipe, _weights_dir(recipe, reward_model))
+        rm_tok = load_tokenizer(recipe, _tokenizer_dir(recipe, reward_model))
         if rm.config.pad_token_id is None:
             rm.config.pad_token_id = rm_tok.pad_token_id
         pol_rewards = reward_model_scores(rm, rm_tok, prompts, pol_texts, spec.batch_size)
@@ -376,13 +391,14 @@ def evaluate_models(
         res["win_rate_by"] = "reward_model"
         if spec.preference_dataset is not None:
             pairs = build_datasets(spec.preference_dataset, recipe, "dpo", chat, with_eval=False)[0]
-            p = [r.get("prompt", "") for r in pairs]
+            p = [r.get("prompt") or "" for r in pairs]  # an implicit prompt stays inside chosen / rejected
             s_c = reward_model_scores(rm, rm_tok, p, [r["chosen"] for r in pairs], spec.batch_size)
             s_r = reward_model_scores(rm, rm_tok, p, [r["rejected"] for r in pairs], spec.batch_size)
             acc = compute_metric("preference_accuracy", chosen_rewards=s_c, rejected_rewards=s_r)
             res["reward_model_accuracy"], res["reward_model_margin"] = acc["accuracy"], acc["margin"]
     if pol_rewards is not None:
-        res["win_rate"] = compute_metric("win_rate", policy_scores=pol_rewards, reference_scores=ref_rewards)["win_rate"]
+        wins = compute_metric("win_rate", policy_scores=pol_rewards, reference_scores=ref_rewards)
+        res["win_rate"] = wins["win_rate"]
 
     res["samples"] = [
         {
@@ -397,11 +413,13 @@ def evaluate_models(
     return res
 
 
-def _weights_dir(recipe: Recipe, source: StageOutput | None) -> str:
-    """Where a checkpoint's tokenizer lives: its own folder (stages save one beside the weights)."""
-    if source is None:
-        return resolve_base(recipe)
-    return source.path if Path(source.path, "tokenizer_config.json").exists() else source.base
+def _tokenizer_dir(recipe: Recipe, source: StageOutput | None) -> str:
+    """Where a checkpoint's tokenizer lives: its own folder (stages save one beside the weights), else its
+    base's, else the recipe's base model's. A hub id is asked for its own."""
+    for candidate in (source.path, source.base) if source is not None else ():
+        if not Path(candidate).is_dir() or Path(candidate, "tokenizer_config.json").exists():
+            return candidate
+    return resolve_base(recipe)
 
 
 def _log_ratio(models: ModelPair, examples, pad_id: int, batch_size: int) -> torch.Tensor:
@@ -436,7 +454,7 @@ ROWS = (  # (eval.md row label, policy key, reference key)
     ("true reward (mean)", "true_reward", "true_reward_reference"),
     ("reward-model score (mean)", "mean_score", "mean_score_reference"),
     ("win rate vs reference", "win_rate", None),
-    ("KL(policy || reference), nats", "kl", None),
+    ("KL(policy \\|\\| reference), nats", "kl", None),
     ("preference accuracy (implicit reward)", "preference_accuracy", None),
     ("preference margin (implicit reward)", "preference_margin", None),
     ("reward-model preference accuracy", "reward_model_accuracy", None),
@@ -528,7 +546,9 @@ def run_cli(
         raw = yaml.safe_load(source.read_text())
     else:
         first = checkpoint_output(checkpoints[0])
-        raw = {"name": "eval", "model": {"name_or_path": first.base if first else "builtin:tiny-llama"}, "stages": []}
+        if first is None:
+            raise RecipeError("'base' of which model? Pass --recipe (its model is the base)")
+        raw = {"name": "eval", "model": {"name_or_path": first.base}, "stages": []}
     evals = [s for s in raw.get("stages", []) if s.get("type") == "eval" and stage in (None, s.get("name"))]
     if stage is not None and not evals:
         raise RecipeError(f"{source}: no eval stage named '{stage}'")
@@ -547,7 +567,7 @@ def run_cli(
         ref = _resolve_ref(ref_name, ckpt_run)
         rm = _resolve_ref(spec.reward_model, ckpt_run) if spec.reward_model else None
         res = evaluate_models(recipe, spec, policy, ref, reward_model=rm)
-        target = _out_dir(ckpt, out, many=len(checkpoints) > 1)
+        target = _out_dir(ckpt, policy, out, many=len(checkpoints) > 1)
         curves = _curves(ckpt_run) if ckpt_run else None
         written.append(write_results(res, target, curves)[1])
     return written
@@ -572,13 +592,17 @@ def _curves(run_dir: Path) -> dict[str, Path]:
     return {n: run_dir / n / "metrics.jsonl" for n, o in run_outputs(run_dir).items() if o.kind != "none"}
 
 
-def _out_dir(ckpt: str, out: str | None, many: bool) -> Path:
+def _out_dir(ckpt: str, policy: StageOutput | None, out: str | None, many: bool) -> Path:
+    """--out (a sub-folder per checkpoint when there are several); else <stage dir>/eval for a stage or run (its
+    evaluated stage), <dir>-eval beside a model or adapter folder, ./eval-<name> for base or a hub id."""
     p = Path(ckpt).expanduser()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.name if p.exists() else ckpt).strip("-") or "checkpoint"
     if out is not None:
         return Path(out) / name if many else Path(out)
-    if (p / OUTPUT_FILE).exists() or (p / "recipe.yaml").exists():
+    if (p / OUTPUT_FILE).exists():
         return p / "eval"
+    if (p / "recipe.yaml").exists():
+        return p / policy.stage / "eval"
     if p.exists():
         return p.with_name(p.name + "-eval")
     return Path(f"eval-{name}")

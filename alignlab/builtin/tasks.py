@@ -14,7 +14,8 @@ Splits (all rows are conversational, in the formats TRL expects):
   of the time (else off by one); on problems WITH a carry it forgets the carry 60% of the time (answers
   `a + b - 10`), is right 30% and off by one 10%. About 57% of demonstrations are correct, and on carry problems
   the most common demonstration is wrong, so a model that imitates the demonstrator well (greedy decoding picks
-  the mode) still gets carry problems wrong: SFT alone reaches only part of the reward (about 0.55).
+  the mode) still gets carry problems wrong: SFT alone reaches only part of the reward (at most about 0.55;
+  0.43 after 600 steps on builtin:tiny-llama).
 - `preference`: prompt/chosen/rejected pairs ranked by the true reward: reward(chosen) > reward(rejected) for
   every row. Rejected answers are mostly the demonstrator's mistakes (forgotten carry, off by one or two, off by
   ten, no number at all), so preference optimisation can fix what SFT imitated. `flip_rate` swaps chosen and
@@ -290,9 +291,7 @@ def generate_task(name: str, split: str, n: int, seed: int = 0, flip_rate: float
     return rows
 
 
-def write_task(
-    name: str, split: str, path: str | Path, n: int, seed: int = 0, flip_rate: float = 0.0
-) -> Path:
+def write_task(name: str, split: str, path: str | Path, n: int, seed: int = 0, flip_rate: float = 0.0) -> Path:
     """Write `generate_task(...)` to `path` as JSON lines; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,8 +75,9 @@ class BuiltinModel:
     """Recipe for one builtin model. Bump `version` whenever anything here changes the built files."""
 
     description: str
-    version: int = 1
+    version: int = 2
     seed: int = 0
+    pretrain_steps: int = 300  # a short deterministic pretraining, so the base is a (tiny) pretrained model
     vocab_size: int = 1024
     model_max_length: int = 512
     llama: dict = field(default_factory=dict)  # LlamaConfig kwargs
@@ -148,7 +149,7 @@ def _discard(path: Path) -> None:
 
 
 def resolve_model_name(name_or_path: str) -> str:
-    """"builtin:<name>" -> the built model's directory (as a string); anything else is returned unchanged."""
+    """Map "builtin:<name>" to the built model's directory (as a string); return anything else unchanged."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX) :]))
@@ -277,7 +278,52 @@ def build_builtin_model(name: str, out_dir: str | Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config)
+        _pretrain(model, tokenizer, spec)
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def pretraining_corpus(seed: int = 0, n: int = 12000) -> list[str]:
+    """Plain-text lines (no chat markup) the builtin model is pretrained on: English-ish text and correct sums
+    of the task's TRAINING-side operand pairs only, so held-out evaluation prompts stay unseen."""
+    from alignlab.builtin.tasks import ARITH_PROMPT, _arith_pairs
+
+    rng = random.Random(f"pretraining-corpus/{seed}")
+    pairs = _arith_pairs(eval_side=False)
+    lines = []
+    for i in range(n):
+        if i % 2:
+            lines.append(_english_line(rng))
+        else:
+            a, b = rng.choice(pairs)
+            lines.append(f"{ARITH_PROMPT.format(a=a, b=b)} {a + b}.")
+    return lines
+
+
+def _pretrain(model, tokenizer, spec: BuiltinModel, batch_size: int = 32) -> None:
+    """A few hundred steps of next-token prediction on `pretraining_corpus`, seeded, single process.
+
+    A randomly initialised base makes LoRA meaningless (low-rank updates cannot sharpen a random network's
+    output), so the builtin base is pretrained just enough to be a base model: it writes English-ish text and
+    often-right sums, and knows no chat format (SFT teaches that). Runs once per cache (~1 minute on 2 CPUs).
+    """
+    import torch
+
+    lines = pretraining_corpus(spec.seed)
+    rng = random.Random(f"pretrain/{spec.seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=spec.pretrain_steps, pct_start=0.1)
+    model.train()
+    for _ in range(spec.pretrain_steps):
+        batch = [tokenizer.bos_token + line + tokenizer.eos_token for line in rng.sample(lines, batch_size)]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()

@@ -56,7 +56,8 @@ class DPOSpec(StageSpec):
 
 @register_stage_spec("reward")
 class RewardSpec(StageSpec):
-    """Bradley-Terry reward model (sequence-classification head) on preference pairs."""
+    """Bradley-Terry reward model (sequence-classification head) on preference pairs (prompt, chosen, rejected,
+    optional per-pair `margin`). Reports held-out accuracy (eval_accuracy)."""
 
     type: Literal["reward"] = "reward"
     dataset: DatasetSpec
@@ -65,28 +66,35 @@ class RewardSpec(StageSpec):
 
 
 class RolloutSpec(Strict):
+    """How PPO samples completions from the policy."""
+
     batch_size: int = Field(16, gt=0, description="Prompts per PPO update (per process)")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    missing_eos_penalty: float | None = Field(None, ge=0)
+    max_new_tokens: int = Field(32, gt=0, description="Maximum response length; generation also stops at EOS")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs use logits / temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 = off)")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of a response that hit max_new_tokens without EOS"
+    )
 
 
 class PPOHyperSpec(Strict):
+    """PPO optimisation (formulas: docs ALGORITHMS.md, code alignlab/losses/ppo.py)."""
+
     epochs: int = Field(4, gt=0, description="PPO epochs over each rollout batch")
-    minibatch_size: int = Field(8, gt=0)
-    learning_rate: float = Field(1e-5, gt=0)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    minibatch_size: int = Field(8, gt=0, description="Responses per optimizer step (per process)")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant) for policy and value head")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip epsilon (around the rollout's values)")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value when adaptive)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log(pi/ref), k3")
     kl_target: float | None = Field(None, gt=0, description="Set to use the adaptive KL controller")
-    kl_horizon: int = Field(10000, gt=0)
-    whiten_advantages: bool = True
-    max_grad_norm: float = Field(1.0, ge=0)
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon, in responses")
+    whiten_advantages: bool = Field(True, description="Whiten advantages (masked mean/variance of the batch)")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
 @register_stage_spec("ppo")
@@ -95,15 +103,16 @@ class PPOSpec(StageSpec):
     function `module:function(prompts, completions) -> list[float]`."""
 
     type: Literal["ppo"] = "ppo"
-    dataset: DatasetSpec
+    dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     reward_fn: str | None = Field(None, description="module:function returning one float per completion")
     steps: int = Field(100, gt=0, description="PPO updates (rollout batches)")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     ppo: PPOHyperSpec = Field(default_factory=PPOHyperSpec)
-    logging_steps: int = Field(1, gt=0)
-    save_steps: int | None = Field(None, gt=0)
-    report_to: list[str] = Field(default_factory=list)
+    logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume)")
+    save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted); None keeps all")
+    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow")
 
     @model_validator(mode="after")
     def _one_reward(self):
@@ -125,11 +134,11 @@ class EvalSpec(StageSpec):
     preference_dataset: DatasetSpec | None = None
     sft_dataset: DatasetSpec | None = Field(None, description="Held-out SFT data for perplexity")
     reference: str = Field("base", description="base, or the name of an earlier stage")
-    reward_fn: str | None = None
-    reward_model: str | None = None
+    reward_fn: str | None = Field(None, description="module:function, the task's true reward (as in the PPO stage)")
+    reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     beta: float = Field(0.1, gt=0, description="beta of the implicit DPO reward")
-    num_prompts: int = Field(200, gt=0)
+    num_prompts: int = Field(200, gt=0, description="The first num_prompts prompts of `dataset`")
     max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy; the KL estimate is unbiased only at 1")
     num_samples_shown: int = Field(5, ge=0)
     batch_size: int = Field(32, gt=0)

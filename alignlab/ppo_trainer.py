@@ -1,0 +1,408 @@
+"""PPO for RLHF on accelerate: alignlab's own loop (TRL 1.x has no PPO trainer). The stage that builds its
+inputs is alignlab/stages/ppo.py; the formulas are in alignlab/losses/ppo.py (see ALGORITHMS.md).
+
+One step = one rollout batch, then `epochs` passes of clipped PPO over minibatches of it:
+  1. sample one response per prompt (left-padded prompts, temperature / top-p, up to max_new_tokens or EOS);
+  2. score each response (reward model or Python function); subtract `missing_eos_penalty` without EOS;
+  3. log-probs (logits / temperature), values and entropy under the policy, log-probs under the reference;
+  4. per-token rewards r_t = -kl_coef kl_t, plus the score on the LAST REAL response token (the EOS when the
+     response has one, else its last sampled token);
+  5. GAE -> advantages and returns (returns before whitening), advantages whitened over the batch;
+  6. PPO epochs: loss = clipped policy loss + vf_coef clipped value loss; AdamW step per minibatch;
+  7. KL controller update (adaptive: Ziegler et al.), with the batch's mean per-response KL (sum over tokens).
+
+Value function: a linear head on the policy's final hidden state (the lm_head's input), on the SAME backbone:
+no second model. Its loss backpropagates into the policy's trainable weights too (the shared-trunk value head of
+the original RLHF setups, Ziegler et al. 2019; vf_coef scales it). It starts from the reward model's score head
+when one is given (same hidden size), else from zeros (V = 0: advantages start as plain rewards).
+
+Randomness: each step reseeds from (seed, step, process), and prompts are drawn from a permutation per pass over
+the data that depends only on (seed, pass), so a resumed run samples exactly what an uninterrupted one would.
+Dropout is set to 0 everywhere in the policy, for rollouts and updates alike (PPO's ratio needs the same
+function twice). Checkpoints (`save_steps`): checkpoints/step-N holds the trainable weights (adapter or full,
+and the value head), optimizer state, KL controller and step; written to a temporary folder, marked complete,
+then renamed. Under several processes each samples its own prompts; metrics are averaged over processes,
+advantages are whitened per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignlab.generation import generate
+from alignlab.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    entropy_from_logits,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+
+log = logging.getLogger("alignlab")
+COMPLETE_MARKER = "COMPLETE"
+ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion texts) -> [B] float scores
+
+
+class PolicyWithValueHead(nn.Module):
+    """The policy LM plus a scalar value head on its final hidden state (captured from the lm_head's input, so
+    every causal LM works and no hidden-state tuple is kept). forward -> (logits [B, C, V] / temperature,
+    values [B, C]) for the last C tokens: position t holds the distribution of completion token t and the value
+    of the state before it."""
+
+    def __init__(self, policy: nn.Module, hidden_size: int):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self._hidden: torch.Tensor | None = None
+        self._capturing = False  # only this module's forward captures (not e.g. reference passes)
+        policy.get_output_embeddings().register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        if self._capturing:
+            self._hidden = args[0]
+
+    def forward(self, input_ids, attention_mask, n_completion: int, temperature: float):
+        self._capturing = True
+        try:
+            logits = completion_logits(self.policy, input_ids, attention_mask, n_completion, temperature)
+        finally:
+            self._capturing = False
+        hidden = self._hidden[:, -(n_completion + 1) : -1]  # [B, C, H]
+        self._hidden = None
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits, values
+
+
+def completion_logits(model, input_ids, attention_mask, n_completion: int, temperature: float) -> torch.Tensor:
+    """[B, C, V] float logits / temperature predicting the last C tokens of input_ids [B, P + C]."""
+    # Left padding: positions count real tokens only, as generate() did when it sampled the response.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=n_completion + 1,  # the lm_head runs on these positions only
+    )
+    return out.logits[:, :-1].float() / temperature
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, C, V], [B, C] -> [B, C] log-probs of the given tokens."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, P + C] prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor  # [B, P + C]
+    response: torch.Tensor  # [B, C] response tokens
+    mask: torch.Tensor  # [B, C] float, 1 on real response tokens (EOS included)
+    logprobs: torch.Tensor  # [B, C] under the policy that sampled (old log-probs)
+    values: torch.Tensor  # [B, C]
+    advantages: torch.Tensor  # [B, C] (whitened when asked)
+    returns: torch.Tensor  # [B, C]
+
+
+class PPOTrainer:
+    """Runs `steps` PPO updates. `reference`: a callable (input_ids, attention_mask, C) -> [B, C] reference
+    log-probs (adapter disabled, the frozen "ref" adapter, or a frozen model: the stage decides)."""
+
+    def __init__(
+        self,
+        *,
+        accelerator,
+        model: PolicyWithValueHead,
+        tokenizer,
+        prompts: list,
+        score_fn: ScoreFn,
+        reference: Callable,
+        spec,  # PPOSpec
+        seed: int,
+        stage_dir: Path,
+    ):
+        self.acc, self.tokenizer, self.prompts, self.score_fn = accelerator, tokenizer, prompts, score_fn
+        self.reference, self.spec, self.seed, self.stage_dir = reference, spec, seed, Path(stage_dir)
+        self.ro, self.hp = spec.rollout, spec.ppo
+        disable_dropout(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.params = params
+        self.kl_ctl = (
+            AdaptiveKLController(self.hp.kl_coef, self.hp.kl_target, self.hp.kl_horizon)
+            if self.hp.kl_target is not None
+            else FixedKLController(self.hp.kl_coef)
+        )
+        self.step = 0
+        self._perms: dict[int, torch.Tensor] = {}
+        self.metrics_path = self.stage_dir / "metrics.jsonl"
+        self.ckpt_dir = self.stage_dir / "checkpoints"
+
+    @property
+    def unwrapped(self) -> PolicyWithValueHead:
+        return self.acc.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def train(self, resume: bool = False) -> dict:
+        ckpt = last_checkpoint(self.ckpt_dir) if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            log.info("ppo: resumed from %s (step %d)", ckpt, self.step)
+        if self.acc.is_main_process:
+            keep_metrics_until(self.metrics_path, self.step)
+        self.acc.wait_for_everyone()
+        first_score = first_logged(self.metrics_path, "score") if ckpt is not None else None
+        window, last = [], {}
+        start = time.perf_counter()
+        while self.step < self.spec.steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step()
+            metrics["step_time"] = time.perf_counter() - t0
+            self.step += 1
+            window.append(metrics)
+            if self.step % self.spec.logging_steps == 0 or self.step == self.spec.steps:
+                last = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                self._log(last)
+                window = []
+                first_score = last["score"] if first_score is None else first_score
+            if self.spec.save_steps and self.step % self.spec.save_steps == 0 and self.step < self.spec.steps:
+                self.save_checkpoint()
+        summary = {f"final_{k}": v for k, v in last.items()}
+        if first_score is not None:
+            summary["first_score"] = first_score
+        summary["train_runtime"] = time.perf_counter() - start
+        return summary
+
+    def train_step(self) -> dict[str, float]:
+        seed = step_seed(self.seed, self.step, self.acc.process_index)
+        torch.manual_seed(seed)
+        prompts = [self.prompts[i] for i in self._prompt_indices(self.step)]
+        batch, stats = self.make_rollout(prompts)
+        stats.update(self.optimize(batch, torch.Generator().manual_seed(seed)))
+        self.kl_ctl.update(stats["kl"], n_steps=self.ro.batch_size * self.acc.num_processes)
+        return stats
+
+    @torch.no_grad()
+    def make_rollout(self, prompts: list) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
+        model = self.unwrapped
+        ro = generate(
+            model.policy,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.ro.max_new_tokens,
+            temperature=self.ro.temperature,
+            top_p=self.ro.top_p,
+        )
+        device = self.acc.device
+        input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
+        response, mask = ro.completion_ids.to(device), ro.completion_mask.to(device).float()
+        n = response.shape[1]
+        ended = ro.ended.to(device)
+
+        scores = self.score_fn(prompts, ro.texts).to(device=device, dtype=torch.float32)  # [B]
+        if self.ro.missing_eos_penalty is not None:
+            scores = scores - self.ro.missing_eos_penalty * (~ended).float()
+
+        logprobs, values, entropy, ref_logprobs = [], [], [], []
+        for idx in torch.arange(len(prompts), device=device).split(self.hp.minibatch_size):
+            logits, v = model(input_ids[idx], attention_mask[idx], n, self.ro.temperature)
+            logprobs.append(token_logprobs(logits, response[idx]))
+            values.append(v.float())
+            entropy.append(entropy_from_logits(logits))
+            ref_logprobs.append(self.reference(input_ids[idx], attention_mask[idx], n))
+        logprobs, values, entropy, ref_logprobs = (torch.cat(x) for x in (logprobs, values, entropy, ref_logprobs))
+
+        # Rewards: -kl_coef kl_t on every token, plus the score on the last real response token.
+        kl = kl_estimate(logprobs, ref_logprobs, self.hp.kl_estimator) * mask  # [B, C]
+        rewards = -self.kl_ctl.value * kl
+        last = mask.sum(dim=1).long() - 1  # [B]: a response has at least one token
+        rewards[torch.arange(len(prompts), device=device), last] += scores
+        advantages, returns = compute_gae(rewards, values, mask, self.hp.gamma, self.hp.lam)
+        if self.hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        batch = RolloutBatch(input_ids, attention_mask, response, mask, logprobs, values, advantages, returns)
+        stats = {
+            "score": scores.mean(),
+            "kl": kl.sum(dim=1).mean(),  # per response: sum over its tokens
+            "non_score_reward": (rewards.sum(dim=1) - scores).mean(),
+            "entropy": masked_mean(entropy, mask),
+            "response_length": mask.sum(dim=1).mean(),
+            "eos_rate": ended.float().mean(),
+            "value_mean": masked_mean(values, mask),
+            "kl_coef": torch.tensor(self.kl_ctl.value, device=device),
+        }
+        return batch, stats
+
+    def optimize(self, batch: RolloutBatch, generator: torch.Generator) -> dict[str, float]:
+        hp, n = self.hp, batch.response.shape[1]
+        totals: dict[str, torch.Tensor] = {}
+        count = 0
+        self.model.train()
+        for _ in range(hp.epochs):
+            order = torch.randperm(len(batch.response), generator=generator).to(batch.response.device)
+            for idx in order.split(hp.minibatch_size):
+                logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], n, self.ro.temperature)
+                logprobs = token_logprobs(logits, batch.response[idx])
+                mask = batch.mask[idx]
+                pg, pg_stats = policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mask, hp.cliprange)
+                vf, vf_stats = value_loss(
+                    values.float(), batch.values[idx], batch.returns[idx], mask, hp.cliprange_value
+                )
+                loss = pg + hp.vf_coef * vf
+                self.acc.backward(loss)
+                if hp.max_grad_norm > 0:
+                    self.acc.clip_grad_norm_(self.params, hp.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step_stats = {
+                    "policy_loss": pg.detach(),
+                    "value_loss": vf.detach(),
+                    "clipfrac": pg_stats["clipfrac"],
+                    "approx_kl": pg_stats["approx_kl"],
+                    "value_clipfrac": vf_stats["clipfrac"],
+                }
+                for k, v in step_stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in totals.items()}
+
+    def _prompt_indices(self, step: int) -> list[int]:
+        """This process's prompts for `step`: consecutive slices of one seeded permutation per pass over the
+        data, so the choice depends only on (seed, step, process), not on what ran before."""
+        n, b = len(self.prompts), self.ro.batch_size
+        first = (step * self.acc.num_processes + self.acc.process_index) * b
+        out = []
+        for k in range(first, first + b):
+            data_pass, pos = divmod(k, n)
+            if data_pass not in self._perms:
+                self._perms = {
+                    data_pass: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + data_pass))
+                }
+            out.append(int(self._perms[data_pass][pos]))
+        return out
+
+    def _log(self, metrics: dict) -> None:
+        # Every process must join the all-reduce; only the main one writes.
+        keys = sorted(metrics)
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.acc.device) for k in keys])
+        values = self.acc.reduce(values, reduction="mean")
+        row = {k: float(v) for k, v in zip(keys, values.tolist())}
+        metrics.clear()
+        metrics.update(row)
+        if self.acc.is_main_process:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": self.step, **row}) + "\n")
+            log.info(
+                "ppo step %d/%d: score %.4f kl %.4f entropy %.3f clipfrac %.3f len %.1f eos %.2f (%.2fs)",
+                self.step, self.spec.steps, row["score"], row["kl"], row["entropy"], row["clipfrac"],
+                row["response_length"], row["eos_rate"], row["step_time"],
+            )  # fmt: skip
+        if self.acc.trackers:
+            self.acc.log(row, step=self.step)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.acc.is_main_process:
+            final = self.ckpt_dir / f"step-{self.step}"
+            tmp = self.ckpt_dir / f".step-{self.step}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(trainable_state(self.unwrapped), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {"step": self.step, "kl_controller": self.kl_ctl.state_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+        self.acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        saved = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
+        own = dict(self.unwrapped.named_parameters())
+        missing = set(trainable_state(self.unwrapped)) - set(saved)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                own[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.acc.device))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.step = int(state["step"])
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.spec.save_total_limit
+        done = sorted(complete_checkpoints(self.ckpt_dir), key=lambda p: int(p.name.split("-")[-1]))
+        for old in done[:-limit] if limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return [p for p in ckpt_dir.glob("step-*") if (p / COMPLETE_MARKER).exists()]
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint with its completion marker (a cut-off write is never picked)."""
+    done = complete_checkpoints(Path(ckpt_dir))
+    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric rows after `step` (a fresh run: all of them), so a resumed run's file reads like an
+    uninterrupted run's."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r.get("step", 0) <= step and not r.get("final")] if step > 0 else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def first_logged(path: Path, key: str) -> float | None:
+    """`key` of the first metrics row (what a resumed run reports as its first score)."""
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[0].get(key) if rows else None
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def step_seed(seed: int, step: int, process_index: int) -> int:
+    return (seed * 1_000_003 + step) * 1024 + process_index

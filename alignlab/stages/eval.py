@@ -1,0 +1,49 @@
+"""Eval stage: did alignment work? The stage's input model (the policy) against a reference on the same prompts.
+
+    accelerate launch -m alignlab run recipes/quickstart.yaml --stage eval
+
+Policy: the stage's input (by default the previous stage's model; `input: base` for the base model).
+Reference: `reference: base` (the recipe's base model, the default) or the name of an earlier stage. Measures the
+task's true reward (`reward_fn`), a reward model's score (`reward_model`), the win rate against the reference, the
+KL to it, DPO's implicit-reward accuracy on held-out pairs (`preference_dataset`) and perplexity on held-out SFT
+data (`sft_dataset`); what each number is exactly, and the eval.json keys: alignlab/evaluation.py.
+
+Writes <run>/<stage>/eval.json, eval.md (printed at the end of `alignlab run`) and plots/*.png of the earlier
+stages' training curves. Runs on the main process only; other processes wait.
+"""
+
+from __future__ import annotations
+
+from accelerate import PartialState
+
+from alignlab.evaluation import checkpoint_output, evaluate_models, numeric, write_results
+from alignlab.models import resolve_base
+from alignlab.outputs import StageOutput
+from alignlab.pipeline import StageContext
+from alignlab.recipe import RecipeError
+
+
+def run(ctx: StageContext) -> StageOutput:
+    spec, recipe = ctx.spec, ctx.recipe
+    state = PartialState()
+
+    # Inputs: the policy, the reference and the reward model, from earlier stages (or a path for the reward model).
+    if ctx.input is not None and ctx.input.head != "causal_lm":
+        raise RecipeError(
+            f"stage '{spec.name}' would evaluate '{ctx.input.stage}', a reward model, as a policy; set its "
+            f"`input` to the policy's stage (and `reward_model: {ctx.input.stage}` to score with it)"
+        )
+    reference = None if spec.reference == "base" else ctx.outputs[spec.reference]
+    reward_model = None
+    if spec.reward_model:
+        rm = ctx.outputs.get(spec.reward_model)
+        reward_model = rm if rm is not None else checkpoint_output(recipe.resolve_path(spec.reward_model))
+    curves = {n: ctx.stage_dir.parent / n / "metrics.jsonl" for n, o in ctx.outputs.items() if o.kind != "none"}
+
+    # Evaluate and write the report.
+    results = {}
+    if state.is_main_process:
+        results = evaluate_models(recipe, spec, ctx.input, reference, reward_model=reward_model)
+        write_results(results, ctx.stage_dir, curves)
+    state.wait_for_everyone()
+    return StageOutput(spec.name, "eval", path="", kind="none", base=resolve_base(recipe), metrics=numeric(results))

@@ -1,0 +1,210 @@
+"""PPO stage: RLHF with PPO on alignlab's own loop (alignlab/ppo_trainer.py, on accelerate), full, LoRA or QLoRA.
+
+    accelerate launch -m alignlab run recipes/sft_reward_ppo.yaml --stage ppo
+
+Policy: the input model (e.g. the SFT model). Reference: the input model, frozen, without a second backbone
+under PEFT: continuing an SFT adapter, the reference is a frozen copy of it (adapter "ref"); with a fresh adapter
+it is the model with the adapter disabled; with full fine-tuning it is a frozen copy of the input weights.
+Value function: a linear head on the policy's last hidden state (same backbone), initialised from the reward
+model's score head when the hidden sizes match. Reward: an earlier reward stage / a reward model directory
+(`reward_model`), which scores prompt + response (chat-templated like its training pairs) on the last real
+token; or a Python function (`reward_fn: module:function`, called with the prompts' user texts and the
+response texts, returning one float per response). The score goes on the last real response token.
+
+Writes <stage>/model (adapter or full weights; the "ref" copy is not saved), <stage>/value_head.safetensors,
+metrics.jsonl (score, kl, entropy, clipfrac, approx_kl, value_loss, response_length, eos_rate, ... per logging
+step) and checkpoints/step-N every `save_steps` (`--resume` continues from the newest complete one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from torch import nn
+from transformers import set_seed
+
+from alignlab.data import build_datasets, prompt_text
+from alignlab.models import (
+    REF_ADAPTER,
+    check_target_modules,
+    load_causal_lm,
+    load_stage_model,
+    load_tokenizer,
+    merge_adapter,
+    save_model_atomic,
+)
+from alignlab.outputs import StageOutput
+from alignlab.pipeline import StageContext
+from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer, completion_logits, disable_dropout, token_logprobs
+from alignlab.recipe import RecipeError
+from alignlab.stages.common import available_trackers
+from alignlab.stages.reward import load_reward_model
+from alignlab.validate import load_reward_fn
+
+log = logging.getLogger("alignlab")
+
+
+def run(ctx: StageContext):
+    spec, recipe = ctx.spec, ctx.recipe
+    trackers = available_trackers(spec.report_to)
+    accelerator = Accelerator(log_with=None if trackers == "none" else trackers, project_dir=str(ctx.stage_dir))
+    set_seed(recipe.seed)
+
+    # Policy and reference (one backbone under PEFT)
+    if ctx.input is not None and ctx.input.head != "causal_lm":
+        raise RecipeError(
+            f"stage '{spec.name}' (ppo) would start from '{ctx.input.stage}', a reward model (no language-model "
+            f"head). Set `input:` to the stage whose policy PPO trains, e.g. `input: sft`."
+        )
+    policy, base = load_stage_model(recipe, ctx.input, ref_adapter=True)
+    check_target_modules(recipe, policy)
+    if recipe.model.gradient_checkpointing and hasattr(policy, "peft_config"):
+        policy.enable_input_require_grads()
+    tokenizer = load_tokenizer(recipe, base)
+    reference = reference_logprobs(recipe, policy, base, spec.rollout.temperature, accelerator.device)
+
+    # Prompts
+    train_ds, _ = build_datasets(spec.dataset, recipe, "ppo", tokenizer.chat_template is not None, with_eval=False)
+    prompts = list(train_ds["prompt"])
+
+    # Reward, and the value head (from the reward model's score head when it fits)
+    model = PolicyWithValueHead(policy, policy.get_output_embeddings().in_features)
+    if spec.reward_model is not None:
+        source = ctx.outputs.get(spec.reward_model, spec.reward_model)
+        reward_model, reward_tokenizer = load_reward_model(recipe, source)
+        reward_model.to(accelerator.device)
+        score_fn = reward_model_scorer(reward_model, reward_tokenizer, spec.ppo.minibatch_size)
+        init_value_head(model.value_head, reward_model)
+    else:
+        score_fn = reward_fn_scorer(spec.reward_fn)
+
+    # Train
+    if ctx.resume:
+        log.info("ppo: --resume: continuing from the newest complete checkpoint in %s", ctx.stage_dir)
+    trainer = PPOTrainer(
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        score_fn=score_fn,
+        reference=reference,
+        spec=spec,
+        seed=recipe.seed,
+        stage_dir=ctx.stage_dir,
+    )
+    metrics = trainer.train(resume=ctx.resume)
+
+    # Save, report
+    model = trainer.unwrapped
+    is_peft = hasattr(model.policy, "peft_config")
+    out = StageOutput(
+        stage=spec.name,
+        type=spec.type,
+        path=str(ctx.stage_dir / "model"),
+        kind="adapter" if is_peft else "full",
+        base=base,
+        metrics=metrics,
+    )
+    if accelerator.is_main_process:
+        if is_peft and REF_ADAPTER in model.policy.peft_config:
+            model.policy.delete_adapter(REF_ADAPTER)  # the frozen reference copy is not part of the output
+        save_model_atomic(model.policy, tokenizer, ctx.stage_dir / "model")
+        value_state = {k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}
+        save_file(value_state, str(ctx.stage_dir / "value_head.safetensors"))
+        if spec.merge and is_peft:
+            out.merged_path = merge_adapter(recipe, out, ctx.stage_dir / "merged")
+        with (ctx.stage_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": trainer.step, "final": True, **metrics}, default=float) + "\n")
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:  # not end_training(): it would also end the process group
+        tracker.finish()
+    return out
+
+
+def reference_logprobs(recipe, policy, input_path: str, temperature: float, device):
+    """(input_ids, attention_mask, C) -> [B, C] log-probs of the last C tokens under the reference policy."""
+    if not hasattr(policy, "peft_config"):
+        # Full fine-tuning: the reference is a frozen copy of the input weights.
+        ref = load_causal_lm(recipe, input_path).to(device).eval().requires_grad_(False)
+        disable_dropout(ref)
+    else:
+        ref = policy
+
+    @torch.no_grad()
+    def logprobs(input_ids, attention_mask, n):
+        if ref is not policy:
+            logits = completion_logits(ref, input_ids, attention_mask, n, temperature)
+        elif REF_ADAPTER in policy.peft_config:  # continuing an SFT adapter: its frozen copy
+            policy.set_adapter(REF_ADAPTER, inference_mode=True)
+            try:
+                logits = completion_logits(policy, input_ids, attention_mask, n, temperature)
+            finally:
+                policy.set_adapter("default")  # trainable again (and "ref" frozen)
+        else:  # a fresh adapter: the model under it
+            with policy.disable_adapter():
+                logits = completion_logits(policy, input_ids, attention_mask, n, temperature)
+        return token_logprobs(logits, input_ids[:, -n:])
+
+    return logprobs
+
+
+def reward_model_scorer(model, tokenizer, batch_size: int):
+    """Scores = the reward model's output on prompt + response, tokenised as its training pairs were (TRL's
+    RewardTrainer: the chat template over prompt + assistant turn; plain text + EOS otherwise), read on the
+    last non-padding token."""
+    device = next(model.parameters()).device
+
+    def ids(prompt, completion: str) -> list[int]:
+        if isinstance(prompt, list) and tokenizer.chat_template is not None:
+            messages = prompt + [{"role": "assistant", "content": completion}]
+            return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        text = (prompt if isinstance(prompt, str) else prompt_text(prompt)) + completion + tokenizer.eos_token
+        return tokenizer(text)["input_ids"]
+
+    @torch.no_grad()
+    def score(prompts: list, completions: list[str]) -> torch.Tensor:
+        rows = [ids(p, c) for p, c in zip(prompts, completions)]
+        side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions from 0 without position_ids
+        try:
+            out = []
+            for i in range(0, len(rows), batch_size):
+                enc = tokenizer.pad({"input_ids": rows[i : i + batch_size]}, return_tensors="pt").to(device)
+                out.append(model(**enc, use_cache=False).logits[:, 0].float())
+        finally:
+            tokenizer.padding_side = side
+        return torch.cat(out)
+
+    return score
+
+
+def reward_fn_scorer(ref: str):
+    """Scores from a Python function `module:function(prompts, completions) -> list[float]`, called with the
+    prompts' user texts (alignlab.data.prompt_text) and the decoded responses."""
+    fn = load_reward_fn(ref)
+
+    def score(prompts: list, completions: list[str]) -> torch.Tensor:
+        values = fn([prompt_text(p) for p in prompts], list(completions))
+        if len(values) != len(completions):
+            raise ValueError(f"reward_fn {ref} returned {len(values)} scores for {len(completions)} completions")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+    return score
+
+
+def init_value_head(value_head: nn.Linear, reward_model) -> None:
+    """Copy the reward model's score head (a Linear to 1 output) into the value head when the shapes match."""
+    heads = [
+        m
+        for name, m in reward_model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == 1 and "lora_" not in name and "original_module" not in name
+    ]
+    if not heads or heads[-1].weight.shape != value_head.weight.shape:
+        log.info("ppo: the reward model's score head does not fit the value head; starting the value head at 0")
+        return
+    with torch.no_grad():
+        value_head.weight.copy_(heads[-1].weight.float())
+        value_head.bias.copy_(heads[-1].bias.float() if heads[-1].bias is not None else torch.zeros(1))
