@@ -52,6 +52,8 @@ def run(ctx: StageContext):
     spec, recipe = ctx.spec, ctx.recipe
     trackers = available_trackers(spec.report_to)
     accelerator = Accelerator(log_with=None if trackers == "none" else trackers, project_dir=str(ctx.stage_dir))
+    if trackers != "none":
+        accelerator.init_trackers(f"{recipe.name}-{spec.name}")
     set_seed(recipe.seed)
 
     # Policy and reference (one backbone under PEFT)
@@ -82,9 +84,7 @@ def run(ctx: StageContext):
     else:
         score_fn = reward_fn_scorer(spec.reward_fn)
 
-    # Train
-    if ctx.resume:
-        log.info("ppo: --resume: continuing from the newest complete checkpoint in %s", ctx.stage_dir)
+    # Train (resuming from the newest complete checkpoint when asked)
     trainer = PPOTrainer(
         accelerator=accelerator,
         model=model,
