@@ -192,7 +192,8 @@ def merge_adapter(recipe: Recipe, source: StageOutput, out_dir: Path) -> str:
     unquantized in the compute dtype, so the merge is not done into 4-bit weights)."""
     from peft import PeftModel
 
-    base = load_causal_lm(recipe, source.base, quantize=False, head=source.head)
+    extra = {"num_labels": 1} if source.head == "sequence_classification" else {}
+    base = load_causal_lm(recipe, source.base, quantize=False, head=source.head, **extra)
     merged = PeftModel.from_pretrained(base, source.path).merge_and_unload()
     save_model_atomic(merged, load_tokenizer(recipe, source.base), out_dir)
     return str(out_dir)

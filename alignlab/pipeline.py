@@ -73,12 +73,14 @@ def check_chain(recipe: Recipe) -> None:
 
 
 def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, force: bool = False):
+    import torch
     from accelerate import PartialState
 
     from alignlab.stages import stage_runner
 
     check_chain(recipe)
-    state = PartialState()
+    # On CPU, `accelerate launch --multi_gpu` needs the gloo backend chosen before anything else builds the state.
+    state = PartialState(cpu=not torch.cuda.is_available())
     run_dir = recipe.run_dir
     if state.is_main_process:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)

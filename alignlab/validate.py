@@ -79,7 +79,7 @@ def check_model_source(name: str, recipe: Recipe) -> str | None:
         return None
     p = recipe.resolve_path(name)
     if p.exists() or name.startswith((".", "/", "~")):
-        if not (p / "config.json").exists():
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
             raise RecipeError(f"model path {p} has no config.json: point model.name_or_path at a saved model folder")
         return None
     return f"model '{name}' is a hub id: not checked offline"
