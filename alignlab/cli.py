@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="check a recipe without loading any model")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*")
+    val.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="also check an `accelerate launch --config_file` config against the recipe (e.g. recipes/accelerate/fsdp.yaml)",
+    )
 
     bi = sub.add_parser("builtin", help="build a builtin model and print its path (e.g. tiny-llama)")
     bi.add_argument("name", nargs="?", default="tiny-llama")
@@ -39,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         help="an eval-stage key, e.g. --set num_prompts=50 --set dataset.path=data.jsonl",
     )
 
+    bench = sub.add_parser("bench", help="built-in benchmarks: `bench robustness`")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    rob = bench_sub.add_parser(
+        "robustness", help="DPO and its robust variants at several label-flip rates, from one SFT checkpoint"
+    )
+    rob.add_argument("overrides", nargs="*", help="key.sub=value on the generated recipe, e.g. seed=1")
+    rob.add_argument("--preset", default="small", help="small (CPU, ~20 min) or full (GPU, a 0.5B hub model)")
+    rob.add_argument("--losses", help="comma-separated, default: dpo,cdpo,rdpo,ipo,drdpo,kldpo,wdpo")
+    rob.add_argument("--flip-rates", help="comma-separated, default: 0,0.2,0.4")
+    rob.add_argument("--out", default="runs/bench-robustness", help="run directory (rerun to resume)")
+    rob.add_argument("--seed", type=int, default=0)
+    rob.add_argument("--force", action="store_true", help="rerun cells that already finished")
+
     # Overrides may come before or after options (`run R --stage dpo a.b=1`): collect the stray ones.
     args, extra = parser.parse_known_args(argv)
     unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
@@ -47,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     from alignlab.data import DataError
+    from alignlab.pipeline import StageFailed
     from alignlab.recipe import RecipeError
 
     try:
@@ -61,28 +81,40 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "bench":
+            return _bench_robustness(args)
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:  # diverged, out of memory: the message says what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 1
 
 
 def _validate(args) -> int:
     from alignlab.validate import validate_recipe
 
-    recipe, notes = validate_recipe(args.recipe, args.overrides)
+    recipe, notes = validate_recipe(args.recipe, args.overrides, args.accelerate_config)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.name for s in recipe.stages)})")
     for note in notes:
-        print(f"  note: {note}")
+        print(f"  {note}" if note.startswith("warning:") else f"  note: {note}")
     return 0
 
 
 def _run(args) -> int:
+    from alignlab.launch import check_launch, launch_config_from_env
     from alignlab.pipeline import run_pipeline
     from alignlab.report import print_summary
     from alignlab.validate import validate_recipe
 
     recipe, notes = validate_recipe(args.recipe, args.overrides)
+    launch = launch_config_from_env()
+    if launch is not None:  # under `accelerate launch`: the same checks as validate --accelerate-config
+        notes += check_launch(recipe, launch)
+    for note in notes:
+        if note.startswith("warning:") and os.environ.get("RANK", "0") == "0":
+            print(note, file=sys.stderr)
     outputs = run_pipeline(recipe, only=args.stage, resume=args.resume, force=args.force)
     print_summary(recipe, outputs)
     return 0
@@ -92,6 +124,26 @@ def _eval(args) -> int:
     from alignlab.evaluation import run_cli
 
     for md in run_cli(args.checkpoints, args.recipe, args.stage, args.reference, args.out, args.sets):
+        print(f"\n{md.read_text()}\nwritten to {md.parent}")
+    return 0
+
+
+def _bench_robustness(args) -> int:
+    from alignlab import robustness
+
+    def _list(text, default, cast=str):
+        return tuple(cast(x) for x in text.split(",")) if text else default
+
+    recipe = robustness.build_recipe(
+        args.preset,
+        _list(args.losses, robustness.LOSSES),
+        _list(args.flip_rates, robustness.FLIP_RATES, float),
+        args.out,
+        args.seed,
+        args.overrides,
+    )
+    _, md = robustness.run_bench(recipe, force=args.force)
+    if os.environ.get("RANK", "0") == "0":
         print(f"\n{md.read_text()}\nwritten to {md.parent}")
     return 0
 

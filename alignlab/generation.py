@@ -55,8 +55,13 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator_seed: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
-    """Sample (temperature > 0) or decode greedily (temperature == 0) one completion per prompt."""
+    """Sample (temperature > 0) or decode greedily (temperature == 0) one completion per prompt.
+
+    `row_seeds` (one per prompt) gives every row its own random stream, so a row's completion does not depend on
+    which other prompts share its batch or process: a batch split over several processes samples what it would in
+    one. Otherwise sampling draws from torch's global generator (seeded with `generator_seed` when given)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     if generator_seed is not None:
@@ -64,14 +69,16 @@ def generate(
     was_training = model.training
     model.eval()
     sample = temperature > 0
+    per_row = sample and row_seeds is not None
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        top_k=0 if sample else None,
+        do_sample=sample and not per_row,
+        temperature=temperature if sample and not per_row else None,
+        top_p=top_p if sample and not per_row else None,
+        top_k=0 if sample and not per_row else None,
+        logits_processor=[RowSeededSampler(row_seeds, temperature, top_p)] if per_row else None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -81,6 +88,27 @@ def generate(
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, ended)
+
+
+class RowSeededSampler:
+    """Logits processor that turns greedy decoding into sampling with one random stream per row: with z the logits
+    / temperature (-inf outside the top-p nucleus) and E ~ Exp(1) per token, argmax(z - log E) is a sample of
+    softmax(z) (the Gumbel-max trick), the same distribution as `generate(do_sample=True)`. Row i's t-th token uses
+    the t-th draw of its own generator, whatever else is in the batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.seeds, self.generators = [int(s) for s in seeds], None
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:  # on the logits' device (the lm_head's, under a device map)
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)  # [B, V]
+        noise = torch.stack([torch.empty_like(scores[0]).exponential_(generator=g) for g in self.generators])
+        return scores - noise.log()
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,6 +95,7 @@ def bnb_config(recipe: Recipe):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
     )
 
 
@@ -138,8 +139,16 @@ def load_stage_model(recipe: Recipe, source: StageOutput | None, *, head: str = 
             model.set_adapter("default")
         return model, source.base
     if source is not None and source.kind == "adapter":
-        # A causal-LM adapter feeding a reward model (different head): start from the merged weights.
-        path = source.merged_path or merge_adapter(recipe, source, Path(source.path).parent / "merged")
+        # A causal-LM adapter feeding a reward model (different head): start from the merged weights, merged by
+        # one process while the others wait (several writing the same folder would race).
+        path = source.merged_path
+        if path is None:
+            from accelerate import PartialState
+
+            path = str(Path(source.path).parent / "merged")
+            if PartialState().is_main_process:
+                merge_adapter(recipe, source, Path(path))
+            PartialState().wait_for_everyone()
     else:
         path = source.path if source is not None and source.kind == "full" else resolve_base(recipe)
     model = load_causal_lm(recipe, path, head=head, **({"num_labels": 1} if task_type == "SEQ_CLS" else {}))
@@ -149,6 +158,18 @@ def load_stage_model(recipe: Recipe, source: StageOutput | None, *, head: str = 
         check_target_modules(recipe, model)
         model = get_peft_model(model, lora_config(recipe, task_type))
     return model, path
+
+
+def meta_model(recipe: Recipe, path: str):
+    """The architecture of the model at `path` on the meta device, built from its config.json: module names and
+    shapes for pre-flight checks, without reading (or allocating) any weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = recipe.model.trust_remote_code
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
 
 
 def check_target_modules(recipe: Recipe, model) -> None:
@@ -166,14 +187,14 @@ def check_target_modules(recipe: Recipe, model) -> None:
         )
 
 
-def save_model_atomic(model, tokenizer, final_dir: Path) -> Path:
+def save_model_atomic(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> Path:
     """save_pretrained (safetensors) into a temporary folder, then rename it into place, so a crash never
-    leaves a half-written model where a good one was."""
+    leaves a half-written model where a good one was. `state_dict`: the full weights gathered from shards."""
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if final_dir.exists():

@@ -38,3 +38,18 @@ class StageOutput:
     def load(cls, stage_dir: Path) -> StageOutput | None:
         f = stage_dir / OUTPUT_FILE
         return cls(**json.loads(f.read_text())) if f.exists() else None
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric rows after `step` (a fresh run: all of them), so a resumed run's file reads like an
+    uninterrupted run's."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by a kill
+            pass
+    kept = [r for r in rows if r.get("step", 0) <= step and not r.get("final")] if step > 0 else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -23,6 +23,23 @@ from alignlab.recipe import Recipe, RecipeError, StageSpec
 log = logging.getLogger("alignlab")
 
 
+class StageFailed(RuntimeError):
+    """A stage stopped with a diagnosis for the user (training diverged, out of memory); the CLI prints it."""
+
+
+class TrainingDiverged(StageFailed):
+    """A nan or inf loss: the stage stops before the value reaches the weights, keeping the last good checkpoint."""
+
+
+def checkpoint_note(last: str | Path | None) -> str:
+    kept = (
+        f"The last good checkpoint is {last}: change the setting and run again with --resume to continue from it."
+        if last
+        else "No checkpoint was written before it (train.save_steps / save_steps keep some)."
+    )
+    return f"{kept} No final model or stage_output.json was written."
+
+
 @dataclass
 class StageContext:
     recipe: Recipe
@@ -75,6 +92,7 @@ def check_chain(recipe: Recipe) -> None:
 def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, force: bool = False):
     import torch
     from accelerate import PartialState
+    from transformers import set_seed
 
     from alignlab.stages import stage_runner
 
@@ -86,7 +104,7 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
     state.wait_for_everyone()
-    _setup_logging(run_dir / "logs" / f"run.{state.process_index}.log")
+    _setup_logging(run_dir / "logs" / f"run.{state.process_index}.log", state.is_main_process)
     if only is not None:
         recipe.stage(only)  # raises with the list of stage names
 
@@ -110,7 +128,17 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
             )
         log.info("stage %s (%s): starting from %s", spec.name, spec.type, src_name or "the base model")
         ctx = StageContext(recipe, spec, stage_dir, outputs.get(src_name) if src_name else None, dict(outputs), resume)
-        out = stage_runner(spec.type)(ctx)
+        # Every stage starts from the recipe's seed (fresh LoRA weights, score heads), on every process alike, so
+        # its result does not depend on which stages ran before it in this process (--stage, a rerun, --resume).
+        set_seed(recipe.seed)
+        try:
+            out = stage_runner(spec.type)(ctx)
+        except StageFailed as e:
+            raise type(e)(f"stage '{spec.name}' ({spec.type}): {e}") from e
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            raise StageFailed(f"stage '{spec.name}' ({spec.type}) {out_of_memory_message(recipe, spec, e)}") from e
         if state.is_main_process:
             out.save(stage_dir)
         state.wait_for_everyone()
@@ -118,7 +146,40 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
     return outputs
 
 
-def _setup_logging(path: Path) -> None:
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+def out_of_memory_message(recipe: Recipe, spec: StageSpec, e: BaseException) -> str:
+    """What ran out of memory, and the recipe settings that need less of it, with their current values."""
+    if spec.type == "ppo":
+        ro, hp = spec.rollout, spec.ppo
+        knobs = [
+            f"lower rollout.batch_size (now {ro.batch_size}) and ppo.minibatch_size (now {hp.minibatch_size})",
+            f"lower rollout.max_new_tokens (now {ro.max_new_tokens})",
+        ]
+    elif spec.type == "eval":
+        knobs = [f"lower batch_size (now {spec.batch_size})", f"lower max_new_tokens (now {spec.max_new_tokens})"]
+    else:
+        t = spec.train
+        knobs = [
+            f"lower train.per_device_batch_size (now {t.per_device_batch_size}) and raise "
+            f"train.gradient_accumulation_steps (now {t.gradient_accumulation_steps}) by the same factor (same batch)",
+            f"lower train.max_length (now {t.max_length})",
+        ]
+    if spec.type != "eval" and not recipe.model.gradient_checkpointing:
+        knobs.append("set model.gradient_checkpointing: true (recomputes activations in the backward pass)")
+    if recipe.peft.method != "qlora":
+        knobs.append(f"use peft.method: qlora (4-bit base weights; now {recipe.peft.method})")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"ran out of memory ({first_line}). To fit: " + "; ".join(knobs) + "."
+
+
+def _setup_logging(path: Path, main_process: bool = True) -> None:
+    """Every process logs to its own file; only the main one to the console (the others: warnings and errors)."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("alignlab")
@@ -126,3 +187,6 @@ def _setup_logging(path: Path) -> None:
     root.handlers = [h for h in root.handlers if not isinstance(h, logging.FileHandler)] + [handler]
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
         root.addHandler(logging.StreamHandler())
+    for h in root.handlers:
+        if type(h) is logging.StreamHandler:
+            h.setLevel(logging.INFO if main_process else logging.WARNING)

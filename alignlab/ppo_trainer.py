@@ -16,13 +16,18 @@ no second model. Its loss backpropagates into the policy's trainable weights too
 the original RLHF setups, Ziegler et al. 2019; vf_coef scales it). It starts from the reward model's score head
 when one is given (same hidden size), else from zeros (V = 0: advantages start as plain rewards).
 
-Randomness: each step reseeds from (seed, step, process), and prompts are drawn from a permutation per pass over
-the data that depends only on (seed, pass), so a resumed run samples exactly what an uninterrupted one would.
-Dropout is set to 0 everywhere in the policy, for rollouts and updates alike (PPO's ratio needs the same
-function twice). Checkpoints (`save_steps`): checkpoints/step-N holds the trainable weights (adapter or full,
-and the value head), optimizer state, KL controller and step; written to a temporary folder, marked complete,
-then renamed. Under several processes each samples its own prompts; metrics are averaged over processes,
-advantages are whitened per process.
+Randomness: prompts are drawn from a permutation per pass over the data that depends only on (seed, pass), and
+every sampled response has its own random stream, seeded by (seed, its index in the run), so a resumed run samples
+exactly what an uninterrupted one would. Dropout is set to 0 everywhere in the policy, for rollouts and updates
+alike (PPO's ratio needs the same function twice). Checkpoints (`save_steps`): checkpoints/step-N holds the
+trainable weights (adapter or full, and the value head), optimizer state, KL controller and step; written to a
+temporary folder, marked complete, then renamed.
+
+Several processes (`accelerate launch`): `rollout.batch_size` and `ppo.minibatch_size` are per process. Process p
+takes the p-th slice of each step's prompts; advantages are whitened, token-mean losses normalised and metrics
+(hence the KL controller's input) averaged over the GLOBAL batch, so P processes with batch B compute what one
+process with batch P x B does, when each rollout batch is one minibatch (with several, the split into
+minibatches is drawn per process: same distribution, not the same numbers).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from alignlab.losses import (
     policy_loss,
     value_loss,
 )
+from alignlab.outputs import keep_metrics_until
+from alignlab.pipeline import TrainingDiverged, checkpoint_note
 
 log = logging.getLogger("alignlab")
 COMPLETE_MARKER = "COMPLETE"
@@ -193,15 +200,16 @@ class PPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         seed = step_seed(self.seed, self.step, self.acc.process_index)
-        torch.manual_seed(seed)
-        prompts = [self.prompts[i] for i in self._prompt_indices(self.step)]
-        batch, stats = self.make_rollout(prompts)
+        samples = self._sample_indices(self.step)
+        prompts = [self.prompts[self._prompt_index(k)] for k in samples]
+        batch, stats = self.make_rollout(prompts, row_seeds=[self.seed * 1_000_003 + k for k in samples])
         stats.update(self.optimize(batch, torch.Generator().manual_seed(seed)))
+        stats = self._mean_over_processes(stats)
         self.kl_ctl.update(stats["kl"], n_steps=self.ro.batch_size * self.acc.num_processes)
         return stats
 
     @torch.no_grad()
-    def make_rollout(self, prompts: list) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
+    def make_rollout(self, prompts: list, row_seeds: list[int]) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
         model = self.unwrapped
         ro = generate(
             model.policy,
@@ -210,6 +218,7 @@ class PPOTrainer:
             max_new_tokens=self.ro.max_new_tokens,
             temperature=self.ro.temperature,
             top_p=self.ro.top_p,
+            row_seeds=row_seeds,
         )
         device = self.acc.device
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
@@ -218,6 +227,7 @@ class PPOTrainer:
         ended = ro.ended.to(device)
 
         scores = self.score_fn(prompts, ro.texts).to(device=device, dtype=torch.float32)  # [B]
+        self._check_finite(torch.isfinite(scores).all(), "the reward (reward_fn / reward model) gave nan or inf scores")
         if self.ro.missing_eos_penalty is not None:
             scores = scores - self.ro.missing_eos_penalty * (~ended).float()
 
@@ -236,18 +246,19 @@ class PPOTrainer:
         last = mask.sum(dim=1).long() - 1  # [B]: a response has at least one token
         rewards[torch.arange(len(prompts), device=device), last] += scores
         advantages, returns = compute_gae(rewards, values, mask, self.hp.gamma, self.hp.lam)
-        if self.hp.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        if self.hp.whiten_advantages:  # over the global batch (every process's responses)
+            advantages = masked_whiten(advantages, mask, all_sum=self._all_sum)
 
         batch = RolloutBatch(input_ids, attention_mask, response, mask, logprobs, values, advantages, returns)
+        share = self._token_share(mask)  # token means below: averaged over processes, they are global token means
         stats = {
             "score": scores.mean(),
             "kl": kl.sum(dim=1).mean(),  # per response: sum over its tokens
             "non_score_reward": (rewards.sum(dim=1) - scores).mean(),
-            "entropy": masked_mean(entropy, mask),
+            "entropy": masked_mean(entropy, mask) * share,
             "response_length": mask.sum(dim=1).mean(),
             "eos_rate": ended.float().mean(),
-            "value_mean": masked_mean(values, mask),
+            "value_mean": masked_mean(values, mask) * share,
             "kl_coef": torch.tensor(self.kl_ctl.value, device=device),
         }
         return batch, stats
@@ -267,47 +278,80 @@ class PPOTrainer:
                 vf, vf_stats = value_loss(
                     values.float(), batch.values[idx], batch.returns[idx], mask, hp.cliprange_value
                 )
-                loss = pg + hp.vf_coef * vf
+                # Token means over the global minibatch: DDP averages the processes' gradients, so each process
+                # weighs its token mean by its share of the minibatch's tokens (1 in a single process).
+                share = self._token_share(mask)
+                loss = (pg + hp.vf_coef * vf) * share
+                self._check_finite(torch.isfinite(loss), "the PPO loss is nan or inf")
                 self.acc.backward(loss)
                 if hp.max_grad_norm > 0:
                     self.acc.clip_grad_norm_(self.params, hp.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step_stats = {
-                    "policy_loss": pg.detach(),
-                    "value_loss": vf.detach(),
-                    "clipfrac": pg_stats["clipfrac"],
-                    "approx_kl": pg_stats["approx_kl"],
-                    "value_clipfrac": vf_stats["clipfrac"],
+                    "policy_loss": pg.detach() * share,
+                    "value_loss": vf.detach() * share,
+                    "clipfrac": pg_stats["clipfrac"] * share,
+                    "approx_kl": pg_stats["approx_kl"] * share,
+                    "value_clipfrac": vf_stats["clipfrac"] * share,
                 }
                 for k, v in step_stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 count += 1
         return {k: v / count for k, v in totals.items()}
 
-    def _prompt_indices(self, step: int) -> list[int]:
-        """This process's prompts for `step`: consecutive slices of one seeded permutation per pass over the
-        data, so the choice depends only on (seed, step, process), not on what ran before."""
-        n, b = len(self.prompts), self.ro.batch_size
+    def _sample_indices(self, step: int) -> range:
+        """Indices in the run's stream of samples of this process's responses at `step`: process p takes the p-th
+        slice of the step's global batch."""
+        b = self.ro.batch_size
         first = (step * self.acc.num_processes + self.acc.process_index) * b
-        out = []
-        for k in range(first, first + b):
-            data_pass, pos = divmod(k, n)
-            if data_pass not in self._perms:
-                self._perms = {
-                    data_pass: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + data_pass))
-                }
-            out.append(int(self._perms[data_pass][pos]))
-        return out
+        return range(first, first + b)
+
+    def _prompt_index(self, k: int) -> int:
+        """Prompt of sample k: position k of the stream made of one seeded permutation per pass over the data, so
+        the choice depends only on (seed, k), not on what ran before."""
+        data_pass, pos = divmod(k, len(self.prompts))
+        if data_pass not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed + data_pass)
+            self._perms = {data_pass: torch.randperm(len(self.prompts), generator=generator)}
+        return int(self._perms[data_pass][pos])
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
+
+    def _token_share(self, mask: torch.Tensor) -> torch.Tensor:
+        """processes x this process's real tokens / every process's: 1 in a single process. A token mean times
+        this, averaged over processes, is the token mean over all of them."""
+        n = mask.sum()
+        return n * self.acc.num_processes / self._all_sum(n).clamp_min(1.0)
+
+    def _mean_over_processes(self, stats: dict) -> dict[str, float]:
+        """Per-process means of equal-sized batches -> means over every process (one all-reduce)."""
+        keys = sorted(stats)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.acc.device) for k in keys])
+        if self.acc.num_processes > 1:
+            values = self.acc.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def _check_finite(self, ok: torch.Tensor, what: str) -> None:
+        """Stop every process (one all-reduce) when any sees a non-finite value, before it reaches the weights."""
+        bad = self._all_sum((~ok).float().reshape(1))
+        if bad.item() > 0:
+            raise TrainingDiverged(
+                f"stopped at PPO step {self.step + 1} of {self.spec.steps}: "
+                f"{what if not ok else 'a non-finite value on another process'}. "
+                f"Likely causes: ppo.learning_rate too high (now {self.hp.learning_rate}); "
+                + ("fp16 overflow (use bfloat16 or float32); " if self._fp16 else "")
+                + "a reward that returns nan/inf or huge values. "
+                + checkpoint_note(last_checkpoint(self.ckpt_dir))
+            )
+
+    @property
+    def _fp16(self) -> bool:
+        return self.acc.mixed_precision == "fp16" or next(self.unwrapped.parameters()).dtype == torch.float16
 
     def _log(self, metrics: dict) -> None:
-        # Every process must join the all-reduce; only the main one writes.
-        keys = sorted(metrics)
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.acc.device) for k in keys])
-        values = self.acc.reduce(values, reduction="mean")
-        row = {k: float(v) for k, v in zip(keys, values.tolist())}
-        metrics.clear()
-        metrics.update(row)
+        row = {k: float(v) for k, v in metrics.items()}  # already averaged over processes
         if self.acc.is_main_process:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a") as f:
@@ -352,7 +396,9 @@ class PPOTrainer:
         with torch.no_grad():
             for name, tensor in saved.items():
                 own[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.acc.device))
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=self.acc.device, weights_only=True)
+        )
         state = json.loads((path / "trainer_state.json").read_text())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.step = int(state["step"])
@@ -378,16 +424,6 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint with its completion marker (a cut-off write is never picked)."""
     done = complete_checkpoints(Path(ckpt_dir))
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric rows after `step` (a fresh run: all of them), so a resumed run's file reads like an
-    uninterrupted run's."""
-    if not path.exists():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r.get("step", 0) <= step and not r.get("final")] if step > 0 else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def first_logged(path: Path, key: str) -> float | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -34,6 +34,9 @@ class QuantizationSpec(Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; FSDP / ZeRO-3 need model.dtype here"
+    )
 
 
 class ModelSpec(Strict):
@@ -60,6 +63,15 @@ class PeftSpec(Strict):
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
     quantization: QuantizationSpec | None = None
+
+    @model_validator(mode="after")
+    def _quantization_needs_qlora(self):
+        if self.quantization is not None and self.method != "qlora":
+            raise ValueError(
+                f"quantization is set but method is '{self.method}': a quantized base trains only through "
+                f"adapters (method: qlora). Set method: qlora, or remove peft.quantization."
+            )
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -132,6 +144,12 @@ class TrainSpec(Strict):
     fp16: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _one_precision(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true; choose one mixed precision (bf16 on Ampere GPUs or newer)")
+        return self
+
 
 class StageSpec(Strict):
     """Keys common to every stage. `input` says which model the stage starts from: `previous` (default: the
@@ -198,7 +216,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: malformed YAML: {e}. Check indentation and quoting near that line.") from e
     if not isinstance(raw, dict):

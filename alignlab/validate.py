@@ -1,44 +1,73 @@
 """`alignlab validate`: everything that can be checked about a recipe without loading a model.
 
 Schema and keys, stage chain, loss parameters, data files, columns and rows, reward functions, TRL
-argument names, model paths. What needs the network (hub ids) is reported as not checked offline, not
-as an error.
+argument names, model paths; with the model's config and tokenizer (no weights): LoRA target modules, chat
+templates for chat data, prompt lengths against train.max_length; with `--accelerate-config`, the launch
+settings (alignlab/launch.py). What needs the network (hub ids) is reported as not checked offline, not
+as an error. `alignlab run` runs the same checks first, so a bad recipe fails before any output is written.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 from pathlib import Path
 
 from alignlab.data import DataError, check_dataset
-from alignlab.pipeline import check_chain
+from alignlab.pipeline import check_chain, input_stage_name
 from alignlab.recipe import Recipe, RecipeError, load_recipe
 
 TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "reward": "RewardConfig"}
 
 
-def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[str]]:
-    """Returns the recipe and notes (things not checked offline). Raises RecipeError listing every problem."""
+def validate_recipe(
+    path: str | Path, overrides: list[str] | None = None, accelerate_config: str | Path | None = None
+) -> tuple[Recipe, list[str]]:
+    """Returns the recipe and notes (things not checked offline, and "warning: ..." lines). Raises RecipeError
+    listing every problem."""
     recipe = load_recipe(path, overrides)
-    check_chain(recipe)
     problems: list[str] = []
     notes: list[str] = []
-    model_note = check_model_source(recipe.model.name_or_path, recipe)
-    if model_note:
-        notes.append(model_note)
+    try:
+        check_chain(recipe)
+    except RecipeError as e:
+        problems.append(str(e))
+    local_model = False
+    try:
+        model_note = check_model_source(recipe.model.name_or_path, recipe)
+    except RecipeError as e:
+        problems.append(f"model.name_or_path: {e}")
+    else:
+        local_model = model_note is None
+        notes += [model_note] if model_note else []
+    if recipe.model.trust_remote_code:
+        notes.append(
+            f"warning: model.trust_remote_code is on: Python code shipped with {recipe.model.name_or_path} "
+            f"will run on this machine. Turn it off unless you have read that code."
+        )
     if recipe.peft.quantized and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("peft.method: qlora needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    tokenizer, arch = model_files(recipe, problems, notes) if local_model else (None, None)
+    if arch is not None and recipe.peft.enabled:
+        from alignlab.models import check_target_modules
+
+        try:
+            check_target_modules(recipe, arch)
+        except ValueError as e:
+            problems.append(str(e))
     stage_names = {s.name for s in recipe.stages}
     for i, spec in enumerate(recipe.stages):
         where = f"stages[{i}] ({spec.name})"
+        train = getattr(spec, "train", None)
         for key in ("dataset", "preference_dataset", "sft_dataset"):
             ds = getattr(spec, key, None)
             if ds is None:
                 continue
             kind = {"preference_dataset": "dpo", "sft_dataset": "sft"}.get(key, spec.type)
+            max_length = train.max_length if train is not None and key == "dataset" else None
             try:
-                note = check_dataset(ds, recipe, kind)
+                note = check_dataset(ds, recipe, kind, tokenizer, max_length)
             except DataError as e:
                 problems.append(f"{where}.{key}: {e}")
             else:
@@ -52,11 +81,20 @@ def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> tup
                 problems.append(f"{where}.reward_fn: {e}")
         rm = getattr(spec, "reward_model", None)
         if rm and rm not in stage_names:
-            note = check_model_source(rm, recipe)
-            if note:
-                notes.append(f"{where}.reward_model: {note}")
+            try:
+                note = check_model_source(rm, recipe)
+            except RecipeError as e:
+                problems.append(f"{where}.reward_model: {e}")
+            else:
+                if note:
+                    notes.append(f"{where}.reward_model: {note}")
+        if spec.type == "eval":
+            problem = check_eval_has_two_models(recipe, i)
+            if problem:
+                problems.append(f"{where}: {problem}")
         if spec.type in TRL_CONFIGS:
             import trl
+            from transformers import SchedulerType
 
             from alignlab.stages.common import check_extra_args
 
@@ -64,9 +102,73 @@ def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> tup
                 check_extra_args(getattr(trl, TRL_CONFIGS[spec.type]), spec.train, where)
             except ValueError as e:
                 problems.append(str(e))
+            schedulers = [s.value for s in SchedulerType]
+            if spec.train.lr_scheduler not in schedulers:
+                close = difflib.get_close_matches(spec.train.lr_scheduler, schedulers, n=1)
+                hint = f"Did you mean '{close[0]}'?" if close else f"Known: {', '.join(schedulers)}."
+                problems.append(f"{where}.train.lr_scheduler: unknown scheduler '{spec.train.lr_scheduler}'. {hint}")
     if problems:
         raise RecipeError(f"{recipe.source}: invalid recipe:\n  - " + "\n  - ".join(problems))
+    if accelerate_config is not None:
+        from alignlab.launch import check_launch, load_launch_config
+
+        notes += check_launch(recipe, load_launch_config(accelerate_config))
     return recipe, notes
+
+
+def model_files(recipe: Recipe, problems: list[str], notes: list[str]):
+    """The tokenizer and the architecture on the meta device (no weights read) of a local or built-in base model,
+    for the checks that need them; (None, None) for hub ids (not checked offline) or a builtin not built yet."""
+    spec = recipe.model
+    if spec.chat_template and not recipe.resolve_path(spec.chat_template).is_file():
+        problems.append(f"model.chat_template: file not found: {spec.chat_template} (a Jinja chat template file)")
+        return None, None
+    name = spec.name_or_path
+    if name.startswith("builtin:"):
+        builtin = name.split(":", 1)[1]
+        path = _built(builtin)
+        if path is None:
+            notes.append(f"model '{name}' is not built yet (alignlab builtin {builtin}): model checks not run")
+            return None, None
+    else:
+        path = recipe.resolve_path(name)
+        if not (path / "config.json").is_file():
+            return None, None  # a hub id (noted already) or an adapter folder
+    if spec.tokenizer and not recipe.resolve_path(spec.tokenizer).exists():
+        return None, None  # a hub tokenizer id: not checked offline
+    from alignlab.models import load_tokenizer, meta_model
+
+    try:
+        return load_tokenizer(recipe, str(path)), meta_model(recipe, str(path))
+    except (OSError, ValueError) as e:
+        notes.append(f"model checks not run: cannot read the config or tokenizer in {path}: {e}")
+        return None, None
+
+
+def _built(name: str) -> Path | None:
+    """The folder of builtin model `name` when it is already built (validation never builds it)."""
+    from alignlab.builtin import tiny_model
+
+    spec = tiny_model.BUILTIN_MODELS[name]
+    path = tiny_model._cache_root(None) / "builtin" / f"{name}-v{spec.version}"
+    return path if (path / tiny_model.MARKER_FILE).exists() else None
+
+
+def check_eval_has_two_models(recipe: Recipe, index: int) -> str | None:
+    """An eval stage compares its input (the policy) with its reference. When `input: previous` finds no training
+    stage before it, or the very stage named as reference, both are the same model and every comparison is empty
+    (KL 0, win rate 1/2): most likely a misplaced stage. (Say `input: base` to measure the base model on purpose.)"""
+    spec = recipe.stages[index]
+    policy = input_stage_name(recipe, index)
+    reference = None if spec.reference == "base" else spec.reference
+    if spec.input != "previous" or policy != reference:
+        return None
+    what = "the base model (no training stage comes before it)" if policy is None else f"stage '{policy}'"
+    return (
+        f"evaluates {what} against itself (input: previous, reference: {spec.reference}), so there is nothing to "
+        f"compare. Put the eval stage after a training stage, set `reference` to another model, or write "
+        f"`input: {policy or 'base'}` to measure that model on its own."
+    )
 
 
 def check_model_source(name: str, recipe: Recipe) -> str | None:

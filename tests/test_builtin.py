@@ -235,8 +235,11 @@ def test_train_and_eval_prompts_are_disjoint():
 def test_sft_demonstrations_are_mixed_quality():
     rows = generate_task("arith", "sft", 4000)
     rewards = arith_reward([r["prompt"][0]["content"] for r in rows], [r["completion"][0]["content"] for r in rows])
-    correct = sum(r == 1.0 for r in rewards) / len(rows)
-    assert 0.5 <= correct <= 0.65, correct  # documented: about 57%
+    right = sum(r in (1.0, 0.5) for r in rewards) / len(rows)  # the right number, with or without chatter
+    chatty = sum(not r["completion"][0]["content"].isdigit() for r in rows) / len(rows)
+    assert 0.5 <= right <= 0.65, right  # documented: about 57%
+    assert 0.55 <= chatty <= 0.65, chatty  # documented: 60%
+    assert 0.4 <= sum(rewards) / len(rows) <= 0.5  # imitating the demonstrator exactly earns under half the reward
 
 
 def test_preference_chosen_beats_rejected_and_flips_are_exact():

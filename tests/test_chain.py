@@ -41,7 +41,7 @@ def _chain_recipe(peft_method="lora"):
                 "name": "dpo",
                 "type": "dpo",
                 "dataset": {"path": "builtin:arith", "split": "preference", "size": 960, "eval_size": 96,
-                            "eval_split": "preference"},  # held-out pairs (fresh seed) from the training prompts
+                            "eval_split": "preference_eval"},  # pairs on held-out prompts
                 "loss": {"name": "dpo", "beta": 0.2},
                 "precompute_ref_logps": True,
                 "train": {
@@ -87,10 +87,12 @@ def test_dpo_continues_sft_adapter_and_learns(chain_run):
     rows = [r for r in _metrics(chain_run / "dpo") if "loss" in r and "final" not in r]
     # Step 1 is logged before any update: the policy (SFT adapter) equals the reference (frozen SFT adapter).
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    # Held-out pairs: the DPO loss fell below its starting ln 2 and the implicit-reward margin opened up.
-    # (Measured: eval loss 0.57, margin 0.63, accuracy 0.60 -- the 3M model is weak at arithmetic.)
-    assert dpo.metrics["eval_loss"] < math.log(2) - 0.05
-    assert dpo.metrics["eval_rewards/margins"] > 0.2
+    # Pairs on held-out prompts: at step 0 every implicit reward is 0 (accuracy 0.5 at best, loss ln 2); after
+    # one epoch the implicit reward ranks chosen above rejected well above chance.
+    # (Measured: accuracy 0.875, eval loss 0.20, margin 11.2.)
+    assert dpo.metrics["eval_rewards/accuracies"] >= 0.75
+    assert dpo.metrics["eval_loss"] < math.log(2) - 0.15
+    assert dpo.metrics["eval_rewards/margins"] > 0.5
 
 
 def test_dpo_reference_is_the_sft_model(chain_run, tiny_model_path):

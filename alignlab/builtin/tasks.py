@@ -10,15 +10,18 @@ Operands: `a` in [0, 99], `b` in [1, 9]. Half of the problems need a carry (`a %
 
 Splits (all rows are conversational, in the formats TRL expects):
 
-- `sft`: prompt/completion demonstrations from a sloppy demonstrator. On problems without a carry it is right 80%
-  of the time (else off by one); on problems WITH a carry it forgets the carry 60% of the time (answers
-  `a + b - 10`), is right 30% and off by one 10%. About 57% of demonstrations are correct, and on carry problems
-  the most common demonstration is wrong, so a model that imitates the demonstrator well (greedy decoding picks
-  the mode) still gets carry problems wrong: SFT alone reaches only part of the reward (at most about 0.55;
-  0.43 after 600 steps on builtin:tiny-llama).
+- `sft`: prompt/completion demonstrations from a sloppy demonstrator, sloppy in two ways. Its numbers: on
+  problems without a carry it is right 80% of the time (else off by one); on problems WITH a carry it forgets the
+  carry 60% of the time (answers `a + b - 10`), is right 30% and off by one 10% (about 57% right overall). Its
+  manners: 60% of the time it keeps talking after the number (". I hope this helps!", ...), which the reward
+  halves. Both mistakes are the mode of what it does, so a model that imitates it well (greedy decoding picks the
+  mode) keeps talking and gets carry problems wrong: SFT alone reaches only part of the reward.
 - `preference`: prompt/chosen/rejected pairs ranked by the true reward: reward(chosen) > reward(rejected) for
-  every row. Rejected answers are mostly the demonstrator's mistakes (forgotten carry, off by one or two, off by
-  ten, no number at all), so preference optimisation can fix what SFT imitated. `flip_rate` swaps chosen and
+  every row. Chosen answers stop after the number. Rejected answers are the demonstrator's mistakes: 30% the
+  chosen answer followed by chatter; otherwise a wrong number (forgotten carry, off by one or two, off by ten) with
+  chatter half of the time, or no number at all. About 60% of the pairs differ in manners (learnable by a tiny
+  model in a few dozen steps), the rest only in arithmetic (hard for it), so preference optimisation fixes what
+  SFT imitated, and held-out accuracy has room above what manners alone explain. `flip_rate` swaps chosen and
   rejected in exactly `round(flip_rate * n)` rows (label noise for robust-DPO experiments); which rows is given by
   `flipped_indices`, not by an extra column, so the rows stay a plain TRL preference dataset.
 - `eval`: prompt + reference `answer` (a string), for reward-based evaluation.
@@ -71,6 +74,8 @@ ARITH_EVAL_BUCKETS = 10  # 1 bucket in 10 is held out for evaluation
 ARITH_PROMPT = "What is {a}+{b}?"
 _PROMPT_RE = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)")
 _LEADING_INT_RE = re.compile(r"[+-]?\d+")
+ARITH_CHATTER_RATE = 0.6  # how often the demonstrator keeps talking after its answer
+ARITH_CHATTER = (". I hope this helps!", ". That was easy.", ". Let me know if you need more.")
 
 
 def _is_eval_pair(a: int, b: int) -> bool:
@@ -107,38 +112,51 @@ def _off_by(truth: int, rng: random.Random, d: int) -> int:
     return truth + d if rng.random() < 0.5 else truth - d
 
 
-def _demonstration(a: int, b: int, rng: random.Random) -> int:
+def _demonstration(a: int, b: int, rng: random.Random) -> str:
     """The sloppy demonstrator of the `sft` split (see the module docstring for the rates)."""
     truth = a + b
     u = rng.random()
     if _has_carry(a, b):
         if u < 0.3:
-            return truth
-        if u < 0.9:
-            return truth - 10  # forgot the carry
-        return _off_by(truth, rng, 1)
-    if u < 0.8:
-        return truth
-    return _off_by(truth, rng, 1)
+            answer = truth
+        elif u < 0.9:
+            answer = truth - 10  # forgot the carry
+        else:
+            answer = _off_by(truth, rng, 1)
+    else:
+        answer = truth if u < 0.8 else _off_by(truth, rng, 1)
+    return _maybe_chatter(str(answer), rng, ARITH_CHATTER_RATE)
+
+
+def _maybe_chatter(answer: str, rng: random.Random, rate: float) -> str:
+    # Every chatter starts with ".", so a model that imitates the demonstrator keeps talking after the number
+    # (greedy decoding picks "." over the end of the turn), which the reward halves.
+    return answer + rng.choice(ARITH_CHATTER) if rng.random() < rate else answer
 
 
 def _preference_pair(a: int, b: int, rng: random.Random) -> tuple[str, str]:
     """(chosen, rejected) answer texts, with reward(chosen) > reward(rejected)."""
     truth = a + b
-    # Chosen: right 85% of the time, else off by one; rejected is then strictly worse.
-    chosen = truth if rng.random() < 0.85 else _off_by(truth, rng, 1)
+    # Chosen: right 85% of the time, else off by one, and it stops after the number; rejected is strictly worse.
+    chosen = str(truth if rng.random() < 0.85 else _off_by(truth, rng, 1))
     while True:
         u = rng.random()
-        if _has_carry(a, b) and u < 0.6:
-            rejected = str(truth - 10)  # the demonstrator's typical mistake
-        elif u < 0.75:
-            rejected = str(_off_by(truth, rng, rng.choice((1, 2))))
-        elif u < 0.9:
-            rejected = str(truth + 10)
+        if u < 0.3:
+            rejected = chosen + rng.choice(ARITH_CHATTER)  # the same answer, but it did not stop
         else:
-            rejected = rng.choice(("?", "I don't know.", "many"))
-        if _arith_score(truth, rejected) < _arith_score(truth, str(chosen)):
-            return str(chosen), rejected
+            u = rng.random()
+            if _has_carry(a, b) and u < 0.6:
+                rejected = str(truth - 10)  # the demonstrator's typical mistake
+            elif u < 0.75:
+                rejected = str(_off_by(truth, rng, rng.choice((1, 2))))
+            elif u < 0.9:
+                rejected = str(truth + 10)
+            else:
+                rejected = rng.choice(("?", "I don't know.", "many"))
+            if rejected[0].isdigit():
+                rejected = _maybe_chatter(rejected, rng, 0.5)
+        if _arith_score(truth, rejected) < _arith_score(truth, chosen):
+            return chosen, rejected
 
 
 def _arith_rows(split: str, n: int, seed: int) -> list[dict]:
@@ -157,7 +175,7 @@ def _arith_rows(split: str, n: int, seed: int) -> list[dict]:
     for a, b in pairs:
         prompt = _user(ARITH_PROMPT.format(a=a, b=b))
         if split == "sft":
-            rows.append({"prompt": prompt, "completion": _assistant(str(_demonstration(a, b, rng)))})
+            rows.append({"prompt": prompt, "completion": _assistant(_demonstration(a, b, rng))})
         elif split in ("preference", "preference_eval"):  # preference_eval: held-out prompts
             chosen, rejected = _preference_pair(a, b, rng)
             rows.append({"prompt": prompt, "chosen": _assistant(chosen), "rejected": _assistant(rejected)})

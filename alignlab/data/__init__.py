@@ -51,18 +51,87 @@ def build_datasets(
     return train, eval_ds
 
 
-def check_dataset(spec: DatasetSpec, recipe: Recipe | None, stage_type: str) -> str | None:
-    """Check a dataset without any model: source exists, columns fit the stage, rows well formed.
+def check_dataset(
+    spec: DatasetSpec, recipe: Recipe | None, stage_type: str, tokenizer=None, max_length: int | None = None
+) -> str | None:
+    """Check a dataset without any model: source exists, columns fit the stage, rows well formed; given the
+    stage's tokenizer, also that chat data has a template and that prompts fit `max_length` (train.max_length).
     Returns a note for what cannot be checked offline (hub ids), None when fully checked; raises DataError."""
     src = resolve_source(spec.path, recipe)
     if src.kind == "hub":
         return f"dataset '{spec.path}' is a hub id: not checked offline"
-    canonicalize(load_raw(spec, recipe), spec, stage_type, _where(spec, recipe), chat=False)
+    where = _where(spec, recipe)
+    ds = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat=False)
+    if spec.flip_rate > 0 and "chosen" not in ds.column_names:
+        raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
+    if tokenizer is not None:
+        check_chat_template(ds, tokenizer, where)
+        if max_length:
+            check_prompt_lengths(ds, tokenizer, max_length, where)
     if spec.eval_path:
         if resolve_source(spec.eval_path, recipe).kind == "hub":
             return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline"
         canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, f"{spec.eval_path} (eval)", False)
     return None
+
+
+def check_chat_template(ds: Dataset, tokenizer, where: str) -> None:
+    """Chat messages can only be turned into tokens by a chat template. (Arrow columns have one type, so the
+    first row tells whether a column holds messages.)"""
+    if tokenizer.chat_template is not None:
+        return
+    row = ds[0]
+    col = next(
+        (c for c in ("messages", "prompt", "completion", "chosen", "rejected") if isinstance(row.get(c), list)), None
+    )
+    if col is not None:
+        raise DataError(
+            f"{where}: column '{col}' holds chat messages, but the tokenizer ({tokenizer.name_or_path}) has no chat "
+            f"template to render them. Set model.chat_template: path/to/template.jinja, use a tokenizer that has "
+            f"one (model.tokenizer), or give plain-string prompt/completion columns."
+        )
+
+
+def check_prompt_lengths(ds: Dataset, tokenizer, max_length: int, where: str) -> None:
+    """A prompt of max_length tokens or more leaves nothing of its completion after truncation: the row trains
+    on nothing (SFT) or compares two truncated prompts (DPO, reward). Counted as the stage will tokenise it."""
+    if "prompt" in ds.column_names:
+        prompts = ds["prompt"]
+    elif "messages" in ds.column_names:
+        prompts = [_before_last_reply(m) for m in ds["messages"]]
+    else:
+        return  # plain text, or an implicit prompt inside chosen/rejected
+    lengths = _token_counts(prompts, tokenizer)
+    long = [i for i, n in enumerate(lengths) if n >= max_length]
+    if long:
+        rows = ", ".join(map(str, long[:5])) + (", ..." if len(long) > 5 else "")
+        raise DataError(
+            f"{where}: {len(long)} prompt(s) have at least train.max_length = {max_length} tokens (rows {rows}; row "
+            f"{long[0]}: {lengths[long[0]]} tokens), so truncation leaves none of their completion. Raise "
+            f"train.max_length above {max(lengths[i] for i in long)}, or shorten or drop those rows."
+        )
+
+
+def _token_counts(prompts: list, tokenizer) -> list[int]:
+    """Tokens of each prompt as the stage feeds it: through the chat template when there is one. Rendering every
+    row through Jinja is slow, so a plain-string prompt counts its own tokens plus those of the template around an
+    empty user turn (exact to a token at the seams); chat-message prompts are rendered one by one."""
+    if tokenizer.chat_template is None:
+        texts = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
+        return [len(ids) for ids in tokenizer(texts)["input_ids"]]
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if messages else ""
+
+    frame = len(tokenizer(render([{"role": "user", "content": ""}]), add_special_tokens=False)["input_ids"])
+    texts = [p if isinstance(p, str) else render(p) for p in prompts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [len(t) + (frame if isinstance(p, str) else 0) for p, t in zip(prompts, ids)]
+
+
+def _before_last_reply(messages: list[dict]) -> list[dict]:
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    return messages[:last]
 
 
 def _where(spec: DatasetSpec, recipe: Recipe | None) -> str:

@@ -13,6 +13,7 @@ the template is applied once, by TRL, with its own BOS/EOS handling (never doubl
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,17 +89,48 @@ def load_raw(spec: DatasetSpec, recipe: Recipe | None, *, held_out: bool = False
         n = spec.eval_size if held_out else spec.size
         # Held-out rows come from the task's own held-out split; never from the training prompts.
         task_split = _builtin_heldout_split(split) if held_out and not spec.eval_split else split
-        rows = generate_task(src.location, task_split, n, seed=seed + (1 if held_out else 0))
+        try:
+            rows = generate_task(src.location, task_split, n, seed=seed + (1 if held_out else 0))
+        except ValueError as e:  # unknown task or split
+            raise DataError(f"dataset '{path}': {e}. Fix dataset.path / dataset.split.") from e
         return Dataset.from_list(rows)
     if src.kind == "local":
         builder = FILE_BUILDERS[Path(src.files[0]).suffix]
         try:
             ds = load_dataset(builder, data_files=list(src.files), split="train")
-        except Exception as e:  # datasets raises many types for a malformed file
+        except Exception as e:  # datasets raises many types for a malformed file; say which file and line
+            for f in src.files:
+                _check_file(Path(f))
             raise DataError(f"{src.location}: cannot read as {builder}: {e}") from e
     else:
         ds = load_dataset(src.location, split=split, revision=None)
     return ds
+
+
+def _check_file(path: Path) -> None:
+    """Explain why `datasets` could not read a local file: empty, a header and no rows, or a bad JSON line."""
+    text = path.read_text(errors="replace") if path.suffix != ".parquet" else "x"
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: the file is empty. Point dataset.path at a file with rows.")
+    if path.suffix == ".csv" and len(lines) == 1:
+        raise DataError(f"{path}: the file has a header ({lines[0][1].strip()}) but no rows.")
+    if path.suffix == ".jsonl":
+        for i, line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}: line {i} is not valid JSON ({e.msg}, column {e.colno}). Each line of a .jsonl "
+                    f'file is one JSON object, e.g. {{"prompt": "...", "completion": "..."}}'
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object with named columns")
+    elif path.suffix == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
 
 
 def _builtin_heldout_split(split: str) -> str:

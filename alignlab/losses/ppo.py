@@ -12,48 +12,57 @@ Scalar results are 0-dim tensors; metrics are 0-dim detached tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Tensor = torch.Tensor
+AllSum = Callable[[Tensor], Tensor]  # sums a tensor over processes (multi-process runs)
 
 # Guards divisions by a count of real tokens that can be 0 (a batch of empty responses): the result is 0, not nan.
 _TINY = 1e-8
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+def masked_mean(
+    x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None, all_sum: AllSum | None = None
+) -> Tensor:
     """Mean of ``x`` over positions where ``mask`` is 1 (over all dims, or over ``dim``). x, mask: [B, T].
 
-    An all-zero mask gives 0.
+    An all-zero mask gives 0. ``all_sum`` (a function summing a tensor over processes, e.g.
+    ``lambda t: accelerator.reduce(t, "sum")``) makes the mean one over every process's batch; not differentiable.
     """
     mask = mask.to(x.dtype)
+    total = all_sum or (lambda t: t)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp_min(_TINY)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(_TINY)
+        return total((x * mask).sum()) / total(mask.sum()).clamp_min(_TINY)
+    return total((x * mask).sum(dim)) / total(mask.sum(dim)).clamp_min(_TINY)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of ``x`` over the masked positions, 0-dim. x, mask: [B, T].
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_sum: AllSum | None = None) -> Tensor:
+    """Variance of ``x`` over the masked positions, 0-dim. x, mask: [B, T]. ``all_sum``: as for masked_mean.
 
     With ``unbiased`` the n/(n-1) Bessel correction is applied (n = number of real tokens) when n > 1.
     """
     mask = mask.to(x.dtype)
-    centered = x - masked_mean(x, mask)
-    var = masked_mean(centered.pow(2), mask)
+    centered = x - masked_mean(x, mask, all_sum=all_sum)
+    var = masked_mean(centered.pow(2), mask, all_sum=all_sum)
     if unbiased:
-        n = mask.sum()
+        n = all_sum(mask.sum()) if all_sum is not None else mask.sum()
         # torch.where rather than `if n > 1` avoids a host-device sync.
         var = torch.where(n > 1, var * n / (n - 1).clamp_min(1.0), var)
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum: AllSum | None = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) with masked mean / unbiased variance; [B, T] -> [B, T].
 
     ``shift_mean=False`` adds the mean back (scale only), as done for rewards. Padding positions are set to 0.
+    ``all_sum``: as for masked_mean (statistics over every process's batch, so a batch split over processes is
+    whitened as the whole batch would be in one).
     """
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    mean = masked_mean(x, mask, all_sum=all_sum)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, all_sum=all_sum) + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask

@@ -17,6 +17,7 @@ Notation: l(z) = -log sigma(z), computed as softplus(-z) (never log(sigmoid(z)),
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Callable
@@ -191,7 +192,11 @@ _PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _check_name(name: str) -> Callable[..., tuple[Tensor, Metrics]]:
     if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; known losses: {', '.join(sorted(PREFERENCE_LOSSES))}")
+        close = difflib.get_close_matches(str(name), PREFERENCE_LOSSES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown preference loss {name!r}; known losses: {', '.join(sorted(PREFERENCE_LOSSES))}.{hint}"
+        )
     return PREFERENCE_LOSSES[name]
 
 

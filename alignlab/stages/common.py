@@ -1,6 +1,6 @@
-"""Glue shared by the trainer-based stages: recipe train keys -> TRL config, metrics as JSON lines, the
-train call with resume, and the final atomic save. Everything TRL/transformers-version-specific about
-training arguments lives here."""
+"""Glue shared by the trainer-based stages: recipe train keys -> TRL config, metrics as JSON lines, atomic
+checkpoints and a stop on nan/inf losses (GuardedTrainer), the train call with resume, and the final atomic save.
+Everything TRL/transformers-version-specific about training arguments lives here."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from alignlab.models import merge_adapter, save_model_atomic
-from alignlab.outputs import StageOutput
+from alignlab.outputs import StageOutput, keep_metrics_until
+from alignlab.pipeline import TrainingDiverged, checkpoint_note
 
 if TYPE_CHECKING:
     from alignlab.pipeline import StageContext
@@ -55,6 +62,9 @@ def trainer_args(config_cls, ctx: StageContext, train: TrainSpec, has_eval: bool
         gradient_checkpointing=ctx.recipe.model.gradient_checkpointing,
         disable_tqdm=False,
         dataloader_num_workers=0,
+        # `accelerate launch --multi_gpu` on a machine without GPUs: keep the gloo CPU processes that the pipeline
+        # set up (TrainingArguments rebuilds the distributed state, and would otherwise fall back to one process).
+        use_cpu=PartialState().distributed_type == DistributedType.MULTI_CPU,
     )
     kwargs.update(stage_kwargs)
     kwargs.update(train.extra)
@@ -101,17 +111,79 @@ class JsonlMetrics(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
 
 
+class GuardedTrainer:
+    """Mixed in before a TRL trainer (`class X(GuardedTrainer, SFTTrainer)`); swaps two Trainer methods.
+
+    Atomic checkpoints: Trainer writes checkpoint-N in place (weights, optimizer, each process its RNG state, then
+    trainer_state.json, with no barrier between), so a kill mid-write leaves a checkpoint-N that looks newest.
+    Here it is written under checkpoints/.staging/ and renamed into place once every process has written its part;
+    older ones are rotated (save_total_limit) only after that. No checkpoint is written at the last step (the final
+    model is saved right after it): Trainer resumed from one would train a step past max_steps.
+    Finite loss: a nan or inf loss on any process stops training before the optimizer applies it, so no checkpoint
+    holds its weights. (A TrainerCallback never sees the per-step loss: only logged averages, every logging_steps.)
+    """
+
+    def _save_checkpoint(self, model, trial):
+        if self.state.global_step >= self.state.max_steps:
+            return
+        root = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        staging, final = root / ".staging", root / name
+        if self.args.should_save:
+            shutil.rmtree(staging / name, ignore_errors=True)  # a cut-off earlier attempt
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(root)
+        self.accelerator.wait_for_everyone()  # every process's RNG state is in
+        if self.args.should_save:
+            if final.exists():  # the same step from an earlier run (--force): moved aside, deleted once replaced
+                os.replace(final, staging / f"{name}.old")
+            os.replace(staging / name, final)
+            shutil.rmtree(staging / f"{name}.old", ignore_errors=True)
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging:
+                self.state.best_model_checkpoint = str(root / Path(self.state.best_model_checkpoint).name)
+            rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        bad = (~torch.isfinite(loss)).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")  # every process stops together
+        if bad.item() > 0:
+            a = self.args
+            fp16 = a.fp16 or getattr(self.model, "dtype", None) == torch.float16
+            raise TrainingDiverged(
+                f"the training loss is {loss.item() if not torch.isfinite(loss) else 'nan or inf on another process'}"
+                f" at step {self.state.global_step + 1} of {self.state.max_steps}; training stopped before the "
+                f"optimizer applied it. Likely causes: a learning rate too high (train.learning_rate = "
+                f"{a.learning_rate}: lower it, or warm up with train.warmup_ratio); "
+                + ("fp16 overflow (use bf16 or float32); " if fp16 else "")
+                + "bad data (e.g. empty or extreme examples). "
+                + checkpoint_note(last_checkpoint(Path(a.output_dir)))
+            )
+        return loss
+
+
 def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="causal_lm", base: str) -> StageOutput:
     """Train (resuming from the last complete checkpoint when asked), evaluate, save atomically, merge on
     request. Returns the stage's output record."""
     metrics_path = ctx.stage_dir / "metrics.jsonl"
-    resume = ctx.resume and last_checkpoint(ctx.stage_dir / "checkpoints") is not None
-    if not resume and trainer.is_world_process_zero():
-        metrics_path.unlink(missing_ok=True)
+    ckpt = last_checkpoint(ctx.stage_dir / "checkpoints") if ctx.resume else None
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text()) if ckpt else {"global_step": 0}
+    if trainer.is_world_process_zero():
+        keep_metrics_until(metrics_path, state["global_step"])  # the rows up to the checkpoint (fresh run: none)
     trainer.add_callback(JsonlMetrics(metrics_path))
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.stage_dir / "checkpoints") if resume else None)
+    if ckpt:
+        log.info("stage %s: resuming from %s (step %d)", ctx.spec.name, ckpt, state["global_step"])
+    result = trainer.train(resume_from_checkpoint=ckpt)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-    metrics["train_loss"] = result.training_loss
+    # Trainer's training_loss averages the steps of this call only; a resumed run reports the whole run's mean.
+    steps_before, loss_before = state["global_step"], _summed_loss(state.get("log_history", []))
+    total_steps = trainer.state.global_step
+    metrics["train_loss"] = (loss_before + result.training_loss * (total_steps - steps_before)) / max(total_steps, 1)
     if trainer.eval_dataset is not None:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
@@ -128,10 +200,15 @@ def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="
         head=head,
         metrics=metrics,
     )
+    # FSDP and ZeRO-3 hold each parameter in shards: gather a full state dict (a collective, so on every process)
+    # for the main process to save; the unwrapped model alone would save that process's shard.
+    acc = trainer.accelerator
+    sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and acc.state.deepspeed_plugin.zero_stage == 3)
+    state_dict = acc.get_state_dict(trainer.model_wrapped) if sharded else None
     if trainer.is_world_process_zero():
         if is_peft and "ref" in model.peft_config:
             model.delete_adapter("ref")  # the frozen reference copy is not part of the output
-        save_model_atomic(model, trainer.processing_class, ctx.stage_dir / "model")
+        save_model_atomic(model, trainer.processing_class, ctx.stage_dir / "model", state_dict=state_dict)
         if ctx.spec.merge and is_peft:
             out.merged_path = merge_adapter(ctx.recipe, out, ctx.stage_dir / "merged")
         with (ctx.stage_dir / "metrics.jsonl").open("a") as f:
@@ -140,12 +217,31 @@ def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="
     return out
 
 
+def _summed_loss(log_history: list[dict]) -> float:
+    """Sum of the per-step training losses over a Trainer log history (each logged loss averages its window)."""
+    total, prev = 0.0, 0
+    for row in log_history:
+        if "loss" in row:
+            total += row["loss"] * (row["step"] - prev)
+            prev = row["step"]
+    return total
+
+
 def last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a checkpoint without it was
-    cut off mid-write and is ignored."""
+    """The newest complete checkpoint. GuardedTrainer renames a checkpoint into place only once complete; a
+    checkpoint-N whose trainer_state.json (Trainer writes it last) is missing or cut off is still ignored, as one
+    written in place by another tool and interrupted would be."""
     if not ckpt_dir.is_dir():
         return None
-    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if _readable_json(p / "trainer_state.json")]
     if not done:
         return None
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from alignlab.data import build_datasets
 from alignlab.losses import LENGTH_NORMALIZED_LOSSES, preference_loss, wdpo_penalty
 from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.pipeline import StageContext
-from alignlab.stages.common import train_and_save, trainer_args
+from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 
 log = logging.getLogger("alignlab")
 
@@ -63,9 +64,9 @@ def run(ctx: StageContext):
     return train_and_save(trainer, ctx, base=base)
 
 
-class RegistryDPOTrainer(DPOTrainer):
+class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
     """DPOTrainer whose loss comes from alignlab's registry. Only the loss computation and the on-disk cache
-    of precomputed reference log-probs differ from TRL."""
+    of precomputed reference log-probs differ from TRL (and GuardedTrainer's checkpoints and nan/inf stop)."""
 
     def __init__(self, *args, loss_name: str, loss_params: dict, ref_cache_dir: Path, **kwargs):
         self.loss_name, self.loss_params, self.ref_cache_dir = loss_name, dict(loss_params), Path(ref_cache_dir)
@@ -101,8 +102,9 @@ class RegistryDPOTrainer(DPOTrainer):
                 penalty = wdpo_penalty(loss * chosen.shape[0], self._embeds, create_graph=True)
             loss = loss + self.wdpo_rho * penalty.mean()
             metrics["wdpo/penalty"] = penalty.detach().mean()
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+        for key, value in metrics.items():  # over every process's pairs: a max is the max of the maxima
+            reduce = torch.amax if key.endswith("_max") else torch.amin if key.endswith("_min") else torch.mean
+            self._metrics[mode][key].append(reduce(self.accelerator.gather(value.reshape(1))).item())
         return (loss, None) if return_outputs else loss
 
     def _logps(self, model, inputs, mask, need_embeds: bool):
@@ -128,21 +130,37 @@ class RegistryDPOTrainer(DPOTrainer):
         return (per_token * mask).sum(dim=1).chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's precompute, plus a cache on disk keyed by the tokenised data and the reference weights."""
+        """Reference log-probs of every pair, computed once (each process its share, gathered in order) and cached
+        on disk keyed by the tokenised data and the reference weights. Replaces TRL's version, whose cache sits
+        beside the dataset's arrow files: for an in-memory dataset that is a per-process temporary folder, which
+        the other processes of a multi-process run cannot read."""
         key = _content_hash(dataset, self._precompute_model_hash)
         path = self.ref_cache_dir / f"{name}-{key[:20]}.safetensors"
         if path.exists():
             log.info("reference log-probs for %s read from %s", name, path)
-            cached = load_file(path)
-            dataset = dataset.add_column("ref_chosen_logps", cached["ref_chosen_logps"].tolist())
-            return dataset.add_column("ref_rejected_logps", cached["ref_rejected_logps"].tolist())
-        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
-        if self.accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tensors = {k: torch.tensor(dataset[k]) for k in ("ref_chosen_logps", "ref_rejected_logps")}
-            save_file(tensors, str(path) + ".tmp")
-            Path(str(path) + ".tmp").replace(path)
-        return dataset
+        else:
+            model = self.ref_model or self.model
+            if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: parameters not placed/gathered yet
+                from trl.models import prepare_deepspeed
+
+                self._precompute_engine = self._precompute_engine or prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            chosen, rejected = [], []
+            for batch in self.accelerator.prepare(loader):
+                logps = self.compute_ref_log_probs(model, batch)
+                c, r = self.accelerator.gather_for_metrics(logps)  # drops the padding rows of the last batch
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tensors = {"ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+                save_file(tensors, str(path) + ".tmp")
+                Path(str(path) + ".tmp").replace(path)
+            self.accelerator.wait_for_everyone()
+        cached = load_file(path)
+        dataset = dataset.add_column("ref_chosen_logps", cached["ref_chosen_logps"].tolist())
+        return dataset.add_column("ref_rejected_logps", cached["ref_rejected_logps"].tolist())
 
 
 def _accepted(loss_name: str) -> dict:

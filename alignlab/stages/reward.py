@@ -30,7 +30,7 @@ from alignlab.models import check_target_modules, load_causal_lm, load_stage_mod
 from alignlab.outputs import StageOutput
 from alignlab.pipeline import StageContext
 from alignlab.recipe import Recipe
-from alignlab.stages.common import train_and_save, trainer_args
+from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 
 
 def run(ctx: StageContext):
@@ -71,7 +71,7 @@ def run(ctx: StageContext):
     return out
 
 
-class BradleyTerryRewardTrainer(RewardTrainer):
+class BradleyTerryRewardTrainer(GuardedTrainer, RewardTrainer):
     """RewardTrainer whose loss is alignlab's `bradley_terry_loss`; only `compute_loss` differs from TRL.
     Batch rows are [chosen; rejected] (TRL's DataCollatorForPreference); `margin` is [B] when present."""
 

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from alignlab.data import build_datasets
 from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.pipeline import StageContext
-from alignlab.stages.common import train_and_save, trainer_args
+from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 
 
 def run(ctx: StageContext):
@@ -38,9 +38,13 @@ def run(ctx: StageContext):
         assistant_only_loss=spec.completion_only_loss and "messages" in train_ds.column_names,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
+    trainer = GuardedSFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
 
     # Train, save, report
     return train_and_save(trainer, ctx, base=base)
+
+
+class GuardedSFTTrainer(GuardedTrainer, SFTTrainer):
+    """TRL's SFTTrainer with atomic checkpoints and a stop on nan/inf losses (alignlab.stages.common)."""

@@ -1,0 +1,218 @@
+"""`alignlab bench robustness`: preference losses under label noise, all from one SFT checkpoint.
+
+For every loss and every label-flip rate, a DPO stage starts from the same SFT stage and trains on preference
+pairs of `builtin:arith` with that fraction of labels flipped (seeded); an eval stage then measures, against the
+SFT model, the true reward of greedy completions on held-out prompts and the implicit-reward accuracy on
+held-out pairs whose labels are NOT flipped. The whole grid is one ordinary alignlab recipe (written to
+`<out>/recipe.yaml`) run by the pipeline, so an interrupted bench picks up where it stopped and any cell can be
+rerun by hand with `alignlab run <out>/recipe.yaml --stage <name> --force`.
+
+Writes `<out>/robustness.json` (one row per cell), `<out>/robustness.md` (tables) and `<out>/robustness.png`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from alignlab.recipe import Recipe, RecipeError, apply_override, parse_recipe
+
+LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "drdpo", "kldpo", "wdpo")
+FLIP_RATES = (0.0, 0.2, 0.4)
+# Per-loss parameters (besides beta). cdpo/rdpo assume a noise rate of 0.2 whatever the real one is: a user
+# rarely knows it. Change them with `--set` overrides on the written recipe, or here.
+LOSS_PARAMS: dict[str, dict] = {
+    "dpo": {},
+    "cdpo": {"eps": 0.2},
+    "rdpo": {"eps": 0.2},
+    "ipo": {},
+    "drdpo": {"beta_prime": 1.0},
+    "kldpo": {"tau": 1.0},
+    "wdpo": {"rho": 0.01},
+}
+RESULT_KEYS = ("true_reward", "preference_accuracy", "preference_margin", "win_rate", "kl")
+
+# A preset: the model, its PEFT, the SFT stage, and the dpo/eval settings shared by every cell.
+PRESETS: dict[str, dict] = {
+    # ~20 minutes on 2 CPU cores with the builtin 3M-parameter model (21 DPO runs of 60 steps).
+    "small": {
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "sft": {
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 1600, "eval_size": 64},
+            "train": {
+                "max_steps": 100,
+                "per_device_batch_size": 16,
+                "learning_rate": 3e-3,
+                "max_length": 48,
+                "logging_steps": 10,
+            },
+        },
+        "dpo": {
+            "dataset": {"path": "builtin:arith", "split": "preference", "size": 960, "eval_size": 64},
+            "beta": 0.2,
+            "train": {
+                "epochs": 1,
+                "per_device_batch_size": 16,
+                "learning_rate": 2e-3,
+                "max_length": 48,
+                "logging_steps": 5,
+            },
+        },
+        "eval": {"num_prompts": 80, "max_new_tokens": 8, "preference_size": 200, "num_samples_shown": 3},
+    },
+    # For a GPU: a real 0.5B instruct model, more data and steps, bf16.
+    "full": {
+        "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16"},
+        "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+        "sft": {
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 8000, "eval_size": 200},
+            "train": {"epochs": 1, "per_device_batch_size": 32, "learning_rate": 2e-4, "max_length": 64, "bf16": True},
+        },
+        "dpo": {
+            "dataset": {"path": "builtin:arith", "split": "preference", "size": 4000, "eval_size": 200},
+            "beta": 0.1,
+            "train": {"epochs": 1, "per_device_batch_size": 32, "learning_rate": 5e-5, "max_length": 64, "bf16": True},
+        },
+        "eval": {"num_prompts": 90, "max_new_tokens": 8, "preference_size": 500, "num_samples_shown": 3},
+    },
+}
+
+
+def cell_name(loss: str, flip_rate: float) -> str:
+    return f"{loss}-flip{round(flip_rate * 100):02d}"
+
+
+def build_recipe(
+    preset: str = "small",
+    losses: tuple[str, ...] | list[str] = LOSSES,
+    flip_rates: tuple[float, ...] | list[float] = FLIP_RATES,
+    output_dir: str = "runs/bench-robustness",
+    seed: int = 0,
+    overrides: list[str] | None = None,
+) -> Recipe:
+    """The bench as a recipe: stage `sft`, then for each cell `<loss>-flipNN` (dpo, input sft) and `eval-<cell>`."""
+    if preset not in PRESETS:
+        raise RecipeError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    unknown = [name for name in losses if name not in LOSS_PARAMS]
+    if unknown:
+        raise RecipeError(f"unknown loss {unknown[0]!r}; the bench knows: {', '.join(LOSS_PARAMS)}")
+    p = copy.deepcopy(PRESETS[preset])
+    stages: list[dict] = [{"name": "sft", "type": "sft", **p["sft"]}]
+    ev = p["eval"]
+    for flip in flip_rates:
+        for loss in losses:
+            name = cell_name(loss, flip)
+            dataset = {**p["dpo"]["dataset"], "flip_rate": flip}
+            stages.append({
+                "name": name, "type": "dpo", "input": "sft", "dataset": dataset,
+                "loss": {"name": loss, "beta": p["dpo"]["beta"], **LOSS_PARAMS[loss]},
+                "precompute_ref_logps": True, "train": copy.deepcopy(p["dpo"]["train"]),
+            })  # fmt: skip
+            stages.append({
+                "name": f"eval-{name}", "type": "eval", "input": name, "reference": "sft",
+                "dataset": {"path": "builtin:arith", "split": "eval", "size": ev["num_prompts"]},
+                "preference_dataset": {"path": "builtin:arith", "split": "preference_eval",
+                                       "size": ev["preference_size"]},
+                "reward_fn": "alignlab.builtin.tasks:arith_reward", "beta": p["dpo"]["beta"],
+                "num_prompts": ev["num_prompts"], "max_new_tokens": ev["max_new_tokens"],
+                "num_samples_shown": ev["num_samples_shown"],
+            })  # fmt: skip
+    raw = {
+        "name": f"bench-robustness-{preset}",
+        "seed": seed,
+        "output_dir": output_dir,
+        "model": p["model"],
+        "peft": p["peft"],
+        "stages": stages,
+    }
+    for override in overrides or []:
+        apply_override(raw, override)
+    return parse_recipe(raw)
+
+
+def collect(recipe: Recipe) -> list[dict]:
+    """One row per (loss, flip rate) from the eval stages' eval.json, plus the SFT starting point."""
+    rows = []
+    for spec in recipe.stages:
+        if spec.type != "dpo":
+            continue
+        res = json.loads((recipe.run_dir / f"eval-{spec.name}" / "eval.json").read_text())
+        row = {"loss": spec.loss.name, "flip_rate": spec.dataset.flip_rate}
+        row.update({k: res.get(k) for k in RESULT_KEYS})
+        row["true_reward_sft"] = res.get("true_reward_reference")
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], key: str) -> str:
+    flips = sorted({r["flip_rate"] for r in rows})
+    losses = list(dict.fromkeys(r["loss"] for r in rows))
+    cell = {(r["loss"], r["flip_rate"]): r[key] for r in rows}
+    lines = ["| loss | " + " | ".join(f"flip {f:g}" for f in flips) + " |", "|---|" + "---:|" * len(flips)]
+    for loss in losses:
+        vals = [cell.get((loss, f)) for f in flips]
+        lines.append(f"| {loss} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], recipe: Recipe) -> str:
+    sft = next((r["true_reward_sft"] for r in rows if r["true_reward_sft"] is not None), None)
+    parts = [
+        f"# Robustness bench: {recipe.name}",
+        "",
+        f"Model `{recipe.model.name_or_path}`, PEFT `{recipe.peft.method}`, seed {recipe.seed}. Every cell starts "
+        "from the same SFT checkpoint; label flips are seeded and applied to the DPO training pairs only.",
+        "",
+        f"## True reward of greedy completions on held-out prompts (SFT start: {sft:.3f})"
+        if sft is not None
+        else "## True reward of greedy completions on held-out prompts",
+        "",
+        table(rows, "true_reward"),
+        "",
+        "## Implicit-reward accuracy on held-out pairs (clean labels)",
+        "",
+        table(rows, "preference_accuracy"),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are a nicety; the JSON and the table are the result
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("true_reward", "preference_accuracy"), ("true reward", "held-out accuracy")):
+        for loss in dict.fromkeys(r["loss"] for r in rows):
+            pts = sorted((r["flip_rate"], r[key]) for r in rows if r["loss"] == loss and r[key] is not None)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=loss)
+        ax.set_xlabel("label flip rate")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_bench(recipe: Recipe, force: bool = False) -> tuple[list[dict], Path]:
+    """Run (or finish) the bench recipe; write robustness.{json,md,png} into its run dir. Returns rows, md path."""
+    from alignlab.pipeline import run_pipeline
+
+    out = recipe.run_dir
+    run_pipeline(recipe, force=force)
+    rows = collect(recipe)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        (out / "robustness.json").write_text(json.dumps({"recipe": recipe.name, "rows": rows}, indent=2))
+        (out / "robustness.md").write_text(markdown(rows, recipe))
+        plot(rows, out / "robustness.png")
+    return rows, out / "robustness.md"
