@@ -149,7 +149,7 @@ class PPOTrainer:
         self.ro, self.hp = spec.rollout, spec.ppo
         disable_dropout(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.params = params
         self.kl_ctl = (
