@@ -179,15 +179,13 @@ def markdown(rows: list[dict], recipe: Recipe) -> str:
     return "\n".join(parts)
 
 
-def plot(rows: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot(rows: list[dict], path: Path) -> Path:
+    """True reward and held-out accuracy against the flip rate, one line per loss (matplotlib's object API, as in
+    alignlab.plots: the user's backend is left alone)."""
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are a nicety; the JSON and the table are the result
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, key, title in zip(axes, ("true_reward", "preference_accuracy"), ("true reward", "held-out accuracy")):
         for loss in dict.fromkeys(r["loss"] for r in rows):
             pts = sorted((r["flip_rate"], r[key]) for r in rows if r["loss"] == loss and r[key] is not None)
@@ -198,7 +196,6 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

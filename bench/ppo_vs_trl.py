@@ -103,6 +103,18 @@ class Phases:
         keys = sorted({k for s in timed for k in s})
         return {k: median([s.get(k, 0.0) for s in timed]) for k in keys}
 
+    def result(self, contender: str, base_rss: float, warmup: int) -> dict:
+        """What a worker reports: its memory, per-update seconds and the per-phase profile."""
+        return {
+            "contender": contender,
+            "base_rss_mb": base_rss,
+            "peak_rss_mb": peak_rss_mb(),
+            "update_s": [s["update"] for s in self.steps],
+            "profile": self.summary(warmup),
+            "phase_steps": self.steps[warmup:],
+            "response_width": self.widths,
+        }
+
 
 def alignlab_worker(cfg: dict) -> dict:
     setup_worker(cfg["threads"])
@@ -177,13 +189,7 @@ def alignlab_worker(cfg: dict) -> dict:
     rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir, ignore_errors=True)  # the saved model is not needed (and is large for big presets)
     return {
-        "contender": "alignlab",
-        "base_rss_mb": base_rss,
-        "peak_rss_mb": peak_rss_mb(),
-        "update_s": [s["update"] for s in ph.steps],
-        "profile": ph.summary(cfg["warmup"]),
-        "phase_steps": ph.steps[cfg["warmup"] :],
-        "response_width": ph.widths,
+        **ph.result("alignlab", base_rss, cfg["warmup"]),
         "response_length": [r["response_length"] for r in rows if "response_length" in r and not r.get("final")],
     }
 
@@ -282,15 +288,7 @@ def trl_worker(cfg: dict) -> dict:
     )
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {
-        "contender": f"trl {trl.__version__}",
-        "base_rss_mb": base_rss,
-        "peak_rss_mb": peak_rss_mb(),
-        "update_s": [s["update"] for s in ph.steps],
-        "profile": ph.summary(cfg["warmup"]),
-        "phase_steps": ph.steps[cfg["warmup"] :],
-        "response_width": ph.widths,
-    }
+    return ph.result(f"trl {trl.__version__}", base_rss, cfg["warmup"])
 
 
 # ------------------------------------------------------------------------------------------------ main
