@@ -102,7 +102,9 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
     run_dir = recipe.run_dir
     if state.is_main_process:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
+        (run_dir / "recipe.yaml").write_text(
+            yaml.safe_dump(recipe.model_dump(mode="json", serialize_as_any=True), sort_keys=False)
+        )
     state.wait_for_everyone()
     _setup_logging(run_dir / "logs" / f"run.{state.process_index}.log", state.is_main_process)
     if only is not None:

@@ -4,7 +4,9 @@ inputs is alignlab/stages/ppo.py; the formulas are in alignlab/losses/ppo.py (se
 One step = one rollout batch, then `epochs` passes of clipped PPO over minibatches of it:
   1. sample one response per prompt (left-padded prompts, temperature / top-p, up to max_new_tokens or EOS);
   2. score each response (reward model or Python function); subtract `missing_eos_penalty` without EOS;
-  3. log-probs (logits / temperature), values and entropy under the policy, log-probs under the reference;
+  3. log-probs (logits / temperature), values and entropy under the policy, read off the sampling pass itself
+     (or, with rollout.recompute_logprobs, from a separate forward over prompt + response), and log-probs under
+     the reference (a forward);
   4. per-token rewards r_t = -kl_coef kl_t, plus the score on the LAST REAL response token (the EOS when the
      response has one, else its last sampled token);
   5. GAE -> advantages and returns (returns before whitening), advantages whitened over the batch;
@@ -37,7 +39,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +81,24 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self._hidden: torch.Tensor | None = None
         self._capturing = False  # only this module's forward captures (not e.g. reference passes)
+        self._step_values: list[torch.Tensor] | None = None  # set while recording a sampling pass
         policy.get_output_embeddings().register_forward_hook(self._capture)
 
     def _capture(self, module, args, output):
         if self._capturing:
             self._hidden = args[0]
+        elif self._step_values is not None:  # a decoding step: the state before the token it samples
+            hidden = args[0][:, -1]
+            self._step_values.append(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float())
+
+    @contextmanager
+    def recording_values(self) -> Iterator[list[torch.Tensor]]:
+        """While generate() runs the policy: a list that gets the value [B] of each decoding step's state."""
+        self._step_values = []
+        try:
+            yield self._step_values
+        finally:
+            self._step_values = None
 
     def forward(self, input_ids, attention_mask, n_completion: int, temperature: float):
         self._capturing = True
@@ -98,6 +114,9 @@ class PolicyWithValueHead(nn.Module):
 
 def completion_logits(model, input_ids, attention_mask, n_completion: int, temperature: float) -> torch.Tensor:
     """[B, C, V] float logits / temperature predicting the last C tokens of input_ids [B, P + C]."""
+    # Columns of prompt padding in every row carry nothing: drop them (the rows' outputs do not change).
+    start = int(attention_mask.any(dim=0).int().argmax())
+    input_ids, attention_mask = input_ids[:, start:], attention_mask[:, start:]
     # Left padding: positions count real tokens only, as generate() did when it sampled the response.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(
@@ -113,6 +132,32 @@ def completion_logits(model, input_ids, attention_mask, n_completion: int, tempe
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """[B, C, V], [B, C] -> [B, C] log-probs of the given tokens."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class SamplingRecorder:
+    """Observer of generate()'s raw logits (alignlab.generation.generate(observe=...)): per decoding step, the
+    log-prob of the sampled token and the entropy under logits / temperature, as the forward in the PPO epochs
+    computes them, without storing [B, C, V] logits. A step's token shows up as the last input id of the next
+    step; `finish` reads the last one off the response."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None  # [B, V] log-softmax of the previous step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        if self._last is not None:
+            self.logprobs.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        logits = scores.float() / self.temperature
+        self.entropy.append(entropy_from_logits(logits))
+        self._last = torch.log_softmax(logits, dim=-1)
+
+    def finish(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """response [B, C] -> (log-probs [B, C], entropy [B, C])."""
+        self.logprobs.append(self._last.gather(-1, response[:, -1:].to(self._last.device)).squeeze(-1))
+        self._last = None
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropy, dim=1)
 
 
 @dataclass
@@ -211,15 +256,18 @@ class PPOTrainer:
     @torch.no_grad()
     def make_rollout(self, prompts: list, row_seeds: list[int]) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
         model = self.unwrapped
-        ro = generate(
-            model.policy,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=self.ro.max_new_tokens,
-            temperature=self.ro.temperature,
-            top_p=self.ro.top_p,
-            row_seeds=row_seeds,
-        )
+        recorder = None if self.ro.recompute_logprobs else SamplingRecorder(self.ro.temperature)
+        with model.recording_values() if recorder else nullcontext() as step_values:
+            ro = generate(
+                model.policy,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=self.ro.max_new_tokens,
+                temperature=self.ro.temperature,
+                top_p=self.ro.top_p,
+                row_seeds=row_seeds,
+                observe=recorder,
+            )
         device = self.acc.device
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
         response, mask = ro.completion_ids.to(device), ro.completion_mask.to(device).float()
@@ -231,14 +279,21 @@ class PPOTrainer:
         if self.ro.missing_eos_penalty is not None:
             scores = scores - self.ro.missing_eos_penalty * (~ended).float()
 
-        logprobs, values, entropy, ref_logprobs = [], [], [], []
-        for idx in torch.arange(len(prompts), device=device).split(self.hp.minibatch_size):
-            logits, v = model(input_ids[idx], attention_mask[idx], n, self.ro.temperature)
-            logprobs.append(token_logprobs(logits, response[idx]))
-            values.append(v.float())
-            entropy.append(entropy_from_logits(logits))
-            ref_logprobs.append(self.reference(input_ids[idx], attention_mask[idx], n))
-        logprobs, values, entropy, ref_logprobs = (torch.cat(x) for x in (logprobs, values, entropy, ref_logprobs))
+        rows = torch.arange(len(prompts), device=device).split(self.ro.forward_batch_size or self.hp.minibatch_size)
+        if recorder is not None:  # off the sampling pass: step t's logits and state are those of response token t
+            logprobs, entropy = (x.to(device) for x in recorder.finish(response))
+            values = torch.stack(step_values, dim=1).to(device)
+            if values.shape != response.shape:
+                raise RuntimeError(f"sampling recorded {values.shape[1]} decoding steps for {n} response tokens")
+        else:
+            logprobs, values, entropy = [], [], []
+            for idx in rows:
+                logits, v = model(input_ids[idx], attention_mask[idx], n, self.ro.temperature)
+                logprobs.append(token_logprobs(logits, response[idx]))
+                values.append(v.float())
+                entropy.append(entropy_from_logits(logits))
+            logprobs, values, entropy = (torch.cat(x) for x in (logprobs, values, entropy))
+        ref_logprobs = torch.cat([self.reference(input_ids[idx], attention_mask[idx], n) for idx in rows])
 
         # Rewards: -kl_coef kl_t on every token, plus the score on the last real response token.
         kl = kl_estimate(logprobs, ref_logprobs, self.hp.kl_estimator) * mask  # [B, C]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _common import CACHE
 
-# Llama shapes, builtin byte-level BPE tokenizer (vocab 1024). Parameter counts include embeddings and lm_head.
+# Llama shapes, builtin byte-level BPE tokenizer (747 tokens). Parameter counts include embeddings and lm_head.
 PRESETS: dict[str, dict] = {
     "tiny": {},  # builtin:tiny-llama, pretrained by alignlab (~3.1M)
     "llama-20m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8),

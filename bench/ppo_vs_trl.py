@@ -14,8 +14,10 @@ What runs (TRL's design needs four models; alignlab's three or two):
 - TRL: policy, reference (a full copy; with LoRA the policy with its adapter disabled), value model (a separate
   sequence-classification model, trained in full even with LoRA), reward model. Policy log-probs of the rollout
   come from generate()'s scores; a training forward runs the policy and the value backbone.
-- alignlab: policy + value head on one backbone (one forward gives logits and values), reference (a frozen copy
-  under full FT; the adapter disabled under LoRA), reward model (the same directory as TRL's).
+- alignlab: policy + value head on one backbone (one forward gives logits and values; in the rollout both are read
+  off the sampling pass, no extra forward), reference (a frozen copy under full FT; the adapter disabled under
+  LoRA), reward model (the same directory as TRL's). rollout.forward_batch_size = batch, as TRL's
+  local_rollout_forward_batch_size.
 Same settings on both: fp32, no gradient checkpointing, dropout off, AdamW, constant learning rate, no gradient
 clipping (TRL's PPO loop does not clip, so alignlab's max_grad_norm is set to 0), stop at EOS, k1 KL estimate,
 kl_coef 0.05, gamma 1, lam 0.95, whitened advantages, cliprange 0.2, vf_coef 0.1. TRL: per_device_train_batch_size
@@ -174,6 +176,7 @@ def alignlab_worker(cfg: dict) -> dict:
                     "batch_size": cfg["batch"],
                     "max_new_tokens": cfg["response_length"],
                     "temperature": cfg["temperature"],
+                    "forward_batch_size": cfg["batch"],  # as TRL's local_rollout_forward_batch_size
                 },
                 "ppo": {
                     "epochs": cfg["epochs"],
@@ -295,7 +298,7 @@ def trl_worker(cfg: dict) -> dict:
 
 PHASES = [
     ("generate", "generate (sampling)"),
-    ("policy_value_forward", "rollout: policy+value forward (alignlab; TRL reads log-probs off generate)"),
+    ("policy_value_forward", "rollout: rest (alignlab: log-probs, values read off sampling)"),
     ("value_forward", "rollout: value-model forward (TRL)"),
     ("ref_forward", "rollout: reference forward"),
     ("reward_forward", "rollout: reward-model forward"),

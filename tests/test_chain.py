@@ -40,8 +40,13 @@ def _chain_recipe(peft_method="lora"):
             {
                 "name": "dpo",
                 "type": "dpo",
-                "dataset": {"path": "builtin:arith", "split": "preference", "size": 960, "eval_size": 96,
-                            "eval_split": "preference_eval"},  # pairs on held-out prompts
+                "dataset": {
+                    "path": "builtin:arith",
+                    "split": "preference",
+                    "size": 960,
+                    "eval_size": 96,
+                    "eval_split": "preference_eval",
+                },  # pairs on held-out prompts
                 "loss": {"name": "dpo", "beta": 0.2},
                 "precompute_ref_logps": True,
                 "train": {

@@ -118,9 +118,11 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path):
     assert (ppo_dir / "value_head.safetensors").exists()
 
 
-def test_lora_reference_is_the_frozen_sft_adapter(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["logprobs-from-sampling", "recompute-logprobs"])
+def test_lora_reference_is_the_frozen_sft_adapter(tmp_path, recompute):
     sft = {**SFT_STAGE, "train": {**SFT_STAGE["train"], "max_steps": 3}}
-    ppo = _ppo_stage(steps=2, rollout={"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0})
+    rollout = {"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0, "recompute_logprobs": recompute}
+    ppo = _ppo_stage(steps=2, rollout=rollout)
     ppo["ppo"] = {**ppo["ppo"], "learning_rate": 1.0e-2, "minibatch_size": 8}
     ppo["reward_fn"] = "tests.test_ppo:length_reward"
     outputs = _run(_recipe(tmp_path / "run", [sft, ppo]))
@@ -182,3 +184,76 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _random_policy(tiny_model_path):
+    """A randomly initialised 2-layer Llama on the built-in tokenizer: it rarely samples EOS, so responses run to
+    max_new_tokens, and its prompts (different lengths) are left-padded."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+PROMPTS = [
+    [{"role": "user", "content": "What is 3+4?"}],
+    [{"role": "user", "content": "What is 1234+5678, and why does it matter to anyone at all?"}],
+    "plain text prompt",
+]
+
+
+def test_sampling_pass_gives_the_forward_logprobs_values_and_entropy(tiny_model_path):
+    """The rollout reads the policy's log-probs, entropy (SamplingRecorder) and values (the value head on each
+    decoding step's state) off generate(); they must be what a forward over prompt + response computes, token by
+    token, including left-padded rows."""
+    from alignlab.generation import generate
+    from alignlab.losses import entropy_from_logits
+    from alignlab.ppo_trainer import PolicyWithValueHead, SamplingRecorder, token_logprobs
+
+    policy, tokenizer = _random_policy(tiny_model_path)
+    model = PolicyWithValueHead(policy, 64)
+    torch.nn.init.normal_(model.value_head.weight, std=0.5)
+    torch.nn.init.constant_(model.value_head.bias, 0.3)
+    recorder = SamplingRecorder(temperature=0.7)
+    with torch.no_grad(), model.recording_values() as step_values:
+        ro = generate(policy, tokenizer, PROMPTS, max_new_tokens=10, temperature=0.7, row_seeds=[5, 6, 7],
+                      observe=recorder)  # fmt: skip
+        logprobs, entropy = recorder.finish(ro.completion_ids)
+        values = torch.stack(step_values, dim=1)
+        logits, forward_values = model(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1], 0.7)
+    assert ro.completion_ids.shape == (3, 10) and ro.prompt_mask[:, 0].sum() < 3  # long responses, left padding
+    mask = ro.completion_mask.bool()
+    assert mask.sum() >= 20
+    torch.testing.assert_close(logprobs[mask], token_logprobs(logits, ro.completion_ids)[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], entropy_from_logits(logits)[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(values[mask], forward_values[mask], rtol=0, atol=1e-5)
+    assert values.std() > 0.1  # the head is not trivially constant
+
+
+def test_generation_ignores_the_models_generation_config(tiny_model_path):
+    """transformers fills generate()'s unset options from the model's generation_config: a shipped repetition
+    penalty or n-gram ban would make the samples come from another distribution than the log-probs PPO and the
+    evaluation compute. alignlab's generate() samples with its own options only."""
+    from alignlab.generation import generate
+
+    policy, tokenizer = _random_policy(tiny_model_path)
+    kwargs = dict(max_new_tokens=12, temperature=1.0, row_seeds=[1, 2, 3])
+    plain = generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids
+    policy.generation_config.repetition_penalty = 50.0
+    policy.generation_config.no_repeat_ngram_size = 1
+    policy.generation_config.suppress_tokens = plain[:, 0].tolist()
+    assert torch.equal(generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids, plain)
+    assert policy.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
+
+    # Those options would have changed the samples (plain generate() with the same per-row sampler).
+    from alignlab.generation import RowSeededSampler, encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          logits_processor=[RowSeededSampler([1, 2, 3], 1.0, 1.0)])  # fmt: skip
+    assert not torch.equal(out[:, ids.shape[1] :], plain)

@@ -23,9 +23,9 @@ def test_grid_is_one_recipe_from_one_sft_checkpoint():
     evals = [s for s in recipe.stages if s.type == "eval"]
     assert [s.input for s in evals] == [s.name for s in dpo]
     # Every cell is measured against the same SFT model, on held-out prompts and clean held-out pairs.
-    assert {(s.reference, s.dataset.split, s.preference_dataset.split, s.preference_dataset.flip_rate) for s in evals} == {
-        ("sft", "eval", "preference_eval", 0.0)
-    }
+    assert {
+        (s.reference, s.dataset.split, s.preference_dataset.split, s.preference_dataset.flip_rate) for s in evals
+    } == {("sft", "eval", "preference_eval", 0.0)}
     # The full preset (for a GPU) names a hub model; it still builds offline.
     assert build_recipe("full").model.name_or_path.startswith("Qwen/")
 

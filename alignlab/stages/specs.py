@@ -75,6 +75,18 @@ class RolloutSpec(Strict):
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="Subtracted from the score of a response that hit max_new_tokens without EOS"
     )
+    forward_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per no-grad forward of the rollout (reference, reward model); default: "
+        "ppo.minibatch_size. Larger is faster; memory grows with rows x length x vocab",
+    )
+    recompute_logprobs: bool = Field(
+        False,
+        description="false: the policy's log-probs, values and entropy come from the sampling pass itself; "
+        "true: from one more forward over prompt + response (the PPO epochs' exact arithmetic: for low precision, "
+        "where cached decoding drifts from a full forward)",
+    )
 
 
 class PPOHyperSpec(Strict):
