@@ -77,10 +77,25 @@ def load_causal_lm(recipe: Recipe, path: str, *, quantize: bool | None = None, h
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        keep_4bit_layers_differentiable(model)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weights the first time the layer runs in
+    eval mode without grad: a faster inference layout, with absmax rounded to bf16. The repacking is permanent, and
+    from then on every forward, training ones included, goes through a kernel that has no backward. No gradient
+    flows through the quantized layer to its input (silently: the adapters below it train on wrong gradients), and
+    the outputs shift by the bf16 rounding. PPO's rollouts and every mid-training evaluation run such forwards.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def bnb_config(recipe: Recipe):

@@ -1,5 +1,6 @@
 """PEFT builders: LoRA, DoRA, rsLoRA and QLoRA (4-bit NF4 on CPU) adapters saved and reloaded through the
-stage hand-off give identical logits; merging gives the adapter's logits; bad target modules are named."""
+stage hand-off give identical logits; merging gives the adapter's logits; QLoRA gradients are the same after an eval-mode pass;
+bad target modules are named."""
 
 import pytest
 import torch
@@ -79,6 +80,33 @@ def test_qlora_trains_on_cpu(tiny_model_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_qlora_gradients_survive_an_eval_forward(tiny_model_path):
+    """bitsandbytes' CPU backend repacks a Linear4bit's weights the first time it runs in eval mode without grad
+    (an inference layout whose kernel has no backward, absmax in bf16). PPO's rollouts and every mid-training
+    evaluation run such forwards; afterwards no gradient would flow through the quantized layers and the outputs
+    would shift. The builder turns the repacking off: gradients and logits after an eval pass equal those before."""
+    recipe = _recipe(tiny_model_path, method="qlora", quantization={"compute_dtype": "float32"})
+    model, _ = load_stage_model(recipe, None)
+    _perturb(model)
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, before = grads()
+    _logits(model)  # eval mode, no grad: where the repacking would happen
+    logits_after, after = grads()
+    assert torch.equal(logits_after, logits)
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+    # The first layer's adapter gets its gradient through the quantized layers above it, not just the residual path.
+    assert before[next(n for n in before if "layers.0.self_attn.q_proj.lora_A" in n)].abs().sum() > 0
 
 
 def test_merge_matches_adapter(tmp_path, tiny_model_path):

@@ -7,6 +7,8 @@ them as `tests.test_ppo:sevens_reward`; pytest runs from the repo root with pyth
   (Full weights because the built-in base is randomly initialised: LoRA alone cannot make it confident.)
 - reference under LoRA: continuing an SFT adapter, the reference is its frozen "ref" copy: KL exactly 0 before
   the first update, non-zero after (the copy did not train along), and the saved adapter holds no "ref";
+- QLoRA: on a 4-bit base, KL exactly 0 before the first update (reference = adapter disabled), only the LoRA weights
+  and the value head train, the quantized weights stay as loaded (no CPU inference repacking during rollouts);
 - resume: a run cut off after its step-2 checkpoint and resumed gives the same metrics and weights as an
   uninterrupted run (fresh LoRA on the base: reference = adapter disabled, adaptive KL controller).
 """
@@ -133,6 +135,53 @@ def test_lora_reference_is_the_frozen_sft_adapter(tmp_path, recompute):
     assert out.kind == "adapter" and out.base == outputs["sft"].base
     saved = tmp_path / "run" / "ppo" / "model"
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "ref").exists()
+
+
+def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch):
+    """QLoRA from the base: 4-bit NF4 backbone, reference = the same backbone with the adapter disabled (KL exactly
+    0 before the first update), and only the LoRA weights and the value head train; the quantized base is never
+    touched and the output is a plain PEFT adapter beside the value head."""
+    import bitsandbytes as bnb
+
+    from alignlab.builtin import resolve_model_name
+    from alignlab.ppo_trainer import PPOTrainer
+
+    seen = {}
+    real_step = PPOTrainer.train_step
+
+    def recording_step(self):
+        if self.step == 0:
+            model = self.unwrapped
+            seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+            seen["quantized"] = [m.weight.detach().clone() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        out = real_step(self)
+        seen["after"] = [m.weight.detach() for m in self.unwrapped.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        return out
+
+    monkeypatch.setattr(PPOTrainer, "train_step", recording_step)
+    ppo = _ppo_stage(
+        input="base",
+        reward_fn="tests.test_ppo:length_reward",
+        steps=2,
+        rollout={"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
+        ppo={"epochs": 2, "minibatch_size": 8, "learning_rate": 1.0e-3, "kl_coef": KL_COEF},
+    )
+    raw = _recipe(tmp_path / "run", [ppo], peft="qlora")
+    raw["peft"]["quantization"] = {"compute_dtype": "float32"}
+    outputs = _run(raw)
+
+    rows = [r for r in _metrics(tmp_path / "run" / "ppo" / "metrics.jsonl") if not r.get("final")]
+    assert abs(rows[0]["kl"]) < 1e-6  # policy = reference (adapter disabled) before the first update
+    assert abs(rows[1]["kl"]) > 1e-4  # the adapter moved the policy
+    assert seen["trainable"] and all("lora_" in n or n.startswith("value_head.") for n in seen["trainable"])
+    assert {"value_head.weight", "value_head.bias"} <= seen["trainable"]
+    assert len(seen["quantized"]) == 7 * 4  # q k v o gate up down in the 4 layers of the tiny model
+    assert all(torch.equal(a, b) for a, b in zip(seen["quantized"], seen["after"]))  # 4-bit base untouched
+    assert all(w.dtype == torch.uint8 for w in seen["after"])
+    out = outputs["ppo"]
+    assert out.kind == "adapter" and out.base == resolve_model_name("builtin:tiny-llama")
+    saved = tmp_path / "run" / "ppo"
+    assert (saved / "model" / "adapter_model.safetensors").exists() and (saved / "value_head.safetensors").exists()
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
