@@ -1,6 +1,6 @@
 """PEFT builders: LoRA, DoRA, rsLoRA and QLoRA (4-bit NF4 on CPU) adapters saved and reloaded through the
-stage hand-off give identical logits; merging gives the adapter's logits; QLoRA gradients are the same after an eval-mode pass;
-bad target modules are named."""
+stage hand-off give identical logits; merging gives the adapter's logits; QLoRA gradients are the same after an eval-mode
+pass; bad target modules are named."""
 
 import pytest
 import torch
