@@ -279,7 +279,7 @@ class PPOTrainer:
         if self.ro.missing_eos_penalty is not None:
             scores = scores - self.ro.missing_eos_penalty * (~ended).float()
 
-        rows = torch.arange(len(prompts), device=device).split(self.ro.forward_batch_size or self.hp.minibatch_size)
+        rows = torch.arange(len(prompts), device=device).split(self.spec.forward_batch_size)
         if recorder is not None:  # off the sampling pass: step t's logits and state are those of response token t
             logprobs, entropy = (x.to(device) for x in recorder.finish(response))
             values = torch.stack(step_values, dim=1).to(device)

@@ -79,8 +79,7 @@ def run(ctx: StageContext):
         source = ctx.outputs.get(spec.reward_model, spec.reward_model)
         reward_model, reward_tokenizer = load_reward_model(recipe, source)
         reward_model.to(accelerator.device)
-        batch = spec.rollout.forward_batch_size or spec.ppo.minibatch_size
-        score_fn = reward_model_scorer(reward_model, reward_tokenizer, batch)
+        score_fn = reward_model_scorer(reward_model, reward_tokenizer, spec.forward_batch_size)
         init_value_head(model.value_head, reward_model)
     else:
         score_fn = reward_fn_scorer(spec.reward_fn)

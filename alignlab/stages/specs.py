@@ -126,6 +126,11 @@ class PPOSpec(StageSpec):
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted); None keeps all")
     report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow")
 
+    @property
+    def forward_batch_size(self) -> int:
+        """Rows per no-grad rollout forward: rollout.forward_batch_size, else ppo.minibatch_size."""
+        return self.rollout.forward_batch_size or self.ppo.minibatch_size
+
     @model_validator(mode="after")
     def _one_reward(self):
         if (self.reward_model is None) == (self.reward_fn is None):
