@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from alignlab.contract import StageFailed
     from alignlab.data import DataError
-    from alignlab.pipeline import StageFailed
     from alignlab.recipe import RecipeError
 
     try:

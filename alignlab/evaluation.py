@@ -55,10 +55,10 @@ from typing import Any
 
 import torch
 
+from alignlab.contract import OUTPUT_FILE, StageOutput
 from alignlab.data import build_datasets, prompt_text
 from alignlab.generation import generate, sequence_logprobs
 from alignlab.models import load_causal_lm, load_tokenizer, resolve_base
-from alignlab.outputs import OUTPUT_FILE, StageOutput
 from alignlab.recipe import Recipe, RecipeError
 
 log = logging.getLogger("alignlab")

@@ -25,7 +25,9 @@ import json
 import os
 from pathlib import Path
 
+from alignlab.losses.catalog import preference_loss_info
 from alignlab.recipe import QuantizationSpec, Recipe, RecipeError
+from alignlab.stages.registry import stage_record
 
 UNSUPPORTED = {"XLA": "TPUs", "MEGATRON_LM": "Megatron-LM"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -142,19 +144,18 @@ def check_launch(recipe: Recipe, cfg: dict) -> list[str]:
     for i, spec in enumerate(recipe.stages):
         where = f"stages[{i}] ({spec.name})"
         loss = getattr(spec, "loss", None)
-        if loss is not None and loss.name == "wdpo" and sharded:
+        unshardable_loss = loss is not None and not preference_loss_info(loss.name).shardable
+        if unshardable_loss and sharded:
             problems.append(
-                f"{where}.loss.name: wdpo differentiates its loss twice (the penalty is a gradient w.r.t. the input "
-                f"embeddings, taken with create_graph); {engine} gathers and frees sharded parameters module by "
+                f"{where}.loss.name: {loss.name} differentiates its loss twice (a penalty on the gradient w.r.t. the "
+                f"input embeddings, taken with create_graph); {engine} gathers and frees sharded parameters module by "
                 f"module, which that double backprop does not survive. Use ddp.yaml or zero2.yaml, or another loss"
             )
-        elif loss is not None and loss.name == "wdpo" and ds is not None:
-            warnings.append(f"{where}: wdpo under DeepSpeed ZeRO-{zero} is untested; DDP is the tested setup")
-        if spec.type == "ppo" and (fsdp is not None or ds is not None):
-            problems.append(
-                f"{where}: the ppo stage runs alignlab's own loop, which generates with the whole (unwrapped) policy "
-                f"and prepares no dataloader; it runs under DDP (ddp.yaml, multinode.yaml), not {engine}"
-            )
+        elif unshardable_loss and ds is not None:
+            warnings.append(f"{where}: {loss.name} under DeepSpeed ZeRO-{zero} is untested; DDP is the tested setup")
+        whole = stage_record(spec.type).needs_whole_model
+        if whole and (fsdp is not None or ds is not None):
+            problems.append(f"{where}: {whole}; it runs under DDP (ddp.yaml, multinode.yaml), not {engine}")
         train = getattr(spec, "train", None)
         if train is None:
             continue

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from alignlab.outputs import StageOutput
+    from alignlab.contract import StageOutput
     from alignlab.recipe import Recipe
 
 log = logging.getLogger(__name__)

@@ -12,89 +12,21 @@ run_dir/
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from alignlab.outputs import StageOutput
+from alignlab.contract import StageContext, StageFailed, StageOutput
 from alignlab.recipe import Recipe, RecipeError, StageSpec
+from alignlab.stages.registry import check_chain, input_stage_name, stage_record
 
 log = logging.getLogger("alignlab")
-
-
-class StageFailed(RuntimeError):
-    """A stage stopped with a diagnosis for the user (training diverged, out of memory); the CLI prints it."""
-
-
-class TrainingDiverged(StageFailed):
-    """A nan or inf loss: the stage stops before the value reaches the weights, keeping the last good checkpoint."""
-
-
-def checkpoint_note(last: str | Path | None) -> str:
-    kept = (
-        f"The last good checkpoint is {last}: change the setting and run again with --resume to continue from it."
-        if last
-        else "No checkpoint was written before it (train.save_steps / save_steps keep some)."
-    )
-    return f"{kept} No final model or stage_output.json was written."
-
-
-@dataclass
-class StageContext:
-    recipe: Recipe
-    spec: StageSpec
-    stage_dir: Path
-    input: StageOutput | None  # the model this stage starts from; None = the recipe's base model
-    outputs: dict[str, StageOutput] = field(default_factory=dict)  # every earlier stage's output, by name
-    resume: bool = False
-
-
-def input_stage_name(recipe: Recipe, index: int) -> str | None:
-    """Name of the stage whose model stage `index` starts from, or None for the base model."""
-    spec = recipe.stages[index]
-    if spec.input == "base":
-        return None
-    if spec.input == "previous":
-        for prev in reversed(recipe.stages[:index]):
-            if prev.type != "eval":  # eval stages write no model
-                return prev.name
-        return None
-    return spec.input
-
-
-def check_chain(recipe: Recipe) -> None:
-    """Every stage reference points at an EARLIER stage of a fitting type."""
-    seen: dict[str, str] = {}
-    for i, spec in enumerate(recipe.stages):
-        refs = {"input": spec.input if spec.input not in ("previous", "base") else None}
-        refs["reward_model"] = getattr(spec, "reward_model", None)
-        refs["reference"] = getattr(spec, "reference", None) if getattr(spec, "reference", "base") != "base" else None
-        for key, ref in refs.items():
-            if ref is None or (key == "reward_model" and ref not in {s.name for s in recipe.stages}):
-                continue  # a reward_model that is no stage name is a path, checked by the validator
-            if ref not in seen:
-                later = ref in {s.name for s in recipe.stages}
-                why = "comes later in the recipe" if later else "is not a stage of this recipe"
-                raise RecipeError(
-                    f"stages[{i}] ({spec.name}).{key} = '{ref}', which {why}. Stages can only start from earlier "
-                    f"stages: {', '.join(seen) or '(none before it)'}; or 'base' for the base model."
-                )
-            if key == "reward_model" and seen[ref] != "reward":
-                raise RecipeError(
-                    f"stages[{i}] ({spec.name}).reward_model = '{ref}' is a {seen[ref]} stage, not a reward stage"
-                )
-            if key == "input" and seen[ref] == "eval":
-                raise RecipeError(f"stages[{i}] ({spec.name}).input = '{ref}' is an eval stage, which writes no model")
-        seen[spec.name] = spec.type
 
 
 def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, force: bool = False):
     import torch
     from accelerate import PartialState
     from transformers import set_seed
-
-    from alignlab.stages import stage_runner
 
     check_chain(recipe)
     # On CPU, `accelerate launch --multi_gpu` needs the gloo backend chosen before anything else builds the state.
@@ -134,7 +66,7 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
         # its result does not depend on which stages ran before it in this process (--stage, a rerun, --resume).
         set_seed(recipe.seed)
         try:
-            out = stage_runner(spec.type)(ctx)
+            out = stage_record(spec.type).run(ctx)
         except StageFailed as e:
             raise type(e)(f"stage '{spec.name}' ({spec.type}): {e}") from e
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -157,22 +89,9 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def out_of_memory_message(recipe: Recipe, spec: StageSpec, e: BaseException) -> str:
     """What ran out of memory, and the recipe settings that need less of it, with their current values."""
-    if spec.type == "ppo":
-        ro, hp = spec.rollout, spec.ppo
-        knobs = [
-            f"lower rollout.batch_size (now {ro.batch_size}) and ppo.minibatch_size (now {hp.minibatch_size})",
-            f"lower rollout.max_new_tokens (now {ro.max_new_tokens})",
-        ]
-    elif spec.type == "eval":
-        knobs = [f"lower batch_size (now {spec.batch_size})", f"lower max_new_tokens (now {spec.max_new_tokens})"]
-    else:
-        t = spec.train
-        knobs = [
-            f"lower train.per_device_batch_size (now {t.per_device_batch_size}) and raise "
-            f"train.gradient_accumulation_steps (now {t.gradient_accumulation_steps}) by the same factor (same batch)",
-            f"lower train.max_length (now {t.max_length})",
-        ]
-    if spec.type != "eval" and not recipe.model.gradient_checkpointing:
+    record = stage_record(spec.type)
+    knobs = record.memory_knobs(spec)
+    if record.writes_model and not recipe.model.gradient_checkpointing:
         knobs.append("set model.gradient_checkpointing: true (recomputes activations in the backward pass)")
     if recipe.peft.method != "qlora":
         knobs.append(f"use peft.method: qlora (4-bit base weights; now {recipe.peft.method})")

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.generation import generate
 from alignlab.losses import (
     AdaptiveKLController,
@@ -59,8 +60,6 @@ from alignlab.losses import (
     policy_loss,
     value_loss,
 )
-from alignlab.outputs import keep_metrics_until
-from alignlab.pipeline import TrainingDiverged, checkpoint_note
 
 log = logging.getLogger("alignlab")
 COMPLETE_MARKER = "COMPLETE"

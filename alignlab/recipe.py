@@ -1,9 +1,9 @@
-"""Recipe schema: the typed form of a recipe YAML file, its loading, overrides and error messages.
+"""A recipe: the typed form of a recipe YAML file, its loading, overrides and error messages.
 
 A recipe is run-level keys (name, seed, output_dir), the base model, the PEFT method and an ordered list of
 stages. Every mapping rejects unknown keys; an error names the key, its line in the file and the closest
-valid key. Stage types register their own spec class in `STAGE_SPECS` (see alignlab/stages/specs.py), so
-this module stays free of heavy imports: validating a recipe never imports torch.
+valid key. The sections are in alignlab/schema.py, each stage type's keys in alignlab/stages/specs.py; all of
+it is pydantic only, so reading and checking a recipe never imports torch.
 """
 
 from __future__ import annotations
@@ -11,154 +11,24 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
-
-class RecipeError(ValueError):
-    """A recipe is malformed or inconsistent. The message says where (file, line, key) and how to fix it."""
-
-
-class Strict(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are checked at assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class QuantizationSpec(Strict):
-    """bitsandbytes quantization of the base model (QLoRA). 4-bit NF4 with double quantization by default."""
-
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
-        "uint8", description="dtype the packed 4-bit weights are stored in; FSDP / ZeRO-3 need model.dtype here"
-    )
-
-
-class ModelSpec(Strict):
-    """The pretrained base model every stage starts from (directly or through earlier stages)."""
-
-    name_or_path: str = Field(description="Local directory, hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or builtin:NAME")
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    tokenizer: str | None = Field(None, description="Tokenizer path or id when it differs from the model's")
-    chat_template: str | None = Field(None, description="Path to a Jinja chat template file overriding the model's")
-
-
-class PeftSpec(Strict):
-    """Parameter-efficient fine-tuning. `qlora` = LoRA on a bitsandbytes-quantized base."""
-
-    method: Literal["none", "lora", "dora", "qlora"] = "none"
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    quantization: QuantizationSpec | None = None
-
-    @model_validator(mode="after")
-    def _quantization_needs_qlora(self):
-        if self.quantization is not None and self.method != "qlora":
-            raise ValueError(
-                f"quantization is set but method is '{self.method}': a quantized base trains only through "
-                f"adapters (method: qlora). Set method: qlora, or remove peft.quantization."
-            )
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
-
-    @property
-    def quantized(self) -> bool:
-        return self.method == "qlora"
-
-
-class DatasetSpec(Strict):
-    """Where a stage's data comes from and how its columns map onto alignlab's formats.
-
-    path: a local .jsonl/.json/.csv/.parquet file or directory, a hub dataset id, or builtin:TASK (generated).
-    columns: map alignlab's column names (prompt, completion, messages, chosen, rejected, text, margin,
-    answer) to the names in your file, e.g. {prompt: question, completion: answer}.
-    """
-
-    path: str
-    split: str = "train"
-    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)
-    eval_path: str | None = Field(None, description="Held-out data file/id; otherwise eval_fraction of path")
-    eval_split: str | None = None
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
-    max_samples: int | None = Field(None, gt=0)
-    eval_max_samples: int | None = Field(None, gt=0)
-    size: int = Field(2000, gt=0, description="Rows to generate for builtin: datasets")
-    eval_size: int = Field(200, gt=0, description="Held-out rows to generate for builtin: datasets")
-    flip_rate: float = Field(0.0, ge=0, le=1, description="Fraction of preference labels flipped (seeded)")
-    seed: int | None = Field(None, description="Data seed; defaults to the recipe seed")
-
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        from alignlab.data.formats import CANONICAL_COLUMNS
-
-        for key in v:
-            if key not in CANONICAL_COLUMNS:
-                close = difflib.get_close_matches(key, CANONICAL_COLUMNS, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ValueError(
-                    f"unknown column role '{key}'; columns maps alignlab's names ({', '.join(CANONICAL_COLUMNS)}) "
-                    f"to the names in your data.{hint}"
-                )
-        return v
-
-
-class TrainSpec(Strict):
-    """Training arguments shared by the trainer-based stages; `extra` passes any other field of the
-    stage's TRL config (checked against that config's fields at validation time)."""
-
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="Overrides epochs when > 0")
-    per_device_batch_size: int = Field(8, gt=0)
-    eval_batch_size: int | None = Field(None, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    max_length: int | None = Field(1024, gt=0)
-    logging_steps: int = Field(10, gt=0)
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default: at the end only")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume)")
-    save_total_limit: int | None = Field(2, gt=0)
-    report_to: list[str] = Field(default_factory=list, description="tensorboard, trackio, wandb, mlflow")
-    bf16: bool = False
-    fp16: bool = False
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_precision(self):
-        if self.bf16 and self.fp16:
-            raise ValueError("bf16 and fp16 are both true; choose one mixed precision (bf16 on Ampere GPUs or newer)")
-        return self
-
-
-class StageSpec(Strict):
-    """Keys common to every stage. `input` says which model the stage starts from: `previous` (default: the
-    output of the stage before it), `base` (the recipe's base model), or the name of an earlier stage."""
-
-    name: str
-    type: str
-    input: str = "previous"
-    merge: bool = Field(False, description="Also write merged full weights (adapters merged into the base)")
+import alignlab.stages.specs  # noqa: F401, I001  (registers the stage types)
+from alignlab.schema import (  # noqa: F401  (re-exported: the recipe's sections are part of its API)
+    CANONICAL_COLUMNS,
+    DatasetSpec,
+    ModelSpec,
+    PeftSpec,
+    QuantizationSpec,
+    RecipeError,
+    StageSpec,
+    Strict,
+    TrainSpec,
+)
+from alignlab.stages.registry import STAGE_TYPES
 
 
 class Recipe(Strict):
@@ -193,18 +63,6 @@ class Recipe(Strict):
         return beside if beside.exists() else p
 
 
-# Stage type -> spec class. Filled by alignlab.stages.specs at import; plain dict as ARCHITECTURE.md asks.
-STAGE_SPECS: dict[str, type[StageSpec]] = {}
-
-
-def register_stage_spec(type_name: str):
-    def deco(cls: type[StageSpec]) -> type[StageSpec]:
-        STAGE_SPECS[type_name] = cls
-        return cls
-
-    return deco
-
-
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -229,8 +87,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | None = None) -> Recipe:
-    import alignlab.stages.specs  # noqa: F401  (registers the stage spec classes)
-
     where = str(source) if source else "<recipe>"
     errors: list[str] = []
     stages_raw = raw.get("stages")
@@ -252,21 +108,21 @@ def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | N
                 errors.append(f"{where}{_line(yaml_root, loc)}: stages[{i}] must be a mapping with name and type")
                 continue
             type_name = st.get("type")
-            cls = STAGE_SPECS.get(type_name)
-            if cls is None:
-                close = difflib.get_close_matches(str(type_name), list(STAGE_SPECS), n=1)
+            record = STAGE_TYPES.get(type_name)
+            if record is None:
+                close = difflib.get_close_matches(str(type_name), list(STAGE_TYPES), n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 errors.append(
                     f"{where}{_line(yaml_root, loc + ('type',))}: stages[{i}].type: unknown stage type "
-                    f"'{type_name}'; known types: {', '.join(sorted(STAGE_SPECS))}.{hint}"
+                    f"'{type_name}'; known types: {', '.join(sorted(STAGE_TYPES))}.{hint}"
                 )
                 continue
             st = dict(st)
             st.setdefault("name", type_name)
             try:
-                stages.append(cls.model_validate(st))
+                stages.append(record.spec.model_validate(st))
             except ValidationError as e:
-                errors += _format_errors(e, cls, loc, where, yaml_root)
+                errors += _format_errors(e, record.spec, loc, where, yaml_root)
     if errors:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errors))
     names = [s.name for s in stages]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from accelerate import PartialState
 
-from alignlab.outputs import StageOutput
+from alignlab.contract import StageOutput
 from alignlab.recipe import Recipe
 
 SHOWN = (

@@ -15,10 +15,8 @@ import importlib.util
 from pathlib import Path
 
 from alignlab.data import DataError, check_dataset
-from alignlab.pipeline import check_chain, input_stage_name
 from alignlab.recipe import Recipe, RecipeError, load_recipe
-
-TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "reward": "RewardConfig"}
+from alignlab.stages.registry import check_chain, stage_record
 
 
 def validate_recipe(
@@ -59,15 +57,15 @@ def validate_recipe(
     stage_names = {s.name for s in recipe.stages}
     for i, spec in enumerate(recipe.stages):
         where = f"stages[{i}] ({spec.name})"
+        record = stage_record(spec.type)
         train = getattr(spec, "train", None)
-        for key in ("dataset", "preference_dataset", "sft_dataset"):
+        for key, formats in record.datasets.items():
             ds = getattr(spec, key, None)
             if ds is None:
                 continue
-            kind = {"preference_dataset": "dpo", "sft_dataset": "sft"}.get(key, spec.type)
             max_length = train.max_length if train is not None and key == "dataset" else None
             try:
-                note = check_dataset(ds, recipe, kind, tokenizer, max_length)
+                note = check_dataset(ds, recipe, spec.type, tokenizer, max_length, formats)
             except DataError as e:
                 problems.append(f"{where}.{key}: {e}")
             else:
@@ -88,18 +86,17 @@ def validate_recipe(
             else:
                 if note:
                     notes.append(f"{where}.reward_model: {note}")
-        if spec.type == "eval":
-            problem = check_eval_has_two_models(recipe, i)
-            if problem:
-                problems.append(f"{where}: {problem}")
-        if spec.type in TRL_CONFIGS:
+        problem = record.check(recipe, i) if record.check else None
+        if problem:
+            problems.append(f"{where}: {problem}")
+        if record.trl_config:
             import trl
             from transformers import SchedulerType
 
             from alignlab.stages.common import check_extra_args
 
             try:
-                check_extra_args(getattr(trl, TRL_CONFIGS[spec.type]), spec.train, where)
+                check_extra_args(getattr(trl, record.trl_config), spec.train, where)
             except ValueError as e:
                 problems.append(str(e))
             schedulers = [s.value for s in SchedulerType]
@@ -152,23 +149,6 @@ def _built(name: str) -> Path | None:
     spec = tiny_model.BUILTIN_MODELS[name]
     path = tiny_model._cache_root(None) / "builtin" / f"{name}-v{spec.version}"
     return path if (path / tiny_model.MARKER_FILE).exists() else None
-
-
-def check_eval_has_two_models(recipe: Recipe, index: int) -> str | None:
-    """An eval stage compares its input (the policy) with its reference. When `input: previous` finds no training
-    stage before it, or the very stage named as reference, both are the same model and every comparison is empty
-    (KL 0, win rate 1/2): most likely a misplaced stage. (Say `input: base` to measure the base model on purpose.)"""
-    spec = recipe.stages[index]
-    policy = input_stage_name(recipe, index)
-    reference = None if spec.reference == "base" else spec.reference
-    if spec.input != "previous" or policy != reference:
-        return None
-    what = "the base model (no training stage comes before it)" if policy is None else f"stage '{policy}'"
-    return (
-        f"evaluates {what} against itself (input: previous, reference: {spec.reference}), so there is nothing to "
-        f"compare. Put the eval stage after a training stage, set `reference` to another model, or write "
-        f"`input: {policy or 'base'}` to measure that model on its own."
-    )
 
 
 def check_model_source(name: str, recipe: Recipe) -> str | None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignlab.cli import main
-from alignlab.outputs import StageOutput
+from alignlab.contract import StageOutput
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignlab.contract import StageOutput
 from alignlab.evaluation import (
     EVAL_KEYS,
     SAMPLE_KEYS,
@@ -23,7 +24,6 @@ from alignlab.evaluation import (
     tokenize_completion,
     write_results,
 )
-from alignlab.outputs import StageOutput
 from alignlab.recipe import RecipeError, parse_recipe
 from alignlab.validate import load_reward_fn
 

@@ -5,8 +5,8 @@ pass; bad target modules are named."""
 import pytest
 import torch
 
+from alignlab.contract import StageOutput
 from alignlab.models import load_stage_model, load_tokenizer, merge_adapter, save_model_atomic
-from alignlab.outputs import StageOutput
 from alignlab.recipe import parse_recipe
 
 

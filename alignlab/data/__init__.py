@@ -52,7 +52,12 @@ def build_datasets(
 
 
 def check_dataset(
-    spec: DatasetSpec, recipe: Recipe | None, stage_type: str, tokenizer=None, max_length: int | None = None
+    spec: DatasetSpec,
+    recipe: Recipe | None,
+    stage_type: str,
+    tokenizer=None,
+    max_length: int | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> str | None:
     """Check a dataset without any model: source exists, columns fit the stage, rows well formed; given the
     stage's tokenizer, also that chat data has a template and that prompts fit `max_length` (train.max_length).
@@ -61,7 +66,7 @@ def check_dataset(
     if src.kind == "hub":
         return f"dataset '{spec.path}' is a hub id: not checked offline"
     where = _where(spec, recipe)
-    ds = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat=False)
+    ds = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat=False, formats=formats)
     if spec.flip_rate > 0 and "chosen" not in ds.column_names:
         raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
     if tokenizer is not None:
@@ -71,7 +76,9 @@ def check_dataset(
     if spec.eval_path:
         if resolve_source(spec.eval_path, recipe).kind == "hub":
             return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline"
-        canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, f"{spec.eval_path} (eval)", False)
+        canonicalize(
+            load_raw(spec, recipe, held_out=True), spec, stage_type, f"{spec.eval_path} (eval)", False, formats
+        )
     return None
 
 

@@ -19,26 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignlab.schema import CANONICAL_COLUMNS  # noqa: F401  (re-exported)
+from alignlab.stages.registry import stage_record
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from alignlab.recipe import DatasetSpec, Recipe
 
-CANONICAL_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected", "text", "margin", "answer")
 FORMAT_COLUMNS = {
     "preference": ("chosen", "rejected"),
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "prompt": ("prompt",),
-}
-# Which formats each stage type accepts, in order of preference when auto-detecting.
-STAGE_FORMATS = {
-    "sft": ("messages", "prompt_completion", "text"),
-    "dpo": ("preference",),
-    "reward": ("preference",),
-    "ppo": ("prompt",),
-    "eval": ("prompt",),
 }
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -137,9 +131,12 @@ def _builtin_heldout_split(split: str) -> str:
     return {"sft": "sft_eval", "preference": "preference_eval"}.get(split, "eval")
 
 
-def canonicalize(ds: Dataset, spec: DatasetSpec, stage_type: str, where: str, chat: bool) -> Dataset:
+def canonicalize(
+    ds: Dataset, spec: DatasetSpec, stage_type: str, where: str, chat: bool, formats: tuple[str, ...] | None = None
+) -> Dataset:
     """Rename the user's columns to alignlab's, check the format fits the stage, validate rows, and wrap
-    plain strings as chat messages when `chat` (the tokenizer has a chat template)."""
+    plain strings as chat messages when `chat` (the tokenizer has a chat template). `formats`: the accepted
+    formats when not those of the stage type's main dataset (e.g. an eval stage's preference_dataset)."""
     mapping = {theirs: ours for ours, theirs in spec.columns.items()}
     missing = [theirs for theirs in mapping if theirs not in ds.column_names]
     if missing:
@@ -148,7 +145,7 @@ def canonicalize(ds: Dataset, spec: DatasetSpec, stage_type: str, where: str, ch
             f"its columns are: {', '.join(ds.column_names)}"
         )
     ds = ds.rename_columns({k: v for k, v in mapping.items() if k != v})
-    fmt = detect_format(ds.column_names, spec.format, stage_type, where)
+    fmt = detect_format(ds.column_names, spec.format, stage_type, where, formats)
     keep = [c for c in (*FORMAT_COLUMNS[fmt], "prompt", "margin", "answer") if c in ds.column_names]
     ds = ds.select_columns(list(dict.fromkeys(keep)))
     if len(ds) == 0:
@@ -159,8 +156,10 @@ def canonicalize(ds: Dataset, spec: DatasetSpec, stage_type: str, where: str, ch
     return ds
 
 
-def detect_format(columns: list[str], declared: str, stage_type: str, where: str) -> str:
-    allowed = STAGE_FORMATS[stage_type]
+def detect_format(
+    columns: list[str], declared: str, stage_type: str, where: str, formats: tuple[str, ...] | None = None
+) -> str:
+    allowed = formats or stage_record(stage_type).formats
     if declared != "auto":
         if declared not in allowed:
             raise DataError(f"{where}: format '{declared}' cannot feed a {stage_type} stage; use one of {allowed}")

@@ -1,64 +1,53 @@
-"""Pure loss functions of tensors (no model, no trainer). Imports torch only.
+"""Pure loss functions of tensors (no model, no trainer).
 
-- preference: DPO, IPO, hinge, cDPO, rDPO, Dr. DPO, KLDPO, WDPO, selected by name via ``preference_loss``.
+- preference: DPO, IPO, hinge, cDPO, rDPO, Dr. DPO, KLDPO, WDPO, selected by name via ``preference_loss``;
+  catalog: what trainers need to know about each (torch-free).
 - reward: Bradley-Terry loss for reward models.
 - ppo: masked statistics, KL estimates, GAE, clipped policy / value losses, entropy, KL controllers.
+
+The names below are imported on first use, so that `alignlab.losses.catalog` (read by recipe validation) does not
+import torch.
 """
 
-from alignlab.losses.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    compute_gae,
-    entropy_from_logits,
-    kl_estimate,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    policy_loss,
-    value_loss,
-)
-from alignlab.losses.preference import (
-    LENGTH_NORMALIZED_LOSSES,
-    PREFERENCE_LOSSES,
-    cdpo_loss,
-    dpo_loss,
-    drdpo_loss,
-    hinge_loss,
-    ipo_loss,
-    kldpo_loss,
-    preference_loss,
-    preference_loss_params,
-    rdpo_loss,
-    validate_preference_params,
-    wdpo_loss,
-    wdpo_penalty,
-)
-from alignlab.losses.reward import bradley_terry_loss
+from __future__ import annotations
 
-__all__ = [
-    "LENGTH_NORMALIZED_LOSSES",
-    "PREFERENCE_LOSSES",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "bradley_terry_loss",
-    "cdpo_loss",
-    "compute_gae",
-    "dpo_loss",
-    "drdpo_loss",
-    "entropy_from_logits",
-    "hinge_loss",
-    "ipo_loss",
-    "kl_estimate",
-    "kldpo_loss",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-    "policy_loss",
-    "preference_loss",
-    "preference_loss_params",
-    "rdpo_loss",
-    "validate_preference_params",
-    "value_loss",
-    "wdpo_loss",
-    "wdpo_penalty",
-]
+import importlib
+
+_EXPORTS = {
+    "ppo": (
+        "AdaptiveKLController",
+        "FixedKLController",
+        "compute_gae",
+        "entropy_from_logits",
+        "kl_estimate",
+        "masked_mean",
+        "masked_var",
+        "masked_whiten",
+        "policy_loss",
+        "value_loss",
+    ),
+    "preference": (
+        "PREFERENCE_LOSSES",
+        "cdpo_loss",
+        "dpo_loss",
+        "drdpo_loss",
+        "hinge_loss",
+        "ipo_loss",
+        "kldpo_loss",
+        "preference_loss",
+        "preference_loss_params",
+        "rdpo_loss",
+        "wdpo_loss",
+        "wdpo_penalty",
+    ),
+    "catalog": ("PREFERENCE_LOSS_INFO", "preference_loss_info", "validate_preference_params"),
+    "reward": ("bradley_terry_loss",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'alignlab.losses' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"alignlab.losses.{_MODULE_OF[name]}"), name)

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from alignlab.losses.catalog import PARAM_CHECKS as _PARAM_CHECKS  # noqa: F401  (the range checks)
+from alignlab.losses.catalog import validate_preference_params
+
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
 
@@ -167,27 +170,9 @@ PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
 
 # Losses defined on per-token AVERAGED log-probs: the stage divides each summed log-prob by its completion
 # length before calling them (IPO: TRL's choice, confirmed with the authors; see ALGORITHMS.md).
-LENGTH_NORMALIZED_LOSSES: frozenset[str] = frozenset({"ipo"})
-
 # ---------------------------------------------------------------------------------------------------------------
 # Parameter validation (shared by every loss that takes a parameter of that name).
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# name -> (predicate on the value, human-readable allowed range)
-_PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "beta": (lambda v: _is_real(v) and v > 0 and math.isfinite(v), "beta must be a finite number > 0"),
-    "eps": (lambda v: _is_real(v) and 0 <= v < 0.5, "eps must be in [0, 0.5)"),
-    "tau": (lambda v: _is_real(v) and v > 0, "tau must be > 0"),
-    "beta_prime": (lambda v: _is_real(v) and v > 0, "beta_prime must be > 0"),
-    "rho": (lambda v: _is_real(v) and v >= 0 and math.isfinite(v), "rho must be a finite number >= 0"),
-    "w_max": (lambda v: _is_real(v) and v >= 1, "w_max must be >= 1"),
-    "gather": (lambda v: v is None or callable(v), "gather must be None or a callable Tensor -> Tensor"),
-}
 
 
 def _check_name(name: str) -> Callable[..., tuple[Tensor, Metrics]]:
@@ -206,22 +191,6 @@ def preference_loss_params(name: str) -> dict[str, Any]:
     return {
         p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-
-
-def validate_preference_params(name: str, beta: float, params: dict[str, Any]) -> None:
-    """Raise ValueError unless ``name`` is a known loss, beta > 0, and every key of ``params`` is a parameter of
-    that loss with a value in its allowed range. Needs no tensors (the recipe validator calls it early)."""
-    accepted = preference_loss_params(name)
-    ok, allowed = _PARAM_CHECKS["beta"]
-    if not ok(beta):
-        raise ValueError(f"{name}: {allowed}, got beta={beta!r}")
-    for key, value in params.items():
-        if key not in accepted:
-            shown = ", ".join(accepted) if accepted else "none besides beta"
-            raise ValueError(f"{name}: unknown parameter {key!r}; {name} accepts: {shown}")
-        ok, allowed = _PARAM_CHECKS[key]
-        if not ok(value):
-            raise ValueError(f"{name}: {allowed}, got {key}={value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,12 +19,11 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from alignlab.contract import StageOutput, TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.models import merge_adapter, save_model_atomic
-from alignlab.outputs import StageOutput, keep_metrics_until
-from alignlab.pipeline import TrainingDiverged, checkpoint_note
 
 if TYPE_CHECKING:
-    from alignlab.pipeline import StageContext
+    from alignlab.contract import StageContext
     from alignlab.recipe import TrainSpec
 
 log = logging.getLogger("alignlab")

@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
+from alignlab.contract import StageContext
 from alignlab.data import build_datasets
-from alignlab.losses import LENGTH_NORMALIZED_LOSSES, preference_loss, wdpo_penalty
+from alignlab.losses import preference_loss, preference_loss_info, wdpo_penalty
 from alignlab.models import load_stage_model, load_tokenizer
-from alignlab.pipeline import StageContext
 from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 
 log = logging.getLogger("alignlab")
@@ -46,7 +46,6 @@ def run(ctx: StageContext):
         ctx,
         spec.train,
         has_eval=eval_ds is not None,
-        beta=spec.loss.beta,
         precompute_ref_log_probs=spec.precompute_ref_logps,
     )
     trainer = RegistryDPOTrainer(
@@ -56,7 +55,7 @@ def run(ctx: StageContext):
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         loss_name=spec.loss.name,
-        loss_params=spec.loss.params,
+        loss_params={"beta": spec.loss.beta, **spec.loss.params},
         ref_cache_dir=ctx.stage_dir / "ref_logps",
     )
 
@@ -66,23 +65,27 @@ def run(ctx: StageContext):
 
 class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
     """DPOTrainer whose loss comes from alignlab's registry. Only the loss computation and the on-disk cache
-    of precomputed reference log-probs differ from TRL (and GuardedTrainer's checkpoints and nan/inf stop)."""
+    of precomputed reference log-probs differ from TRL (and GuardedTrainer's checkpoints and nan/inf stop).
+    All loss parameters, beta included, come in `loss_params`; how to feed the loss comes from its catalog entry
+    (alignlab/losses/catalog.py), never from its name."""
 
     def __init__(self, *args, loss_name: str, loss_params: dict, ref_cache_dir: Path, **kwargs):
         self.loss_name, self.loss_params, self.ref_cache_dir = loss_name, dict(loss_params), Path(ref_cache_dir)
-        self.wdpo_rho = self.loss_params.get("rho", 0.01) if loss_name == "wdpo" else 0.0
+        self.loss_info = preference_loss_info(loss_name)
+        penalty = self.loss_info.input_gradient_penalty  # WDPO: rho * ||d loss / d embeddings||^2
+        self.penalty_weight = {**self.loss_info.params, **self.loss_params}[penalty] if penalty else 0.0
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         mask = inputs["completion_mask"][:, 1:]  # [2B, T-1]: log-prob of token t+1 is read at position t
-        chosen, rejected = self._logps(model, inputs, mask, need_embeds=self.wdpo_rho > 0 and model.training)
+        chosen, rejected = self._logps(model, inputs, mask, need_embeds=self.penalty_weight > 0 and model.training)
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
-        if self.loss_name in LENGTH_NORMALIZED_LOSSES:
-            # IPO on per-token averages (ALGORITHMS.md: TRL's choice, confirmed with the IPO authors).
+        if self.loss_info.length_normalized:
+            # e.g. IPO on per-token averages (ALGORITHMS.md: TRL's choice, confirmed with the IPO authors).
             n_c, n_r = mask.sum(1).clamp(min=1).chunk(2)
             chosen, rejected, ref_chosen, ref_rejected = (
                 chosen / n_c,
@@ -91,17 +94,17 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
                 ref_rejected / n_r,
             )
         params = dict(self.loss_params)
-        if "gather" in _accepted(self.loss_name) and self.accelerator.num_processes > 1:
-            params["gather"] = self.accelerator.gather  # KLDPO's batch mean is over every process's pairs
+        if self.loss_info.batch_statistic and self.accelerator.num_processes > 1:
+            params["gather"] = self.accelerator.gather  # e.g. KLDPO's batch mean is over every process's pairs
         loss, metrics = preference_loss(
-            self.loss_name, chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), self.beta, **params
+            self.loss_name, chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), **params
         )
-        if self.wdpo_rho > 0 and model.training:
+        if self.penalty_weight > 0 and model.training:
             # WDPO: g_i = d(sum of per-pair losses)/d(embeddings); the batch loss is their mean, hence * B.
             with _math_sdpa():
                 penalty = wdpo_penalty(loss * chosen.shape[0], self._embeds, create_graph=True)
-            loss = loss + self.wdpo_rho * penalty.mean()
-            metrics["wdpo/penalty"] = penalty.detach().mean()
+            loss = loss + self.penalty_weight * penalty.mean()
+            metrics[f"{self.loss_name}/penalty"] = penalty.detach().mean()
         for key, value in metrics.items():  # over every process's pairs: a max is the max of the maxima
             reduce = torch.amax if key.endswith("_max") else torch.amin if key.endswith("_min") else torch.mean
             self._metrics[mode][key].append(reduce(self.accelerator.gather(value.reshape(1))).item())
@@ -161,12 +164,6 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
         cached = load_file(path)
         dataset = dataset.add_column("ref_chosen_logps", cached["ref_chosen_logps"].tolist())
         return dataset.add_column("ref_rejected_logps", cached["ref_rejected_logps"].tolist())
-
-
-def _accepted(loss_name: str) -> dict:
-    from alignlab.losses import preference_loss_params
-
-    return preference_loss_params(loss_name)
 
 
 def _math_sdpa():

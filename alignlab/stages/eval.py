@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from accelerate import PartialState
 
+from alignlab.contract import StageContext, StageOutput
 from alignlab.evaluation import checkpoint_output, evaluate_models, numeric, write_results
 from alignlab.models import resolve_base
-from alignlab.outputs import StageOutput
-from alignlab.pipeline import StageContext
 from alignlab.recipe import RecipeError
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import set_seed
 
+from alignlab.contract import StageContext, StageOutput
 from alignlab.data import build_datasets, prompt_text
 from alignlab.models import (
     REF_ADAPTER,
@@ -37,8 +38,6 @@ from alignlab.models import (
     merge_adapter,
     save_model_atomic,
 )
-from alignlab.outputs import StageOutput
-from alignlab.pipeline import StageContext
 from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer, completion_logits, disable_dropout, token_logprobs
 from alignlab.recipe import RecipeError
 from alignlab.stages.common import available_trackers

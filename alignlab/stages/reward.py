@@ -24,11 +24,10 @@ from pathlib import Path
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
+from alignlab.contract import StageContext, StageOutput
 from alignlab.data import build_datasets
 from alignlab.losses import bradley_terry_loss
 from alignlab.models import check_target_modules, load_causal_lm, load_stage_model, load_tokenizer, save_model_atomic
-from alignlab.outputs import StageOutput
-from alignlab.pipeline import StageContext
 from alignlab.recipe import Recipe
 from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 

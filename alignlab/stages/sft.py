@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
+from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.models import load_stage_model, load_tokenizer
-from alignlab.pipeline import StageContext
 from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 
 

@@ -1,5 +1,6 @@
-"""The recipe keys of each stage type. Light on purpose (pydantic only): `alignlab validate` reads these
-without importing torch. The code that runs a stage lives beside this file, one module per stage type."""
+"""The stage types: the recipe keys of each (its spec class) and its record (alignlab/stages/registry.py).
+Light on purpose (pydantic only): `alignlab validate` reads these without importing torch. The code that runs a
+stage lives beside this file, one module per stage type; a new type is that module plus a spec class here."""
 
 from __future__ import annotations
 
@@ -7,10 +8,31 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from alignlab.recipe import DatasetSpec, StageSpec, Strict, TrainSpec, register_stage_spec
+from alignlab.schema import DatasetSpec, StageSpec, Strict, TrainSpec
+from alignlab.stages.registry import input_stage_name, stage_type
+
+# Data formats (alignlab/data/formats.py) by what a stage reads.
+CHAT_OR_TEXT = ("messages", "prompt_completion", "text")
+PAIRS = ("preference",)
+PROMPTS = ("prompt",)
 
 
-@register_stage_spec("sft")
+def trainer_memory_knobs(spec) -> list[str]:
+    t = spec.train
+    return [
+        f"lower train.per_device_batch_size (now {t.per_device_batch_size}) and raise "
+        f"train.gradient_accumulation_steps (now {t.gradient_accumulation_steps}) by the same factor (same batch)",
+        f"lower train.max_length (now {t.max_length})",
+    ]
+
+
+@stage_type(
+    "sft",
+    runner="alignlab.stages.sft",
+    datasets={"dataset": CHAT_OR_TEXT},
+    trl_config="SFTConfig",
+    memory_knobs=trainer_memory_knobs,
+)
 class SFTSpec(StageSpec):
     """Supervised fine-tuning on prompt/completion, chat messages or plain text (TRL's SFTTrainer).
     The loss is on completions / assistant turns only unless `completion_only_loss: false`."""
@@ -36,13 +58,19 @@ class PreferenceLossSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        from alignlab.losses import validate_preference_params
+        from alignlab.losses.catalog import validate_preference_params
 
         validate_preference_params(self.name, self.beta, self.params)
         return self
 
 
-@register_stage_spec("dpo")
+@stage_type(
+    "dpo",
+    runner="alignlab.stages.dpo",
+    datasets={"dataset": PAIRS},
+    trl_config="DPOConfig",
+    memory_knobs=trainer_memory_knobs,
+)
 class DPOSpec(StageSpec):
     """Direct preference optimisation and its robust variants on preference pairs (prompt, chosen, rejected).
     The reference model is the stage's input model (e.g. the SFT model), frozen."""
@@ -54,7 +82,13 @@ class DPOSpec(StageSpec):
     precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
 
 
-@register_stage_spec("reward")
+@stage_type(
+    "reward",
+    runner="alignlab.stages.reward",
+    datasets={"dataset": PAIRS},
+    trl_config="RewardConfig",
+    memory_knobs=trainer_memory_knobs,
+)
 class RewardSpec(StageSpec):
     """Bradley-Terry reward model (sequence-classification head) on preference pairs (prompt, chosen, rejected,
     optional per-pair `margin`). Reports held-out accuracy (eval_accuracy)."""
@@ -109,7 +143,19 @@ class PPOHyperSpec(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
-@register_stage_spec("ppo")
+@stage_type(
+    "ppo",
+    runner="alignlab.stages.ppo",
+    datasets={"dataset": PROMPTS},
+    references={"reward_model": "reward"},
+    needs_whole_model="the ppo stage runs alignlab's own loop, which generates with the whole (unwrapped) policy "
+    "and prepares no dataloader",
+    memory_knobs=lambda spec: [
+        f"lower rollout.batch_size (now {spec.rollout.batch_size}) and ppo.minibatch_size "
+        f"(now {spec.ppo.minibatch_size})",
+        f"lower rollout.max_new_tokens (now {spec.rollout.max_new_tokens})",
+    ],
+)
 class PPOSpec(StageSpec):
     """PPO for RLHF (alignlab's own loop on accelerate). Reward: a reward stage / model, or a Python
     function `module:function(prompts, completions) -> list[float]`."""
@@ -141,7 +187,35 @@ class PPOSpec(StageSpec):
         return self
 
 
-@register_stage_spec("eval")
+def check_eval_has_two_models(recipe, index: int) -> str | None:
+    """An eval stage compares its input (the policy) with its reference. When `input: previous` finds no training
+    stage before it, or the very stage named as reference, both are the same model and every comparison is empty
+    (KL 0, win rate 1/2): most likely a misplaced stage. (Say `input: base` to measure the base model on purpose.)"""
+    spec = recipe.stages[index]
+    policy = input_stage_name(recipe, index)
+    reference = None if spec.reference == "base" else spec.reference
+    if spec.input != "previous" or policy != reference:
+        return None
+    what = "the base model (no training stage comes before it)" if policy is None else f"stage '{policy}'"
+    return (
+        f"evaluates {what} against itself (input: previous, reference: {spec.reference}), so there is nothing to "
+        f"compare. Put the eval stage after a training stage, set `reference` to another model, or write "
+        f"`input: {policy or 'base'}` to measure that model on its own."
+    )
+
+
+@stage_type(
+    "eval",
+    runner="alignlab.stages.eval",
+    datasets={"dataset": PROMPTS, "preference_dataset": PAIRS, "sft_dataset": CHAT_OR_TEXT},
+    writes_model=False,
+    references={"reward_model": "reward", "reference": None},
+    memory_knobs=lambda spec: [
+        f"lower batch_size (now {spec.batch_size})",
+        f"lower max_new_tokens (now {spec.max_new_tokens})",
+    ],
+    check=check_eval_has_two_models,
+)
 class EvalSpec(StageSpec):
     """Evaluate the input model against a reference: ground-truth reward, win rate, KL, preference accuracy,
     perplexity; writes eval.json, eval.md and training-curve plots."""

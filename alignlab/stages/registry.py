@@ -1,0 +1,124 @@
+"""Stage types: one record each, holding everything the rest of alignlab knows about a type of stage.
+
+A record names the type's recipe keys (its spec class), the module that runs it, the data formats it reads, the
+TRL config its `train.extra` keys are checked against, whether it writes a model, which earlier stages its keys
+may name, and the settings that lower its memory. The pipeline, the validator, the data layer and the error
+messages read these records and never branch on a type's name, so a new stage type is one runner module plus
+one registration (`@stage_type(...)` on its spec class in alignlab/stages/specs.py).
+
+Torch-free on purpose (pydantic and the standard library only): `alignlab validate` reads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from alignlab.schema import RecipeError, StageSpec
+
+if TYPE_CHECKING:
+    from alignlab.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class StageType:
+    name: str
+    spec: type[StageSpec]
+    runner: str  # module whose `run(ctx: StageContext) -> StageOutput` runs the stage
+    # spec attribute holding a DatasetSpec -> the data formats it accepts, preferred first when auto-detecting
+    datasets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    trl_config: str | None = None  # TRL config class (trl.<name>) whose fields train.extra may set
+    writes_model: bool = True  # False: the stage measures (eval) and hands no model on
+    # spec attribute that may name an earlier stage -> the type that stage must have (None: any model-writing stage)
+    references: dict[str, str | None] = field(default_factory=dict)
+    memory_knobs: Callable[[Any], list[str]] = lambda spec: []  # "lower X (now N)" advice for out-of-memory errors
+    check: Callable[[Recipe, int], str | None] | None = None  # a type-specific recipe check (validate)
+    needs_whole_model: str | None = None  # why the stage cannot run with sharded parameters (FSDP, ZeRO-3)
+
+    def run(self, ctx):
+        return importlib.import_module(self.runner).run(ctx)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The formats of the stage's main `dataset`."""
+        return self.datasets.get("dataset", ())
+
+
+STAGE_TYPES: dict[str, StageType] = {}
+
+
+def stage_type(name: str, **record: Any) -> Callable[[type[StageSpec]], type[StageSpec]]:
+    """Register the decorated spec class as stage type `name`, with the rest of its record."""
+
+    def deco(cls: type[StageSpec]) -> type[StageSpec]:
+        STAGE_TYPES[name] = StageType(name=name, spec=cls, **record)
+        return cls
+
+    return deco
+
+
+def stage_record(name: str) -> StageType:
+    import alignlab.stages.specs  # noqa: F401  (fills STAGE_TYPES)
+
+    if name not in STAGE_TYPES:
+        raise RecipeError(f"unknown stage type '{name}'; known types: {', '.join(sorted(STAGE_TYPES))}")
+    return STAGE_TYPES[name]
+
+
+# --------------------------------------------------------------------------------------------- the stage chain
+
+
+def input_stage_name(recipe: Recipe, index: int) -> str | None:
+    """Name of the stage whose model stage `index` starts from, or None for the base model."""
+    spec = recipe.stages[index]
+    if spec.input == "base":
+        return None
+    if spec.input == "previous":
+        for prev in reversed(recipe.stages[:index]):
+            if stage_record(prev.type).writes_model:
+                return prev.name
+        return None
+    return spec.input
+
+
+def stage_references(spec: StageSpec) -> dict[str, str]:
+    """The earlier stages a stage's keys name: {"input": ..., "reward_model": ..., ...} (set keys only)."""
+    refs = {"input": spec.input} if spec.input not in ("previous", "base") else {}
+    for key in stage_record(spec.type).references:
+        value = getattr(spec, key, None)
+        if value is not None and value != "base":
+            refs[key] = value
+    return refs
+
+
+def check_chain(recipe: Recipe) -> None:
+    """Every stage reference points at an EARLIER stage of a fitting type."""
+    names = {s.name for s in recipe.stages}
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(recipe.stages):
+        record = stage_record(spec.type)
+        for key, ref in stage_references(spec).items():
+            wanted = record.references.get(key)
+            if wanted is not None and ref not in names:
+                continue  # e.g. a reward_model that is no stage name is a path, checked by the validator
+            if ref not in seen:
+                why = "comes later in the recipe" if ref in names else "is not a stage of this recipe"
+                raise RecipeError(
+                    f"stages[{i}] ({spec.name}).{key} = '{ref}', which {why}. Stages can only start from earlier "
+                    f"stages: {', '.join(seen) or '(none before it)'}; or 'base' for the base model."
+                )
+            if wanted is not None and seen[ref] != wanted:
+                raise RecipeError(
+                    f"stages[{i}] ({spec.name}).{key} = '{ref}' is {_a(seen[ref])} stage, not {_a(wanted)} stage"
+                )
+            if wanted is None and not stage_record(seen[ref]).writes_model:
+                raise RecipeError(
+                    f"stages[{i}] ({spec.name}).{key} = '{ref}' is {_a(seen[ref])} stage, which writes no model"
+                )
+        seen[spec.name] = spec.type
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
