@@ -129,7 +129,7 @@ def _eval(args) -> int:
 
 
 def _bench_robustness(args) -> int:
-    from alignlab import robustness
+    from alignlab.benchmarks import robustness
 
     def _list(text, default, cast=str):
         return tuple(cast(x) for x in text.split(",")) if text else default

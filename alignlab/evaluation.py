@@ -60,6 +60,7 @@ from alignlab.data import build_datasets, prompt_text
 from alignlab.generation import generate, sequence_logprobs
 from alignlab.models import load_causal_lm, load_tokenizer, resolve_base
 from alignlab.recipe import Recipe, RecipeError
+from alignlab.rewards import load_reward_fn, reward_fn_scores, reward_model_scores
 
 log = logging.getLogger("alignlab")
 
@@ -264,45 +265,6 @@ def _batches(items: list, size: int) -> Iterator[list]:
 # ------------------------------------------------------------------------------------------------ scores
 
 
-def reward_fn_scores(fn, rows: list[dict], completions: list[str]) -> list[float]:
-    """The task's reward function on completions, called as the PPO stage calls it: fn(prompt texts, completions)
-    with the prompts' user texts (alignlab.data.prompt_text)."""
-    values = fn([prompt_text(r["prompt"]) for r in rows], list(completions))
-    if len(values) != len(completions):
-        raise ValueError(f"reward_fn returned {len(values)} scores for {len(completions)} completions")
-    return [float(v) for v in values]
-
-
-def reward_model_ids(tokenizer, prompt, completion) -> list[int]:
-    """A conversation tokenised as TRL's RewardTrainer tokenises its pairs (and the PPO stage its responses): the
-    chat template over prompt + assistant turn; plain text + EOS otherwise. An empty prompt with a chat completion
-    is an implicit prompt (the conversation is all in `completion`)."""
-    if isinstance(completion, str) and isinstance(prompt, list):
-        completion = [{"role": "assistant", "content": completion}]
-    if isinstance(completion, list) and tokenizer.chat_template is not None:
-        messages = (prompt or []) + completion
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    text = (prompt_text(prompt) if prompt else "") + prompt_text(completion) + tokenizer.eos_token
-    return tokenizer(text)["input_ids"]
-
-
-@torch.no_grad()
-def reward_model_scores(model, tokenizer, prompts: list, completions: list, batch_size: int) -> list[float]:
-    """A sequence-classification reward model's score of each conversation (prompt + completion), read by the
-    model on its last non-padding token (right padding)."""
-    rows = [reward_model_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    scores = []
-    try:
-        for batch in _batches(rows, batch_size):
-            enc = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(device)
-            scores += model(**enc, use_cache=False).logits[:, 0].float().tolist()
-    finally:
-        tokenizer.padding_side = side
-    return scores
-
-
 # ------------------------------------------------------------------------------------------------ the evaluator
 
 
@@ -317,8 +279,6 @@ def evaluate_models(
 ) -> dict:
     """Every metric of the module docstring for `policy` against `reference`, as the eval.json dict.
     `spec` is an EvalSpec (alignlab/stages/specs.py)."""
-    from alignlab.validate import load_reward_fn
-
     tokenizer = load_tokenizer(recipe, _tokenizer_dir(recipe, policy))
     chat = tokenizer.chat_template is not None
     rows = build_datasets(spec.dataset, recipe, "eval", chat, with_eval=False)[0]
@@ -373,8 +333,8 @@ def evaluate_models(
     # Rewards: the task's ground truth, and a reward model's scores.
     pol_rewards = ref_rewards = None
     if reward_fn is not None:
-        pol_rewards = reward_fn_scores(reward_fn, rows, pol_texts)
-        ref_rewards = reward_fn_scores(reward_fn, rows, ref_texts)
+        pol_rewards = reward_fn_scores(reward_fn, prompts, pol_texts)
+        ref_rewards = reward_fn_scores(reward_fn, prompts, ref_texts)
         res["true_reward"] = compute_metric("mean_reward", rewards=pol_rewards)["mean_reward"]
         res["true_reward_reference"] = compute_metric("mean_reward", rewards=ref_rewards)["mean_reward"]
         res["win_rate_by"] = "reward_fn"
@@ -384,16 +344,16 @@ def evaluate_models(
         rm_tok = load_tokenizer(recipe, _tokenizer_dir(recipe, reward_model))
         if rm.config.pad_token_id is None:
             rm.config.pad_token_id = rm_tok.pad_token_id
-        pol_rewards = reward_model_scores(rm, rm_tok, prompts, pol_texts, spec.batch_size)
-        ref_rewards = reward_model_scores(rm, rm_tok, prompts, ref_texts, spec.batch_size)
+        pol_rewards = reward_model_scores(rm, rm_tok, prompts, pol_texts, spec.batch_size).tolist()
+        ref_rewards = reward_model_scores(rm, rm_tok, prompts, ref_texts, spec.batch_size).tolist()
         res["mean_score"] = compute_metric("mean_reward", rewards=pol_rewards)["mean_reward"]
         res["mean_score_reference"] = compute_metric("mean_reward", rewards=ref_rewards)["mean_reward"]
         res["win_rate_by"] = "reward_model"
         if spec.preference_dataset is not None:
             pairs = build_datasets(spec.preference_dataset, recipe, "dpo", chat, with_eval=False)[0]
             p = [r.get("prompt") or "" for r in pairs]  # an implicit prompt stays inside chosen / rejected
-            s_c = reward_model_scores(rm, rm_tok, p, [r["chosen"] for r in pairs], spec.batch_size)
-            s_r = reward_model_scores(rm, rm_tok, p, [r["rejected"] for r in pairs], spec.batch_size)
+            s_c = reward_model_scores(rm, rm_tok, p, [r["chosen"] for r in pairs], spec.batch_size).tolist()
+            s_r = reward_model_scores(rm, rm_tok, p, [r["rejected"] for r in pairs], spec.batch_size).tolist()
             acc = compute_metric("preference_accuracy", chosen_rewards=s_c, rejected_rewards=s_r)
             res["reward_model_accuracy"], res["reward_model_margin"] = acc["accuracy"], acc["margin"]
     if pol_rewards is not None:

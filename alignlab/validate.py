@@ -16,6 +16,7 @@ from pathlib import Path
 
 from alignlab.data import DataError, check_dataset
 from alignlab.recipe import Recipe, RecipeError, load_recipe
+from alignlab.rewards import load_reward_fn
 from alignlab.stages.registry import check_chain, stage_record
 
 
@@ -89,9 +90,8 @@ def validate_recipe(
         problem = record.check(recipe, i) if record.check else None
         if problem:
             problems.append(f"{where}: {problem}")
-        if record.trl_config:
+        if record.trl_config and spec.train.extra:  # trl (and with it torch) is imported only when needed
             import trl
-            from transformers import SchedulerType
 
             from alignlab.stages.common import check_extra_args
 
@@ -99,7 +99,8 @@ def validate_recipe(
                 check_extra_args(getattr(trl, record.trl_config), spec.train, where)
             except ValueError as e:
                 problems.append(str(e))
-            schedulers = [s.value for s in SchedulerType]
+        if record.trl_config:
+            schedulers = scheduler_names()
             if spec.train.lr_scheduler not in schedulers:
                 close = difflib.get_close_matches(spec.train.lr_scheduler, schedulers, n=1)
                 hint = f"Did you mean '{close[0]}'?" if close else f"Known: {', '.join(schedulers)}."
@@ -111,6 +112,23 @@ def validate_recipe(
 
         notes += check_launch(recipe, load_launch_config(accelerate_config))
     return recipe, notes
+
+
+def scheduler_names() -> list[str]:
+    """The values of transformers' SchedulerType, read from its source without importing it (the module imports
+    torch, and validation stays torch-free)."""
+    import ast
+
+    spec = importlib.util.find_spec("transformers")
+    source = Path(spec.submodule_search_locations[0]) / "trainer_utils.py"
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == "SchedulerType":
+            return [
+                stmt.value.value
+                for stmt in node.body
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant)
+            ]
+    raise RecipeError(f"cannot read the scheduler names from {source} (a transformers release alignlab does not know)")
 
 
 def model_files(recipe: Recipe, problems: list[str], notes: list[str]):
@@ -165,18 +183,3 @@ def check_model_source(name: str, recipe: Recipe) -> str | None:
             raise RecipeError(f"model path {p} has no config.json: point model.name_or_path at a saved model folder")
         return None
     return f"model '{name}' is a hub id: not checked offline"
-
-
-def load_reward_fn(ref: str):
-    """Import `module:function` (only ever called for a function the recipe names)."""
-    if ":" not in ref:
-        raise ValueError(f"'{ref}' must look like package.module:function")
-    mod_name, fn_name = ref.split(":", 1)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module '{mod_name}' ({e}); is it on PYTHONPATH?") from e
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"module '{mod_name}' has no function '{fn_name}'")
-    return fn

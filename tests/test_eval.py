@@ -20,12 +20,11 @@ from alignlab.evaluation import (
     checkpoint_output,
     completion_logps,
     compute_metric,
-    reward_fn_scores,
     tokenize_completion,
     write_results,
 )
 from alignlab.recipe import RecipeError, parse_recipe
-from alignlab.validate import load_reward_fn
+from alignlab.rewards import load_reward_fn, reward_fn_scores
 
 ARITH = "alignlab.builtin.tasks:arith_reward"
 N = 8  # prompts (and pairs, and SFT rows) in the end-to-end evaluations: small, the CPU is shared
@@ -79,7 +78,7 @@ def test_perplexity_weighs_tokens():
 def test_true_reward_on_known_good_and_bad_completions():
     rows = [{"prompt": user("What is 47+8?"), "answer": "55"}] * 4
     completions = ["55", "54", "55 apples", "no idea"]  # right, off by one, trailing text, no number
-    rewards = reward_fn_scores(load_reward_fn(ARITH), rows, completions)
+    rewards = reward_fn_scores(load_reward_fn(ARITH), [r["prompt"] for r in rows], completions)
     assert rewards == [1.0, 0.4, 0.5, 0.0]
     assert compute_metric("mean_reward", rewards=rewards)["mean_reward"] == pytest.approx(0.475)
 
@@ -90,8 +89,10 @@ def test_true_reward_on_the_eval_split():
     spec = _recipe(Path("/tmp/unused")).stages[0]
     rows = list(build_datasets(spec.dataset, None, "eval", chat=True, with_eval=False)[0])
     fn = load_reward_fn(ARITH)
-    assert reward_fn_scores(fn, rows, [r["answer"] for r in rows]) == [1.0] * len(rows)
-    assert reward_fn_scores(fn, rows, [str(int(r["answer"]) + 2) for r in rows]) == [0.3] * len(rows)
+    assert reward_fn_scores(fn, [r["prompt"] for r in rows], [r["answer"] for r in rows]) == [1.0] * len(rows)
+    assert reward_fn_scores(fn, [r["prompt"] for r in rows], [str(int(r["answer"]) + 2) for r in rows]) == [0.3] * len(
+        rows
+    )
 
 
 # ------------------------------------------------------------------------------------------ end to end

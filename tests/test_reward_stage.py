@@ -41,8 +41,7 @@ def test_reward_model_learns_and_reloads(tmp_path):
 
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
-    from alignlab.stages.ppo import reward_model_scorer
-    from alignlab.stages.reward import load_reward_model
+    from alignlab.rewards import load_reward_model, reward_model_scorer
 
     eval_rows = _pairs(96, seed=1)
     raw = {

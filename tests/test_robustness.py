@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from alignlab.benchmarks.robustness import LOSS_PARAMS, build_recipe, table
 from alignlab.cli import main
 from alignlab.recipe import RecipeError
-from alignlab.robustness import LOSS_PARAMS, build_recipe, table
 
 
 def test_grid_is_one_recipe_from_one_sft_checkpoint():

@@ -28,6 +28,7 @@ from alignlab.data import build_datasets
 from alignlab.losses import preference_loss, preference_loss_info, wdpo_penalty
 from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
+from alignlab.stages.trl_compat import deepspeed_reference_engine, log_metric, reference_weights_hash
 
 log = logging.getLogger("alignlab")
 
@@ -107,7 +108,7 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
             metrics[f"{self.loss_name}/penalty"] = penalty.detach().mean()
         for key, value in metrics.items():  # over every process's pairs: a max is the max of the maxima
             reduce = torch.amax if key.endswith("_max") else torch.amin if key.endswith("_min") else torch.mean
-            self._metrics[mode][key].append(reduce(self.accelerator.gather(value.reshape(1))).item())
+            log_metric(self, mode, key, reduce(self.accelerator.gather(value.reshape(1))).item())
         return (loss, None) if return_outputs else loss
 
     def _logps(self, model, inputs, mask, need_embeds: bool):
@@ -137,17 +138,14 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
         on disk keyed by the tokenised data and the reference weights. Replaces TRL's version, whose cache sits
         beside the dataset's arrow files: for an in-memory dataset that is a per-process temporary folder, which
         the other processes of a multi-process run cannot read."""
-        key = _content_hash(dataset, self._precompute_model_hash)
+        key = _content_hash(dataset, reference_weights_hash(self))
         path = self.ref_cache_dir / f"{name}-{key[:20]}.safetensors"
         if path.exists():
             log.info("reference log-probs for %s read from %s", name, path)
         else:
             model = self.ref_model or self.model
             if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: parameters not placed/gathered yet
-                from trl.models import prepare_deepspeed
-
-                self._precompute_engine = self._precompute_engine or prepare_deepspeed(self.model, self.accelerator)
-                model = self._precompute_engine
+                model = deepspeed_reference_engine(self)
             loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
             chosen, rejected = [], []
             for batch in self.accelerator.prepare(loader):

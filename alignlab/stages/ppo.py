@@ -28,7 +28,7 @@ from torch import nn
 from transformers import set_seed
 
 from alignlab.contract import StageContext, StageOutput
-from alignlab.data import build_datasets, prompt_text
+from alignlab.data import build_datasets
 from alignlab.models import (
     REF_ADAPTER,
     check_target_modules,
@@ -40,9 +40,8 @@ from alignlab.models import (
 )
 from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer, completion_logits, disable_dropout, token_logprobs
 from alignlab.recipe import RecipeError
+from alignlab.rewards import load_reward_model, reward_fn_scorer, reward_model_scorer
 from alignlab.stages.common import available_trackers
-from alignlab.stages.reward import load_reward_model
-from alignlab.validate import load_reward_fn
 
 log = logging.getLogger("alignlab")
 
@@ -149,49 +148,6 @@ def reference_logprobs(recipe, policy, input_path: str, temperature: float, devi
         return token_logprobs(logits, input_ids[:, -n:])
 
     return logprobs
-
-
-def reward_model_scorer(model, tokenizer, batch_size: int):
-    """Scores = the reward model's output on prompt + response, tokenised as its training pairs were (TRL's
-    RewardTrainer: the chat template over prompt + assistant turn; plain text + EOS otherwise), read on the
-    last non-padding token."""
-    device = next(model.parameters()).device
-
-    def ids(prompt, completion: str) -> list[int]:
-        if isinstance(prompt, list) and tokenizer.chat_template is not None:
-            messages = prompt + [{"role": "assistant", "content": completion}]
-            return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        text = (prompt if isinstance(prompt, str) else prompt_text(prompt)) + completion + tokenizer.eos_token
-        return tokenizer(text)["input_ids"]
-
-    @torch.no_grad()
-    def score(prompts: list, completions: list[str]) -> torch.Tensor:
-        rows = [ids(p, c) for p, c in zip(prompts, completions)]
-        side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions from 0 without position_ids
-        try:
-            out = []
-            for i in range(0, len(rows), batch_size):
-                enc = tokenizer.pad({"input_ids": rows[i : i + batch_size]}, return_tensors="pt").to(device)
-                out.append(model(**enc, use_cache=False).logits[:, 0].float())
-        finally:
-            tokenizer.padding_side = side
-        return torch.cat(out)
-
-    return score
-
-
-def reward_fn_scorer(ref: str):
-    """Scores from a Python function `module:function(prompts, completions) -> list[float]`, called with the
-    prompts' user texts (alignlab.data.prompt_text) and the decoded responses."""
-    fn = load_reward_fn(ref)
-
-    def score(prompts: list, completions: list[str]) -> torch.Tensor:
-        values = fn([prompt_text(p) for p in prompts], list(completions))
-        if len(values) != len(completions):
-            raise ValueError(f"reward_fn {ref} returned {len(values)} scores for {len(completions)} completions")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
-
-    return score
 
 
 def init_value_head(value_head: nn.Linear, reward_model) -> None:

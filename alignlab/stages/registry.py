@@ -60,8 +60,8 @@ def stage_type(name: str, **record: Any) -> Callable[[type[StageSpec]], type[Sta
 
 
 def stage_record(name: str) -> StageType:
-    import alignlab.stages.specs  # noqa: F401  (fills STAGE_TYPES)
-
+    """The record of stage type `name`. The types register when alignlab.stages.specs is imported, which importing
+    alignlab.recipe (hence any Recipe) does."""
     if name not in STAGE_TYPES:
         raise RecipeError(f"unknown stage type '{name}'; known types: {', '.join(sorted(STAGE_TYPES))}")
     return STAGE_TYPES[name]

@@ -18,18 +18,17 @@ adapter over `base` (load the base with AutoModelForSequenceClassification(num_l
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from alignlab.contract import StageContext, StageOutput
+from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.losses import bradley_terry_loss
-from alignlab.models import check_target_modules, load_causal_lm, load_stage_model, load_tokenizer, save_model_atomic
-from alignlab.recipe import Recipe
+from alignlab.models import check_target_modules, load_stage_model, load_tokenizer, save_model_atomic
+from alignlab.rewards import load_reward_model
 from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
+from alignlab.stages.trl_compat import log_metric
 
 
 def run(ctx: StageContext):
@@ -85,33 +84,5 @@ class BradleyTerryRewardTrainer(GuardedTrainer, RewardTrainer):
         chosen, rejected = outputs.logits.squeeze(-1).chunk(2)  # [2B, 1] -> [B], [B]
         loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=self.center_coef)
         for key, value in metrics.items():  # logged as accuracy, margin, ... (eval_accuracy, ... in evaluation)
-            self._metrics[mode][key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+            log_metric(self, mode, key, self.accelerator.gather(value.reshape(1)).mean().item())
         return (loss, outputs) if return_outputs else loss
-
-
-def load_reward_model(recipe: Recipe, source: StageOutput | str, *, quantize: bool | None = None):
-    """A reward model and its tokenizer from a reward stage's output or a directory (full weights saved with
-    AutoModelForSequenceClassification, or a PEFT adapter whose adapter_config.json names its base).
-    Returns (model, tokenizer); the model is a PeftModel when the source is an adapter. `quantize` None follows
-    the recipe's QLoRA setting for the base weights."""
-    from peft import PeftModel
-
-    if isinstance(source, StageOutput):
-        path, is_adapter, base = source.path, source.kind == "adapter", source.base
-        tokenizer = load_tokenizer(recipe, path)  # saved beside every model alignlab writes
-    else:  # a reward model from elsewhere: its own tokenizer, not the recipe's
-        from transformers import AutoTokenizer
-
-        path = str(recipe.resolve_path(source))
-        config_file = Path(path) / "adapter_config.json"
-        is_adapter = config_file.exists()
-        base = json.loads(config_file.read_text())["base_model_name_or_path"] if is_adapter else path
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(recipe, base, quantize=quantize, head="sequence_classification", num_labels=1)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read on the last non-pad token
-    if is_adapter:
-        model = PeftModel.from_pretrained(model, path)
-    return model.eval(), tokenizer

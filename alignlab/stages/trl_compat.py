@@ -1,0 +1,56 @@
+"""Every private name of TRL (and of transformers' Trainer) that alignlab relies on, in one place.
+
+TRL's API moves between minor releases (pyproject.toml pins the tested range). Public names break loudly; private
+ones can break silently: an override of a method TRL renamed is simply never called again. So each private name is
+listed here with why alignlab needs it, the trainer code reaches TRL's private state only through the functions
+below, and `missing_private_names()` (run by tests/test_trl_compat.py) says which of them an upgrade removed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# (module, class or None, attribute) -> why alignlab uses it
+PRIVATE_NAMES: dict[tuple[str, str | None, str], str] = {
+    ("transformers", "Trainer", "_save_checkpoint"): "GuardedTrainer overrides it to write checkpoints atomically",
+    ("trl", "DPOTrainer", "_precompute_ref_logps"): "overridden: reference log-probs cached on disk, gathered in order",
+    ("trl", "DPOTrainer", "compute_ref_log_probs"): "called for reference log-probs of a batch",
+    ("trl.trainer.dpo_trainer", None, "add_fused_lm_head"): "DPOTrainer patches the model's forward with "
+    "`fused_lm_head=True` (log-probs without materialising the logits); alignlab's loss calls it that way",
+    ("trl.models", None, "prepare_deepspeed"): "places the policy as reference for ZeRO-3 precomputation",
+}
+# Instance attributes set in TRL's __init__ (checked on a built trainer by the tests, not here).
+PRIVATE_ATTRIBUTES = {
+    "_metrics": "TRL's per-mode metric lists, averaged into each log line (DPOTrainer, RewardTrainer)",
+    "_precompute_model_hash": "DPOTrainer's hash of the reference weights, part of the ref log-prob cache key",
+    "_precompute_engine": "DPOTrainer's DeepSpeed engine for precomputation under ZeRO-3",
+}
+
+
+def missing_private_names() -> list[str]:
+    """The listed private names the installed TRL / transformers lack, with why alignlab needs each."""
+    missing = []
+    for (module, cls, attr), why in PRIVATE_NAMES.items():
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls, None) if cls else owner
+        if owner is None or not hasattr(owner, attr):
+            missing.append(f"{module}.{cls + '.' if cls else ''}{attr} ({why})")
+    return missing
+
+
+def log_metric(trainer, mode: str, key: str, value: float) -> None:
+    """Append a value to TRL's metric list for `mode` ("train" | "eval"); TRL averages it into the next log."""
+    trainer._metrics[mode][key].append(value)
+
+
+def reference_weights_hash(trainer) -> str:
+    """DPOTrainer's hash of the reference weights (part of the reference log-prob cache key)."""
+    return str(trainer._precompute_model_hash)
+
+
+def deepspeed_reference_engine(trainer):
+    """The policy wrapped for ZeRO-3 forward passes (parameters gathered), built once, as TRL's precomputation does."""
+    from trl.models import prepare_deepspeed
+
+    trainer._precompute_engine = trainer._precompute_engine or prepare_deepspeed(trainer.model, trainer.accelerator)
+    return trainer._precompute_engine
