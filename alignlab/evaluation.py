@@ -57,7 +57,7 @@ import torch
 
 from alignlab.contract import OUTPUT_FILE, StageOutput
 from alignlab.data import build_datasets, prompt_text
-from alignlab.generation import generate, sequence_logprobs
+from alignlab.generation import end_token_ids, generate, sequence_logprobs
 from alignlab.models import load_causal_lm, load_tokenizer, resolve_base
 from alignlab.recipe import Recipe, RecipeError
 from alignlab.rewards import load_reward_fn, reward_fn_scores, reward_model_scores
@@ -297,8 +297,11 @@ def evaluate_models(
 
     # Completions of the same prompts, and the log-ratio on the policy's own completions.
     pol_texts, ref_texts, pol_logps, ref_logps = [], [], [], []
+    # Both models stop at (and are scored up to) the same end tokens: those of either.
+    end_ids = list(dict.fromkeys(end_token_ids(tokenizer, models.policy) + end_token_ids(tokenizer, models.reference)))
     for i, batch in enumerate(_batches(prompts, spec.batch_size)):
         gen = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, generator_seed=recipe.seed + i)
+        gen.update(end_ids=end_ids)
         pol = generate(models.policy, tokenizer, batch, **gen)
         with models.ref() as ref_model:
             ref = generate(ref_model, tokenizer, batch, **gen)

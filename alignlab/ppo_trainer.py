@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
-from alignlab.generation import generate
+from alignlab.generation import end_token_ids, generate
 from alignlab.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -191,6 +191,7 @@ class PPOTrainer:
         self.acc, self.tokenizer, self.prompts, self.score_fn = accelerator, tokenizer, prompts, score_fn
         self.reference, self.spec, self.seed, self.stage_dir = reference, spec, seed, Path(stage_dir)
         self.ro, self.hp = spec.rollout, spec.ppo
+        self.end_ids = end_token_ids(tokenizer, model.policy)  # what ends a response: sampling, mask, eos_rate
         disable_dropout(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True)
@@ -266,6 +267,7 @@ class PPOTrainer:
                 top_p=self.ro.top_p,
                 row_seeds=row_seeds,
                 observe=recorder,
+                end_ids=self.end_ids,
             )
         device = self.acc.device
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
