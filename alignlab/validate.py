@@ -66,8 +66,9 @@ def validate_recipe(
                 continue
             kind = {"preference_dataset": "dpo", "sft_dataset": "sft"}.get(key, spec.type)
             max_length = train.max_length if train is not None and key == "dataset" else None
+            masks = kind == "sft" and key == "dataset" and getattr(spec, "completion_only_loss", False)
             try:
-                note = check_dataset(ds, recipe, kind, tokenizer, max_length)
+                note = check_dataset(ds, recipe, kind, tokenizer, max_length, assistant_masks=masks)
             except DataError as e:
                 problems.append(f"{where}.{key}: {e}")
             else:
