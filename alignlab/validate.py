@@ -65,8 +65,9 @@ def validate_recipe(
             if ds is None:
                 continue
             max_length = train.max_length if train is not None and key == "dataset" else None
+            masks = key == "dataset" and getattr(spec, "completion_only_loss", False)  # SFT on assistant turns
             try:
-                note = check_dataset(ds, recipe, spec.type, tokenizer, max_length, formats)
+                note = check_dataset(ds, recipe, spec.type, tokenizer, max_length, formats, assistant_masks=masks)
             except DataError as e:
                 problems.append(f"{where}.{key}: {e}")
             else:

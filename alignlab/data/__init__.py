@@ -58,10 +58,13 @@ def check_dataset(
     tokenizer=None,
     max_length: int | None = None,
     formats: tuple[str, ...] | None = None,
+    assistant_masks: bool = False,
 ) -> str | None:
     """Check a dataset without any model: source exists, columns fit the stage, rows well formed; given the
-    stage's tokenizer, also that chat data has a template and that prompts fit `max_length` (train.max_length).
-    Returns a note for what cannot be checked offline (hub ids), None when fully checked; raises DataError."""
+    stage's tokenizer, also that chat data has a template and that prompts fit `max_length` (train.max_length),
+    and with `assistant_masks` (SFT loss on assistant turns) that the assistant tokens of `messages` rows can be
+    found (alignlab.data.chat). Returns a note for what cannot be checked offline (hub ids), None when fully
+    checked; raises DataError."""
     src = resolve_source(spec.path, recipe)
     if src.kind == "hub":
         return f"dataset '{spec.path}' is a hub id: not checked offline"
@@ -71,6 +74,10 @@ def check_dataset(
         raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
     if tokenizer is not None:
         check_chat_template(ds, tokenizer, where)
+        if assistant_masks:
+            from alignlab.data.chat import check_chat_masks
+
+            check_chat_masks(ds, tokenizer, where)
         if max_length:
             check_prompt_lengths(ds, tokenizer, max_length, where)
     if spec.eval_path:

@@ -13,6 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from alignlab.contract import StageContext
 from alignlab.data import build_datasets
+from alignlab.data.chat import tokenize_chat_dataset
 from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 
@@ -34,16 +35,30 @@ def run(ctx: StageContext):
         has_eval=eval_ds is not None,
         packing=spec.packing,
         completion_only_loss=spec.completion_only_loss,
-        # Chat data in `messages` form: loss on assistant turns, from the template's generation markers.
-        assistant_only_loss=spec.completion_only_loss and "messages" in train_ds.column_names,
         dataset_num_proc=None,
     )
+    if spec.completion_only_loss and "messages" in train_ds.column_names:
+        # Loss on assistant turns + their end-of-turn token, found on any template (alignlab.data.chat), handed
+        # to TRL already tokenized (input_ids + assistant_masks): TRL's own path needs {% generation %} markers.
+        where = f"stage '{spec.name}' ({spec.dataset.path})"
+        train_ds = tokenize_for_sft(train_ds, tokenizer, args, f"{where}, training data")
+        eval_ds = tokenize_for_sft(eval_ds, tokenizer, args, f"{where}, eval data")
     trainer = GuardedSFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
 
     # Train, save, report
     return train_and_save(trainer, ctx, base=base)
+
+
+def tokenize_for_sft(ds, tokenizer, args: SFTConfig, where: str):
+    """`messages` rows -> input_ids + assistant_masks, truncated as TRL would (none when packing: packing chunks)."""
+    if ds is None:
+        return None
+    max_length = None if args.packing else args.max_length
+    return tokenize_chat_dataset(
+        ds, tokenizer, max_length=max_length, truncation_mode=args.truncation_mode, where=where
+    )
 
 
 class GuardedSFTTrainer(GuardedTrainer, SFTTrainer):
