@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
 
 def load_reward_fn(ref: str):
-    """Import `module:function` (only ever called for a function the recipe names)."""
+    """Import `module:function` (only ever called for a function the recipe names), or look up `builtin:TASK`."""
+    if ref.startswith("builtin:"):
+        from alignlab.builtin.rewards import builtin_reward_fn
+
+        return builtin_reward_fn(ref)
     if ":" not in ref:
         raise ValueError(f"'{ref}' must look like package.module:function")
     mod_name, fn_name = ref.split(":", 1)

@@ -38,6 +38,9 @@ Reward (`arith_reward`, in [0, 1]), from the leading integer of the completion a
     off by d >= 1                            max(0.1, 0.5 - 0.1 * d)   (d=1: 0.4, d=2: 0.3, d=3: 0.2, d>=4: 0.1)
     any text after the integer               the above times 0.5       (e.g. "55 apples" -> 0.5)
 
+A second task, `constraints` (instructions with verifiable constraints, for real small instruct models), lives in
+alignlab.builtin.constraints and is registered here.
+
 This module imports only the standard library.
 """
 
@@ -50,6 +53,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from alignlab.builtin import constraints as _constraints
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -256,7 +261,8 @@ def _arith_corpus(rng: random.Random, n: int) -> list[str]:
 class Task:
     """A built-in task: how to generate its splits and how to score completions.
 
-    rows(split, n, seed) -> rows without label noise; reward_path is what a recipe writes to use the reward.
+    rows(split, n, seed) -> rows without label noise; reward_path is what a recipe writes to use the reward
+    (`builtin:NAME` works too); splits: the splits `rows` knows.
     """
 
     name: str
@@ -265,6 +271,7 @@ class Task:
     reward: Callable[..., list[float]]
     reward_path: str
     corpus: Callable[[random.Random, int], list[str]]
+    splits: tuple[str, ...] = SPLITS
 
 
 BUILTIN_TASKS: dict[str, Task] = {
@@ -275,6 +282,15 @@ BUILTIN_TASKS: dict[str, Task] = {
         reward=arith_reward,
         reward_path="alignlab.builtin.tasks:arith_reward",
         corpus=_arith_corpus,
+    ),
+    "constraints": Task(
+        name="constraints",
+        description="short requests with 1-3 verifiable constraints (IFEval-style); reward = fraction satisfied",
+        rows=_constraints.constraints_rows,
+        reward=_constraints.constraints_reward,
+        reward_path="alignlab.builtin.constraints:constraints_reward",
+        corpus=_constraints._corpus,
+        splits=_constraints.CONSTRAINTS_SPLITS,
     ),
 }
 
@@ -299,8 +315,8 @@ def generate_task(name: str, split: str, n: int, seed: int = 0, flip_rate: float
     flip_rate applies to split "preference" only (see `flipped_indices`).
     """
     task = get_task(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for task {name!r}; known splits: {', '.join(SPLITS)}")
+    if split not in task.splits:
+        raise ValueError(f"unknown split {split!r} for task {name!r}; known splits: {', '.join(task.splits)}")
     if flip_rate and split != "preference":
         raise ValueError(f"flip_rate applies to the 'preference' split only, not {split!r}")
     rows = task.rows(split, n, seed)

@@ -1,0 +1,25 @@
+"""Built-in reward functions by name: a recipe may write `reward_fn: builtin:arith` or `reward_fn: builtin:constraints`
+instead of the `module:function` path (which keeps working). `load_reward_fn` (alignlab.validate) looks names up
+here, so the PPO stage, the eval stage and recipe validation all accept them.
+
+Each is the exact reward of the built-in task of the same name (alignlab.builtin.tasks.BUILTIN_TASKS), called as
+`fn(prompts: list[str], completions: list[str]) -> list[float]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from alignlab.builtin.tasks import BUILTIN_TASKS
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {name: task.reward for name, task in BUILTIN_TASKS.items()}
+
+
+def builtin_reward_fn(ref: str) -> Callable[..., list[float]]:
+    """The reward function named `builtin:NAME`; a ValueError naming the known ones otherwise."""
+    name = ref[len(BUILTIN_PREFIX) :] if ref.startswith(BUILTIN_PREFIX) else ref
+    if name not in BUILTIN_REWARDS:
+        known = ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_REWARDS))
+        raise ValueError(f"unknown built-in reward function '{ref}'; known: {known} (or write package.module:function)")
+    return BUILTIN_REWARDS[name]

@@ -1,0 +1,340 @@
+"""builtin:constraints: every checker on hand-written cases, the prompt -> constraints round trip, the held-out
+split, eval balance, determinism, the reward and report, and the `builtin:` reward names."""
+
+import itertools
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from alignlab.builtin import constraints as C
+from alignlab.builtin.tasks import arith_reward, generate_task
+from alignlab.data import build_datasets
+from alignlab.recipe import DatasetSpec
+from alignlab.rewards import load_reward_fn
+
+CARD = Path(__file__).resolve().parents[1] / "data_cards" / "constraints.md"
+
+
+def _text(row) -> str:
+    return row["prompt"][0]["content"]
+
+
+def _combo(row) -> str:
+    return "+".join(sorted(row["kinds"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkers: (constraint, response, expected)
+# --------------------------------------------------------------------------------------------------------------
+
+W = {"kind": "word_count"}
+S = {"kind": "sentence_count"}
+CASES = [
+    # Words: letters/digits runs; "don't" and "well-known" are one word; markdown markers are none.
+    ({**W, "relation": "at most", "n": 5}, "One two three four five.", True),
+    ({**W, "relation": "at most", "n": 5}, "One two three four five six.", False),
+    ({**W, "relation": "at most", "n": 4}, "Don't  use well-known\n\n words!", True),  # 4 words
+    ({**W, "relation": "at most", "n": 3}, "Don't  use well-known\n\n words!", False),
+    ({**W, "relation": "at least", "n": 3}, "* a\n* b", False),  # 2 words, the bullets are not words
+    ({**W, "relation": "at least", "n": 3}, "Hi there, friend!", True),
+    ({**W, "relation": "at most", "n": 20}, "", False),  # no word at all satisfies nothing
+    ({**W, "relation": "at most", "n": 20}, "  ...!  ", False),
+    # Sentences end at . ! ? followed by whitespace or the end; a trailing fragment counts; "3.5" does not split.
+    ({**S, "relation": "exactly", "n": 2}, "The moon is bright. It glows!", True),
+    ({**S, "relation": "exactly", "n": 2}, "It costs 3.5 dollars. Really?", True),
+    ({**S, "relation": "exactly", "n": 2}, "One. Two. Three.", False),
+    ({**S, "relation": "exactly", "n": 2}, "One. Two", True),
+    ({**S, "relation": "exactly", "n": 2}, 'He said "hi." Then he left.', True),
+    ({**S, "relation": "exactly", "n": 1}, "Wait... what?", False),  # "Wait..." + "what?"
+    ({**S, "relation": "exactly", "n": 1}, "<<Owls>>\nOwls hunt at night.", True),  # a title line is no sentence
+    ({**S, "relation": "at most", "n": 2}, "A. B. C.", False),
+    ({**S, "relation": "at least", "n": 3}, "A! B? C.\n", True),
+    # Case: a letter is needed (a number alone has no case); any capital (lowercase) or small letter fails.
+    ({"kind": "lowercase"}, "all lowercase, even 42 and é.", True),
+    ({"kind": "lowercase"}, "all lowercase but One", False),
+    ({"kind": "lowercase"}, "42", False),
+    ({"kind": "lowercase"}, "p.s. lower is fine\n", True),
+    ({"kind": "uppercase"}, "ALL CAPS, 42 TIMES!", True),
+    ({"kind": "uppercase"}, "ALL CAPS BUT one", False),
+    ({"kind": "uppercase"}, "42", False),
+    # Keywords: whole words, any case, next to punctuation.
+    ({"kind": "include_keyword", "word": "simple"}, "It is (Simple).", True),
+    ({"kind": "include_keyword", "word": "simple"}, "the simplest way", False),
+    ({"kind": "include_keyword", "word": "simple"}, "SIMPLE-minded", True),
+    ({"kind": "exclude_word", "word": "the"}, "Then they left.", True),
+    ({"kind": "exclude_word", "word": "the"}, "THE end", False),
+    ({"kind": "exclude_word", "word": "it"}, "It's late.", False),  # the apostrophe ends the word "it"
+    # Letters, either case.
+    ({"kind": "include_letter", "letter": "z", "n": 2}, "Zebras zoom", True),
+    ({"kind": "include_letter", "letter": "z", "n": 2}, "zebras", False),
+    ({"kind": "avoid_letter", "letter": "q"}, "Quiet please", False),
+    ({"kind": "avoid_letter", "letter": "q"}, "Silent please", True),
+    # Phrases: exact case; leading/trailing whitespace ignored; the start phrase must end at a word boundary.
+    ({"kind": "start_phrase", "phrase": "Of course"}, "  Of course! Owls hunt.", True),
+    ({"kind": "start_phrase", "phrase": "Of course"}, "Of course", True),
+    ({"kind": "start_phrase", "phrase": "Of course"}, "of course they do", False),
+    ({"kind": "start_phrase", "phrase": "Of course"}, "Of courses are served", False),
+    ({"kind": "start_phrase", "phrase": "Of course"}, '"Of course," she said.', False),
+    ({"kind": "end_phrase", "phrase": "Thank you."}, "Owls hunt. Thank you.\n  ", True),
+    ({"kind": "end_phrase", "phrase": "Thank you."}, "Thank you. Owls hunt.", False),
+    ({"kind": "end_phrase", "phrase": "Thank you."}, "Owls hunt. thank you.", False),
+    ({"kind": "end_phrase", "phrase": "Thank you."}, "Owls hunt. Thank you", False),
+    # Bullets: lines starting with "* " or "- " (indent allowed); not "**bold**", "***" or "*word".
+    ({"kind": "bullets", "n": 2}, "* a\n* b", True),
+    ({"kind": "bullets", "n": 2}, "Intro:\n  - a\n- b\n", True),
+    ({"kind": "bullets", "n": 2}, "* a\n* b\n* c", False),
+    ({"kind": "bullets", "n": 2}, "**Bold** intro\n***\n* a\n* b", True),
+    ({"kind": "bullets", "n": 2}, "*a\n*b", False),
+    # JSON: the whole response (or one ``` fence) is an object holding the keys; extra keys are fine.
+    ({"kind": "json_keys", "keys": ["title", "body"]}, '{"title": "Owls", "body": "They hunt."}', True),
+    ({"kind": "json_keys", "keys": ["title", "body"]}, '```json\n{"title": "a", "body": "b", "x": 1}\n```\n', True),
+    ({"kind": "json_keys", "keys": ["answer"]}, '```\n{"answer": "yes"}\n```', True),
+    ({"kind": "json_keys", "keys": ["title", "body"]}, '{"title": "Owls"}', False),
+    ({"kind": "json_keys", "keys": ["title"]}, '["title"]', False),
+    ({"kind": "json_keys", "keys": ["title"]}, 'Here it is: {"title": "Owls"}', False),
+    ({"kind": "json_keys", "keys": ["title"]}, '{"title": "Owls",}', False),  # trailing comma: invalid JSON
+    ({"kind": "json_keys", "keys": ["title"]}, '{"title": "Owls hunt at', False),  # cut off by max_new_tokens
+    # Title: <<...>> on one line with something inside.
+    ({"kind": "title"}, "<<Night Owls>>\nOwls hunt.", True),
+    ({"kind": "title"}, "Owls <<hunt>> at night", True),
+    ({"kind": "title"}, "<<  >> Owls", False),
+    ({"kind": "title"}, "<Night Owls> Owls", False),
+    ({"kind": "title"}, "<<Night\nOwls>>", False),
+    ({"kind": "no_commas"}, "No commas here.", True),
+    ({"kind": "no_commas"}, "One, two", False),
+    ({"kind": "no_commas"}, "full-width\uff0ccomma", False),
+    # Paragraphs: split at "***"; an empty part at either end is ignored, an empty middle one fails.
+    ({"kind": "paragraphs", "n": 2}, "First.\n***\nSecond.", True),
+    ({"kind": "paragraphs", "n": 2}, "First. *** Second.", True),
+    ({"kind": "paragraphs", "n": 2}, "First.\n***\nSecond.\n***\n", True),
+    ({"kind": "paragraphs", "n": 2}, "First.\n***\n***\nSecond.", False),
+    ({"kind": "paragraphs", "n": 2}, "First.\n\nSecond.", False),
+    ({"kind": "paragraphs", "n": 2}, "A\n***\nB\n***\nC", False),
+    # Postscript: "P.S." at the start of a line, any case.
+    ({"kind": "postscript"}, "Owls hunt.\nP.S. They are quiet.", True),
+    ({"kind": "postscript"}, "Owls hunt.\n  p. s. quiet", True),
+    ({"kind": "postscript"}, "Owls hunt. P.S. They are quiet.", False),
+    ({"kind": "postscript"}, "Owls hunt.\nPS: quiet", False),
+]
+
+
+@pytest.mark.parametrize(("constraint", "response", "expected"), CASES)
+def test_checker(constraint, response, expected):
+    assert C.check_constraint(response, constraint) is expected
+
+
+def test_every_kind_has_pass_and_fail_cases():
+    outcomes = {(c["kind"], expected) for c, _, expected in CASES}
+    assert outcomes == {(k, e) for k in C.KINDS for e in (True, False)}
+    assert len(C.KINDS) == 16
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing back what was generated
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_every_phrasing_of_every_kind_parses_back():
+    rng = C.random.Random(0)
+    for kind in C.KIND_LIST:
+        for i in range(len(kind.phrasings)):
+            for _ in range(20):
+                c = {"kind": kind.name, **kind.draw(rng)}
+                text = "Tell me about owls. " + C.render_constraint(c, i)
+                assert C.parse_constraints(text) == [c], text
+
+
+def test_generated_prompts_parse_back_to_their_constraints():
+    rows = generate_task("constraints", "train", 3000, seed=5) + generate_task("constraints", "eval", C.EVAL_SIZE)
+    for row in rows:
+        assert C.parse_constraints(_text(row)) == json.loads(row["constraints"]), _text(row)
+        assert row["kinds"] == [c["kind"] for c in json.loads(row["constraints"])]
+        assert 1 <= len(row["kinds"]) <= 3 and row["primary_kind"] in row["kinds"]
+    # Every kind and every phrasing was generated.
+    texts = " ".join(_text(r) for r in rows)
+    for kind in C.KIND_LIST:
+        for template in kind.phrasings:
+            assert re.search(C._phrasing_regex(template), texts), template
+
+
+def test_no_incompatible_combination_is_drawn():
+    rows = generate_task("constraints", "train", 3000, seed=1) + generate_task("constraints", "eval", C.EVAL_SIZE)
+    for row in rows:
+        cs = json.loads(row["constraints"])
+        for a, b in itertools.combinations(cs, 2):
+            assert frozenset((a["kind"], b["kind"])) not in C.INCOMPATIBLE, _text(row)
+            assert not C._params_conflict(a, b), _text(row)
+        # Nothing to avoid is in the request itself ("Share a fun fact ..." never comes with: avoid "fun").
+        (request,) = [
+            r.format(topic=row["topic"]) for r in C.REQUESTS if _text(row).startswith(r.format(topic=row["topic"]))
+        ]
+        for c in cs:
+            if c["kind"] == "avoid_letter":
+                assert c["letter"] not in request.lower(), _text(row)
+            if c["kind"] == "exclude_word":
+                assert not re.search(rf"\b{c['word']}\b", request, re.I), _text(row)
+    # The parameter rules themselves, on the examples the docstring gives.
+    low, up = {"kind": "lowercase"}, {"kind": "uppercase"}
+    assert C._params_conflict(low, {"kind": "start_phrase", "phrase": "Of course"})
+    assert C._params_conflict({"kind": "no_commas"}, {"kind": "json_keys", "keys": ["title", "body"]})
+    assert not C._params_conflict({"kind": "no_commas"}, {"kind": "json_keys", "keys": ["answer"]})
+    assert C._params_conflict(
+        {"kind": "avoid_letter", "letter": "y"}, {"kind": "end_phrase", "phrase": "Have a nice day!"}
+    )
+    assert C._params_conflict({"kind": "exclude_word", "word": "is"}, {"kind": "start_phrase", "phrase": "Here is"})
+    assert C._params_conflict({"kind": "avoid_letter", "letter": "p"}, {"kind": "postscript"})
+    assert not C._params_conflict(up, {"kind": "postscript"}) and not C._params_conflict(low, {"kind": "postscript"})
+
+
+def test_a_compatible_triple_is_satisfiable():
+    """lowercase + one-key JSON + no commas all hold in one response (and the reward says so)."""
+    prompt = (
+        "Tell me about owls. Write everything in lowercase letters only. Format your entire response as a JSON "
+        'object with the key "answer". Do not use any commas in your response.'
+    )
+    assert [c["kind"] for c in C.parse_constraints(prompt)] == ["lowercase", "json_keys", "no_commas"]
+    assert C.constraints_reward([prompt], ['```json\n{"answer": "owls hunt at night"}\n```']) == [1.0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_train_and_eval_share_no_topic_and_no_combination():
+    train = generate_task("constraints", "train", 5000, seed=0) + generate_task("constraints", "train", 2000, seed=9)
+    evals = generate_task("constraints", "eval", C.EVAL_SIZE)
+    assert not {r["topic"] for r in train} & {r["topic"] for r in evals}
+    assert not {_combo(r) for r in train} & {_combo(r) for r in evals}
+    assert not {_text(r) for r in train} & {_text(r) for r in evals}
+    # The sides are the hash buckets, whatever the seed, and both are non-trivial.
+    assert {r["topic"] for r in evals} <= set(C._topics(eval_side=True))
+    assert len(C._topics(eval_side=True)) > 50 and len(C._topics(eval_side=False)) > 250
+    assert {_combo(r) for r in evals} <= {"+".join(sorted(c)) for c in C._combos(eval_side=True)}
+    # No duplicate prompt in the eval split.
+    assert len({_text(r) for r in evals}) == C.EVAL_SIZE
+
+
+def test_eval_split_has_an_equal_share_per_kind():
+    evals = generate_task("constraints", "eval", C.EVAL_SIZE)
+    assert C.EVAL_SIZE == 480
+    assert Counter(r["primary_kind"] for r in evals) == {k: 30 for k in C.KINDS}
+    # Any prefix is balanced within one prompt per kind (40 prompts: 8 kinds x 3 + 8 kinds x 2).
+    assert sorted(Counter(r["primary_kind"] for r in evals[:40]).values()) == [2] * 8 + [3] * 8
+    # Counting every constraint (not only the primary one), kinds appear within 15% of each other.
+    occurrences = Counter(k for r in evals for k in r["kinds"])
+    assert set(occurrences) == set(C.KINDS)
+    assert max(occurrences.values()) <= 1.15 * min(occurrences.values())
+
+
+def test_generation_is_deterministic_and_eval_is_fixed():
+    a = generate_task("constraints", "train", 200, seed=3)
+    assert a == generate_task("constraints", "train", 200, seed=3)
+    assert a != generate_task("constraints", "train", 200, seed=4)
+    assert generate_task("constraints", "train", 50, seed=3) == a[:50]
+    full = generate_task("constraints", "eval", C.EVAL_SIZE, seed=0)
+    assert generate_task("constraints", "eval", 40, seed=7) == full[:40]  # seed ignored, prefix of the fixed list
+    assert generate_task("constraints", "eval", C.EVAL_SIZE + 5)[C.EVAL_SIZE :] == full[:5]  # then it repeats
+    with pytest.raises(ValueError, match="unknown split 'sft' for task 'constraints'; known splits: train, eval"):
+        generate_task("constraints", "sft", 1)
+    # arith keeps its own splits.
+    with pytest.raises(ValueError, match="known splits: sft, preference, eval"):
+        generate_task("arith", "train", 1)
+
+
+def test_builtin_dataset_takes_train_rows_and_held_out_rows_from_eval():
+    spec = DatasetSpec(path="builtin:constraints", split="train", size=30, eval_size=20)
+    train, held_out = build_datasets(spec, None, "ppo", chat=False)
+    assert train.column_names == ["prompt"] and len(train) == 30 and len(held_out) == 20
+    # The recipe seed (0 here) picks the train rows; held-out rows are the fixed eval split's first 20.
+    assert [_text(r) for r in train] == [_text(r) for r in generate_task("constraints", "train", 30, seed=0)]
+    assert [_text(r) for r in held_out] == [_text(r) for r in generate_task("constraints", "eval", 20)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward and report
+# --------------------------------------------------------------------------------------------------------------
+
+PROMPT3 = (
+    "Write a short note about owls. Answer with at most 10 words. Do not use any commas in your response. "
+    'Include the keyword "quiet" in your response.'
+)
+
+
+def test_reward_is_the_fraction_of_constraints_satisfied():
+    completions = [
+        "Owls are quiet hunters and they fly at night.",  # 9 words, no comma, "quiet": 3/3
+        "Owls are quiet hunters, and they fly at night.",  # a comma: 2/3
+        "Owls, being silent hunters of the night, fly over fields and catch mice.",  # 13 words, comma: 0/3
+        "",  # nothing: 0/3
+    ]
+    rewards = C.constraints_reward([PROMPT3] * 4, completions)
+    assert [round(r, 6) for r in rewards] == [1.0, round(2 / 3, 6), 0.0, 0.0]
+    # Conversational inputs (message lists) give the same scores; extra TRL columns are ignored.
+    messages = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT3}]] * 2
+    answers = [[{"role": "assistant", "content": c}] for c in completions[:2]]
+    assert C.constraints_reward(messages, answers, kinds=[["x"]] * 2) == rewards[:2]
+
+
+def test_reward_errors_name_the_problem():
+    with pytest.raises(ValueError, match="constraints_reward: 1 prompts but 2 completions"):
+        C.constraints_reward([PROMPT3], ["a", "b"])
+    with pytest.raises(ValueError, match=r"prompt 1 states no constraint in a phrasing that builtin:constraints"):
+        C.constraints_reward([PROMPT3, "What is 4+5?"], ["a", "b"])
+
+
+def test_constraint_report_counts_per_kind():
+    """Prompt 1 (3 constraints) gets 2/3 right; prompt 2 (word_count + title) gets both:
+    strict = 1/2; instruction level = (2 + 2) / 5 = 0.8; mean reward = (2/3 + 1) / 2 = 5/6;
+    word_count 2/2, no_commas 0/1, include_keyword 1/1, title 1/1."""
+    p2 = "Tell me about owls. Answer with at least 3 words. Include a title in double angular brackets, like <<a title>>."
+    report = C.constraint_report([PROMPT3, p2], ["Owls are quiet hunters, and fly.", "<<Owls>> They fly at night."])
+    assert report["n_prompts"] == 2 and report["strict_accuracy"] == 0.5
+    assert math.isclose(report["instruction_accuracy"], 0.8) and math.isclose(report["mean_reward"], 5 / 6)
+    assert report["per_kind"] == {
+        "word_count": {"n": 2, "accuracy": 1.0},
+        "include_keyword": {"n": 1, "accuracy": 1.0},
+        "title": {"n": 1, "accuracy": 1.0},
+        "no_commas": {"n": 1, "accuracy": 0.0},
+    }
+
+
+def test_builtin_reward_names_resolve_through_load_reward_fn():
+    assert load_reward_fn("builtin:constraints") is C.constraints_reward
+    assert load_reward_fn("builtin:arith") is arith_reward
+    assert load_reward_fn("alignlab.builtin.tasks:arith_reward") is arith_reward  # module:function still works
+    assert load_reward_fn("alignlab.builtin.constraints:constraints_reward") is C.constraints_reward
+    with pytest.raises(ValueError, match="unknown built-in reward function 'builtin:chess'; known: builtin:arith, "):
+        load_reward_fn("builtin:chess")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The data card quotes the code's numbers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_data_card_numbers_match_the_code():
+    card = CARD.read_text()
+    st = C.split_stats()
+    assert f"| topics (train / eval) | {st['topics']} ({st['train_topics']} / {st['eval_topics']}) |" in card
+    assert f"| kind combinations (train / eval) | {st['train_combinations']} / {st['eval_combinations']} |" in card
+    assert f"| request templates | {st['requests']} |" in card
+    assert f"| eval prompts | {st['eval_size']} ({st['eval_size'] // st['kinds']} per primary kind) |" in card
+    per_prompt = " / ".join(str(st["eval_constraints_per_prompt"][k]) for k in (1, 2, 3))
+    assert f"| eval prompts with 1 / 2 / 3 constraints | {per_prompt} |" in card
+    occ = st["eval_occurrences_per_kind"]
+    assert f"| eval constraints per kind (min-max) | {min(occ.values())}-{max(occ.values())} |" in card
+    for kind in C.KINDS:
+        assert f"`{kind}`" in card
+
+
+def test_registering_the_task_leaves_the_builtin_tokenizer_corpus_unchanged():
+    """tiny-llama's tokenizer is trained on task_corpus(); a new task must not change it (or every cached build)."""
+    from alignlab.builtin.tasks import BUILTIN_TASKS, task_corpus
+
+    assert "constraints" in BUILTIN_TASKS
+    assert task_corpus(0, 50) == BUILTIN_TASKS["arith"].corpus(C.random.Random("corpus/0"), 50)
