@@ -2,16 +2,19 @@
 inputs is alignlab/stages/ppo.py; the formulas are in alignlab/losses/ppo.py (see ALGORITHMS.md).
 
 One step = one rollout batch, then `epochs` passes of clipped PPO over minibatches of it:
-  1. sample one response per prompt (left-padded prompts, temperature / top-p, up to max_new_tokens or EOS);
+  1. sample one response per prompt (left-padded prompts, temperature, up to max_new_tokens or EOS; no top-p:
+     the recipe refuses it, see RolloutSpec);
   2. score each response (reward model or Python function); subtract `missing_eos_penalty` without EOS;
   3. log-probs (logits / temperature), values and entropy under the policy, read off the sampling pass itself
-     (or, with rollout.recompute_logprobs, from a separate forward over prompt + response), and log-probs under
-     the reference (a forward);
-  4. per-token rewards r_t = -kl_coef kl_t, plus the score on the LAST REAL response token (the EOS when the
-     response has one, else its last sampled token);
+     (or, with rollout.recompute_logprobs, the default in low precision, from a separate forward over prompt +
+     response), and log-probs under the reference (a forward); all under the PPO epochs' precision context;
+  4. per-token rewards r_t = -kl_coef k1_t (k1 = log pi - log ref, whatever ppo.kl_estimator says: that key picks
+     the estimator LOGGED as `kl`; see alignlab.losses.ppo.kl_estimate), plus the score on the LAST REAL response
+     token (the EOS when the response has one, else its last sampled token);
   5. GAE -> advantages and returns (returns before whitening), advantages whitened over the batch;
   6. PPO epochs: loss = clipped policy loss + vf_coef clipped value loss; AdamW step per minibatch;
-  7. KL controller update (adaptive: Ziegler et al.), with the batch's mean per-response KL (sum over tokens).
+  7. KL controller update (adaptive: Ziegler et al.), with the batch's mean per-response KL (sum over tokens) as
+     logged (ppo.kl_estimator).
 
 Value function: a linear head on the policy's final hidden state (the lm_head's input), on the SAME backbone:
 no second model. Its loss backpropagates into the policy's trainable weights too (the shared-trunk value head of
@@ -256,8 +259,15 @@ class PPOTrainer:
     @torch.no_grad()
     def make_rollout(self, prompts: list, row_seeds: list[int]) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
         model = self.unwrapped
-        recorder = None if self.ro.recompute_logprobs else SamplingRecorder(self.ro.temperature)
-        with model.recording_values() if recorder else nullcontext() as step_values:
+        recompute = self.ro.recompute_logprobs
+        if recompute is None:  # in low precision, cached decoding drifts from the PPO epochs' full forward
+            recompute = self._low_precision
+        recorder = None if recompute else SamplingRecorder(self.ro.temperature)
+        # Every pass of the policy and the reference (sampling, recomputed log-probs and values, reference log-probs)
+        # runs under the precision context of the PPO epochs' forward (accelerate's autocast under mixed_precision
+        # bf16/fp16; a no-op otherwise): old, new and reference log-probs then come from the same arithmetic, so the
+        # ratio is 1 and the KL 0 before any update.
+        with self.acc.autocast(), model.recording_values() if recorder else nullcontext() as step_values:
             ro = generate(
                 model.policy,
                 self.tokenizer,
@@ -289,16 +299,20 @@ class PPOTrainer:
         else:
             logprobs, values, entropy = [], [], []
             for idx in rows:
-                logits, v = model(input_ids[idx], attention_mask[idx], n, self.ro.temperature)
+                with self.acc.autocast():
+                    logits, v = model(input_ids[idx], attention_mask[idx], n, self.ro.temperature)
                 logprobs.append(token_logprobs(logits, response[idx]))
                 values.append(v.float())
                 entropy.append(entropy_from_logits(logits))
             logprobs, values, entropy = (torch.cat(x) for x in (logprobs, values, entropy))
-        ref_logprobs = torch.cat([self.reference(input_ids[idx], attention_mask[idx], n) for idx in rows])
+        with self.acc.autocast():
+            ref_logprobs = torch.cat([self.reference(input_ids[idx], attention_mask[idx], n) for idx in rows])
 
-        # Rewards: -kl_coef kl_t on every token, plus the score on the last real response token.
-        kl = kl_estimate(logprobs, ref_logprobs, self.hp.kl_estimator) * mask  # [B, C]
-        rewards = -self.kl_ctl.value * kl
+        # Rewards: -kl_coef k1_t on every token, plus the score on the last real response token. Always k1 (a detached
+        # k3 reward does not pull pi toward ref: see kl_estimate); ppo.kl_estimator only picks the logged `kl`.
+        k1 = kl_estimate(logprobs, ref_logprobs, "k1") * mask  # [B, C]
+        kl = kl_estimate(logprobs, ref_logprobs, self.hp.kl_estimator) * mask  # [B, C], logged
+        rewards = -self.kl_ctl.value * k1
         last = mask.sum(dim=1).long() - 1  # [B]: a response has at least one token
         rewards[torch.arange(len(prompts), device=device), last] += scores
         advantages, returns = compute_gae(rewards, values, mask, self.hp.gamma, self.hp.lam)
@@ -401,6 +415,12 @@ class PPOTrainer:
                 + "a reward that returns nan/inf or huge values. "
                 + checkpoint_note(last_checkpoint(self.ckpt_dir))
             )
+
+    @property
+    def _low_precision(self) -> bool:
+        """Mixed precision (bf16/fp16 autocast) or a half-precision model."""
+        dtype = next(self.unwrapped.parameters()).dtype
+        return self.acc.mixed_precision in ("fp16", "bf16") or dtype in (torch.float16, torch.bfloat16)
 
     @property
     def _fp16(self) -> bool:

@@ -229,6 +229,11 @@ CASES = [
     ),
     case("ppo-without-reward", ["stages[2]", "needs exactly one of reward_model"], {"stages.2": PPO}),
     case(
+        "ppo-top-p",
+        ["stages[2].rollout.top_p", "top_p = 0.9 is not supported by PPO", "Remove rollout.top_p (or set 1.0)"],
+        {"stages.2": {**PPO, "reward_fn": FN, "rollout": {"top_p": 0.9}}},
+    ),
+    case(
         "reward-fn-not-importable",
         ["stages[2] (ppo).reward_fn: cannot import module 'no_such_module'", "PYTHONPATH"],
         {"stages.2": {**PPO, "reward_fn": "no_such_module:score"}},

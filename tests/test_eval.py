@@ -53,6 +53,20 @@ def test_preference_accuracy_and_margin():
     assert out == {"accuracy": 1.0, "margin": 1.25}
 
 
+def test_training_and_eval_accuracy_count_ties_alike():
+    """One convention: a tie counts 1/2 in DPO's rewards/accuracies, the reward model's accuracy and the evaluation's
+    preference_accuracy. Rewards [0.4, 0.2, -0.3] vs [0.1, 0.2, 0.3]: right, exact tie, wrong -> 0.5."""
+    from alignlab.losses import bradley_terry_loss, preference_loss
+
+    chosen, rejected = [0.4, 0.2, -0.3], [0.1, 0.2, 0.3]
+    evaluated = compute_metric("preference_accuracy", chosen_rewards=chosen, rejected_rewards=rejected)["accuracy"]
+    _, bt = bradley_terry_loss(torch.tensor(chosen), torch.tensor(rejected))
+    zeros = torch.zeros(3, dtype=torch.float64)  # beta = 1, references 0: the DPO rewards ARE these numbers
+    c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    _, dpo = preference_loss("dpo", c, r, zeros, zeros, beta=1.0)
+    assert evaluated == bt["accuracy"].item() == dpo["rewards/accuracies"].item() == 0.5
+
+
 def test_mean_reward_and_stderr():
     # mean (1.0 + 0.4 + 0.1) / 3 = 0.5; sample variance (0.5^2 + 0.1^2 + 0.4^2) / 2 = 0.21; stderr sqrt(0.21 / 3)
     out = compute_metric("mean_reward", rewards=[1.0, 0.4, 0.1])

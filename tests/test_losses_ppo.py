@@ -77,6 +77,36 @@ def test_k3_nonnegative():
     assert (kl_estimate(logp, logp, "k3") == 0).all()
 
 
+def _expected_reward_gradient(theta: float, kind: str) -> float:
+    """d/dtheta of E_{a~pi}[R(a)] with the DETACHED per-token reward R = -kl_estimate(kind), by the score-function
+    (policy-gradient) identity sum_a pi(a) R(a) d log pi(a) / d theta, computed exactly over a 2-token vocabulary:
+    pi = softmax([theta, 0]), ref = softmax([0, 0])."""
+    z = torch.tensor([theta, 0.0], dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(z, dim=-1)  # [2]: both tokens, as a batch of 2 one-token responses
+    ref = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    reward = -kl_estimate(logp.detach()[None], ref[None], kind)[0]  # [2], detached like PPO's rewards
+    surrogate = (logp.detach().exp() * reward * logp).sum()
+    (grad,) = torch.autograd.grad(surrogate, z)
+    return grad[0].item()
+
+
+def test_k3_reward_has_no_restoring_gradient():
+    """Why PPO's reward holds k1, never k3 (Tang & Munos 2025, arXiv 2506.09477). pi = (p, 1 - p), p = sigma(0.1) =
+    0.5249792, ref = (1/2, 1/2):
+      KL(pi||ref) gradient   p (1 - p) theta = 0.2493760 * 0.1 = 0.0249376
+      KL(ref||pi) gradient   p - 1/2                           = 0.0249792
+    Expected gradient of the reward E[-k]: k1 gives -0.0249376 = -grad KL(pi||ref) (pulls theta back to 0, the
+    reference); k3 gives grad KL(ref||pi) - grad KL(pi||ref) = +4.16e-5: 600 times weaker, and here it even pushes
+    theta AWAY from the reference."""
+    p = 1 / (1 + math.exp(-0.1))
+    g1, g3 = _expected_reward_gradient(0.1, "k1"), _expected_reward_gradient(0.1, "k3")
+    assert g1 == pytest.approx(-p * (1 - p) * 0.1, abs=1e-12)
+    assert g1 == pytest.approx(-0.0249376, abs=1e-7)
+    assert g3 == pytest.approx((p - 0.5) - p * (1 - p) * 0.1, abs=1e-12)
+    assert g3 == pytest.approx(4.158e-5, abs=1e-8)
+    assert g3 > 0 > g1 and abs(g3) < abs(g1) / 500
+
+
 def test_kl_unknown_kind():
     with pytest.raises(ValueError, match="known: k1, k3"):
         kl_estimate(t([[0.0]]), t([[0.0]]), "k2")

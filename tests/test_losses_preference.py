@@ -74,8 +74,8 @@ def test_dpo_hand_values_and_metrics():
     assert m["rewards/chosen"].item() == pytest.approx(0.5 / 3)
     assert m["rewards/rejected"].item() == pytest.approx(0.0)
     assert m["rewards/margins"].item() == pytest.approx(0.5 / 3)
-    # .5 > -.5 yes, .25 > .25 no, -.25 > .25 no
-    assert m["rewards/accuracies"].item() == pytest.approx(1 / 3)
+    # .5 > -.5 right (1), .25 == .25 a tie (1/2), -.25 > .25 wrong (0): (1 + 0.5 + 0) / 3
+    assert m["rewards/accuracies"].item() == pytest.approx(0.5)
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
 
 
@@ -110,6 +110,38 @@ def test_drdpo_hand_value():
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     # Dr. DPO <= mean DPO (Jensen): the soft-min down-weights the high-loss pair
     assert expected < mean([nll(z) for z in Z])
+
+
+@pytest.mark.parametrize("beta_prime", [1e6, 1e9])
+def test_drdpo_large_beta_prime_is_exact_in_float32(beta_prime):
+    """-b' log mean exp(-l / b') = mean l - Var(l) / (2 b') + O(1 / b'^2) (Var over the batch, 1/B). Shared example:
+    l = [0.313262, 0.693147, 0.974077], mean 0.660162, Var 0.073323, so at b' = 1e6 L = mean DPO - 3.7e-8.
+    In float32 the logsumexp form cancelled: 0.715256 at 1e6, 0.0 at 1e9."""
+    pc, pr, rc, rr = (x.float() for x in example())
+    loss, _ = preference_loss("drdpo", pc, pr, rc, rr, beta=BETA, beta_prime=beta_prime)
+    dpo, _ = preference_loss("dpo", pc, pr, rc, rr, beta=BETA)
+    ls = [nll(z) for z in Z]
+    var = mean([(li - mean(ls)) ** 2 for li in ls])
+    assert var == pytest.approx(0.073323, abs=1e-6)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(mean(ls) - var / (2 * beta_prime), abs=1e-6)
+    assert loss.item() == pytest.approx(dpo.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("beta_prime", [0.01, 0.5, 1.0, 1e3])
+def test_drdpo_float32_hand_values_and_soft_min_gradient(beta_prime):
+    """Small and moderate b' in float32: the hand value -b' log(mean exp(-l_i / b')) to 1e-6, and the gradient
+    dL/dh_i = w_i dl_i/dh_i with w = softmax(-l / b') (the soft-min weights) and dl/dh = -beta sigma(-beta h)."""
+    pc, pr, rc, rr = (x.float() for x in example())
+    pc.requires_grad_(True)
+    loss, _ = preference_loss("drdpo", pc, pr, rc, rr, beta=BETA, beta_prime=beta_prime)
+    ls = [nll(z) for z in Z]
+    expected = -beta_prime * math.log(mean([math.exp(-li / beta_prime) for li in ls]))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    e = [math.exp(-li / beta_prime) for li in ls]
+    grad = [ei / sum(e) * -BETA / (1 + math.exp(z)) for ei, z in zip(e, Z)]  # h = pc - ...: dh/dpc = 1
+    assert pc.grad.tolist() == pytest.approx(grad, abs=1e-6)
 
 
 def test_kldpo_hand_value():
@@ -172,7 +204,7 @@ def test_policy_equals_reference(name, params, expected):
     loss, m = preference_loss(name, logps, logps - 1, logps, logps - 1, beta=0.2, **params)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert m["rewards/margins"].item() == 0.0
-    assert m["rewards/accuracies"].item() == 0.0
+    assert m["rewards/accuracies"].item() == 0.5  # every pair a tie: 1/2 each, chance level
 
 
 def test_rdpo_single_term_can_be_negative():

@@ -75,3 +75,12 @@ def test_bad_inputs():
         bradley_terry_loss(*rewards(), center_coef=-0.1)
     with pytest.raises(ValueError, match=r"shape \[B\] or \[B, 1\]"):
         bradley_terry_loss(torch.zeros(3, 2), torch.zeros(3, 2))
+
+
+def test_accuracy_counts_a_tie_as_half():
+    # d = [2 - 1, 1 - 1, 0.5 - 3] = [1, 0, -2.5]: right, tie (1/2), wrong -> (1 + 0.5 + 0) / 3 = 0.5, as the
+    # evaluation's preference_accuracy counts it; all ties (an untrained head) give 0.5, chance level.
+    _, m = bradley_terry_loss(torch.tensor([2.0, 1.0, 0.5]), torch.tensor([1.0, 1.0, 3.0]))
+    assert m["accuracy"].item() == 0.5
+    _, m = bradley_terry_loss(torch.zeros(4), torch.zeros(4))
+    assert m["accuracy"].item() == 0.5

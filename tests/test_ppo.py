@@ -306,3 +306,124 @@ def test_generation_ignores_the_models_generation_config(tiny_model_path):
     out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                           logits_processor=[RowSeededSampler([1, 2, 3], 1.0, 1.0)])  # fmt: skip
     assert not torch.equal(out[:, ids.shape[1] :], plain)
+
+
+# ---------------------------------------------------------------------------- one rollout, read off the trainer
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed_precision once it is set: clear it
+    before and after a test that builds its own Accelerator, so neither it nor later tests see another's."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+BATCH_PROMPTS = [[{"role": "user", "content": f"What is {i}+{2 * i + 1}?" + " Say it" * i}] for i in range(8)]
+
+
+def _bare_trainer(tmp_path, policy, tokenizer, reference, accelerator, rollout=None, **ppo):
+    """A PPOTrainer on 8 chat prompts (different lengths: left padding), scored by response length, without a
+    recipe or a stage around it."""
+    from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer
+    from alignlab.stages.specs import PPOSpec
+
+    spec = PPOSpec(
+        name="ppo",
+        dataset={"path": "builtin:arith"},
+        reward_fn="tests.test_ppo:length_reward",
+        steps=1,
+        rollout={"batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, **(rollout or {})},
+        ppo={"epochs": 1, "minibatch_size": 8, "learning_rate": 1e-3, **ppo},
+    )
+    return PPOTrainer(
+        accelerator=accelerator,
+        model=PolicyWithValueHead(policy, policy.config.hidden_size),
+        tokenizer=tokenizer,
+        prompts=BATCH_PROMPTS,
+        score_fn=lambda prompts, texts: torch.tensor(length_reward(prompts, texts)),
+        reference=reference,
+        spec=spec,
+        seed=0,
+        stage_dir=tmp_path / "ppo",
+    )
+
+
+def _reference_of(model):
+    """The stage's reference callable for a frozen model: (input_ids, attention_mask, C) -> [B, C] log-probs."""
+    from alignlab.ppo_trainer import completion_logits, token_logprobs
+
+    model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reference(input_ids, attention_mask, n):
+        return token_logprobs(completion_logits(model, input_ids, attention_mask, n, 1.0), input_ids[:, -n:])
+
+    return reference
+
+
+def test_kl_penalty_in_the_reward_is_k1_whatever_kl_estimator_logs(tmp_path, tiny_model_path, fresh_accelerator_state):
+    """`ppo.kl_estimator: k3` picks the LOGGED kl; the reward's per-token penalty stays -kl_coef k1 (a detached k3
+    reward does not pull pi toward ref: tests/test_losses_ppo.py::test_k3_reward_has_no_restoring_gradient).
+    Reference: a randomly initialised 2-layer model, far from the policy. With a zero value head (V = 0), gamma =
+    lam = 1 and no whitening, GAE's return at the first token is the response's total reward:
+    returns[:, 0] = score - kl_coef sum_t k1_t."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    ref_model, tokenizer = _random_policy(tiny_model_path)
+    reference = _reference_of(ref_model)
+    trainer = _bare_trainer(
+        tmp_path, policy, tokenizer, reference, Accelerator(cpu=True),
+        kl_estimator="k3", kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False,
+    )  # fmt: skip
+    batch, stats = trainer.make_rollout(BATCH_PROMPTS, row_seeds=list(range(8)))
+    n = batch.response.shape[1]
+    ref_logprobs = reference(batch.input_ids, batch.attention_mask, n)
+    k1 = ((batch.logprobs - ref_logprobs) * batch.mask).sum(1)  # [B], per response
+    logr = ref_logprobs - batch.logprobs
+    k3 = ((torch.expm1(logr) - logr) * batch.mask).sum(1)
+    scores = batch.returns[:, 0] + 0.5 * k1  # the score the reward added on the last token
+    assert (k3 - k1).abs().min() > 1.0  # the two estimates differ enough to tell which one the reward holds
+    torch.testing.assert_close(batch.returns[:, 0], scores - 0.5 * k1, rtol=0, atol=1e-5)
+    assert stats["score"].item() == pytest.approx(scores.mean().item(), abs=1e-5)
+    assert stats["non_score_reward"].item() == pytest.approx(-0.5 * k1.mean().item(), rel=1e-5)
+    assert stats["kl"].item() == pytest.approx(k3.mean().item(), rel=1e-5)  # logged: k3, as asked
+
+
+@pytest.mark.parametrize("recompute", [None, True], ids=["default", "recompute-logprobs"])
+def test_bf16_rollout_and_update_share_one_precision(tmp_path, tiny_model_path, fresh_accelerator_state, recompute):
+    """Under accelerate's mixed_precision bf16 (the shipped ddp.yaml) the PPO epochs' forward runs under autocast:
+    sampling, the recomputed log-probs and the reference pass must too, and by default (recompute_logprobs null)
+    the log-probs come from a full forward, as in the epochs (cached bf16 decoding drifts from it). Policy =
+    reference (a frozen copy), one epoch of one minibatch: the ratio of that first minibatch is exactly 1
+    (approx_kl 0, clipfrac 0) and the KL 0.
+    Measured on these 8 prompts with the built-in tiny model, before: default (log-probs off the fp32 sampling
+    pass) |new - old| mean 0.0056, max 0.034 nats per token, approx_kl 4.1e-5; recompute_logprobs true (already
+    under autocast) ratio 1 but KL -0.0012 per response at pi = ref (fp32 reference). After, an explicit
+    recompute_logprobs false (bf16 cached decoding) still drifts: mean 0.0012, max 0.029, KL 0.0037."""
+    import copy
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.ppo_trainer import token_logprobs
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    reference = _reference_of(copy.deepcopy(policy))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    trainer = _bare_trainer(tmp_path, policy, tokenizer, reference, accelerator, {"recompute_logprobs": recompute})
+    batch, stats = trainer.make_rollout(BATCH_PROMPTS, row_seeds=list(range(8)))
+    assert batch.mask.sum() >= 30 and batch.input_ids.shape[1] > 30
+    with torch.no_grad():  # the PPO epochs' forward (the prepared model: autocast under bf16), before any step
+        logits, _ = trainer.model(batch.input_ids, batch.attention_mask, batch.response.shape[1], 1.0)
+    new = token_logprobs(logits, batch.response)
+    assert (new - batch.logprobs)[batch.mask.bool()].abs().max().item() < 1e-6
+    assert abs(stats["kl"].item()) < 1e-6
+    out = trainer.optimize(batch, torch.Generator().manual_seed(0))  # 1 epoch x 1 minibatch: the first one
+    assert out["approx_kl"] < 1e-10 and out["clipfrac"] == 0.0

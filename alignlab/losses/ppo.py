@@ -75,6 +75,13 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Ten
       k1 = -logr                       unbiased, can be negative per token
       k3 = (exp(logr) - 1) - logr      unbiased, always >= 0 (computed with expm1)
     Returns [B, T]; mask it yourself.
+
+    Both estimate the VALUE of KL(pi || ref) without bias (k3 with less variance: log it). Only k1 works as a
+    per-token penalty in the reward (detached, optimised by the policy gradient): the expected policy gradient
+    of E_pi[-k] is -grad KL(pi||ref) for k1, but -(grad KL(pi||ref) - grad KL(ref||pi)) for k3, which vanishes to
+    first order near pi = ref (Tang & Munos 2025, arXiv 2506.09477): a k3 reward does not hold the policy near
+    the reference. k3 belongs in a differentiable loss term (GRPO), not in the reward. alignlab's PPO therefore
+    always puts k1 in the reward; its `ppo.kl_estimator` only chooses the estimate logged as `kl`.
     """
     logr = ref_logprobs - logprobs
     if kind == "k1":

@@ -98,13 +98,23 @@ def rdpo_loss(h: Tensor, beta: float, *, eps: float = 0.0) -> tuple[Tensor, Metr
 def drdpo_loss(h: Tensor, beta: float, *, beta_prime: float = 1.0) -> tuple[Tensor, Metrics]:
     """Dr. DPO, Wu et al. 2024 (arXiv 2407.07880): L = -beta' log( mean_i exp(-l_i / beta') ),
 
-    with l_i = l(beta h_i) the per-pair DPO loss and beta' > 0. h: [B]. Computed as
-    -beta' (logsumexp(-l / beta') - log B), stable for any beta'. beta' -> inf gives mean DPO;
+    with l_i = l(beta h_i) the per-pair DPO loss and beta' > 0. h: [B]. beta' -> inf gives mean DPO;
     small beta' down-weights high-loss (likely flipped) pairs.
+
+    Computed, with c = min_i l_i (detached) and x_i = -(l_i - c) / beta' <= 0, as the identity
+
+        L = c - beta' log1p( mean_i expm1(x_i) )
+
+    which is exact in float32 for every beta': expm1 never overflows (x <= 0), the argument of log1p stays in
+    (-1, 0] (x = 0 for the smallest loss), and nothing cancels. The plain -beta' (logsumexp(-l / beta') - log B)
+    does cancel for large beta': logsumexp ~ log B - mean(l) / beta', so its float32 rounding (~1e-7) is
+    multiplied by beta' (at beta' = 1e6 it gave 0.834 where mean DPO is 0.866). The gradient is the soft-min
+    weight softmax(-l / beta')_i on each l_i (c is detached; L does not depend on it).
     """
     per_pair = _nll_sigmoid(beta * h)
-    log_mean = torch.logsumexp(-per_pair / beta_prime, dim=0) - math.log(per_pair.numel())
-    return -beta_prime * log_mean, {}
+    center = per_pair.detach().min()
+    x = -(per_pair - center) / beta_prime  # [B], <= 0
+    return center - beta_prime * torch.log1p(torch.expm1(x).mean()), {}
 
 
 def kldpo_loss(
@@ -214,7 +224,9 @@ def preference_loss(
       rewards/chosen     mean beta (pi_c - ref_c)
       rewards/rejected   mean beta (pi_r - ref_r)
       rewards/margins    mean of chosen minus rejected reward
-      rewards/accuracies mean [chosen reward > rejected reward]
+      rewards/accuracies mean of 1 [chosen reward > rejected reward] + 1/2 [chosen reward == rejected reward]
+                         (a tie counts 1/2, as in the evaluation's preference_accuracy: a policy equal to its
+                         reference scores 0.5, chance level, where TRL's strict > shows 0)
     plus the loss's own extras (kldpo: kldpo/weight_mean, kldpo/weight_max, kldpo/weight_min).
     For ``wdpo`` only the base term is returned; the stage adds rho * wdpo_penalty(...).mean().
     """
@@ -234,10 +246,19 @@ def preference_loss(
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/accuracies": pair_accuracy(chosen_rewards, rejected_rewards),
     }
     metrics.update({k: v.detach() for k, v in extra.items()})
     return loss, metrics
+
+
+def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """mean_i ([chosen_i > rejected_i] + 1/2 [chosen_i == rejected_i]), 0-dim; chosen, rejected: [B] rewards.
+
+    Ties count 1/2 (no preference expressed is chance level, not an error): the one convention of alignlab's
+    training metrics (preference losses, Bradley-Terry) and its evaluation (metrics/preference_accuracy).
+    """
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
 
 
 def wdpo_penalty(total_loss: Tensor, inputs_embeds: Tensor, create_graph: bool = True) -> Tensor:

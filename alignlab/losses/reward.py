@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignlab.losses.preference import pair_accuracy
+
 Tensor = torch.Tensor
 
 
@@ -33,7 +35,8 @@ def bradley_terry_loss(
         center_coef: eta >= 0, the reward-centering coefficient (Eisenstein et al. 2023, arXiv 2312.09244);
             None or 0 turns it off; 0.01 is the usual value when on.
 
-    Returns ``(loss, metrics)``: 0-dim loss, and 0-dim detached metrics "accuracy" (mean [r_c > r_r]),
+    Returns ``(loss, metrics)``: 0-dim loss, and 0-dim detached metrics "accuracy" (mean [r_c > r_r] + 1/2 [r_c ==
+    r_r]: a tie counts 1/2, as in DPO's rewards/accuracies and the evaluation's preference accuracy),
     "margin" (mean r_c - r_r), "chosen_rewards", "rejected_rewards" (means).
     """
     r_c = _as_vector(chosen_rewards, "chosen_rewards")
@@ -51,7 +54,7 @@ def bradley_terry_loss(
 
     diff = diff.detach()
     metrics = {
-        "accuracy": (diff > 0).float().mean(),
+        "accuracy": pair_accuracy(r_c.detach(), r_r.detach()),
         "margin": diff.mean(),
         "chosen_rewards": r_c.detach().mean(),
         "rejected_rewards": r_r.detach().mean(),

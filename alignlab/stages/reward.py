@@ -6,8 +6,8 @@ preference pairs, on TRL's RewardTrainer, full, LoRA or QLoRA.
 Loss (alignlab.losses.bradley_terry_loss): -mean log sigma(r_c - r_r - m) + eta mean (r_c + r_r)^2, with the
 per-pair margin m read from a `margin` column when the data has one, and eta = `center_coef` (off by default).
 The reward is read on the last non-padding token of prompt + completion (chat-templated when the tokenizer has a
-template, so the sequence ends with the template's end-of-turn text). Reports held-out accuracy (mean [r_c > r_r])
-as `eval_accuracy`.
+template, so the sequence ends with the template's end-of-turn text). Reports held-out accuracy (mean [r_c > r_r], a tie
+counting 1/2) as `eval_accuracy`.
 
 Starting point: the input model (e.g. the SFT model) or the base, with a fresh score head. After a LoRA SFT stage
 the SFT adapter is merged first and a fresh LoRA (task SEQ_CLS: the score head is trained in full through

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from alignlab.schema import DatasetSpec, StageSpec, Strict, TrainSpec
 from alignlab.stages.registry import input_stage_name, stage_type
@@ -105,7 +105,7 @@ class RolloutSpec(Strict):
     batch_size: int = Field(16, gt=0, description="Prompts per PPO update (per process)")
     max_new_tokens: int = Field(32, gt=0, description="Maximum response length; generation also stops at EOS")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs use logits / temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; PPO accepts only 1.0 (off): see README")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="Subtracted from the score of a response that hit max_new_tokens without EOS"
     )
@@ -115,12 +115,30 @@ class RolloutSpec(Strict):
         description="Rows per no-grad forward of the rollout (reference, reward model); default: "
         "ppo.minibatch_size. Larger is faster; memory grows with rows x length x vocab",
     )
-    recompute_logprobs: bool = Field(
-        False,
+    recompute_logprobs: bool | None = Field(
+        None,
         description="false: the policy's log-probs, values and entropy come from the sampling pass itself; "
-        "true: from one more forward over prompt + response (the PPO epochs' exact arithmetic: for low precision, "
-        "where cached decoding drifts from a full forward)",
+        "true: from one more forward over prompt + response (the PPO epochs' exact arithmetic, so the first ratio "
+        "is exactly 1). Default (null): true under mixed precision (accelerate bf16/fp16) or a float16/bfloat16 "
+        "model, where cached decoding drifts from a full forward; false otherwise",
     )
+
+    @field_validator("top_p")
+    @classmethod
+    def _no_nucleus(cls, v: float) -> float:
+        """PPO's ratio, its KL penalty and its log-probs all describe softmax(logits / temperature). Top-p samples
+        come from another distribution (truncated to a nucleus, renormalised): with the full softmax for the
+        log-probs, the ratio and KL are those of a policy that did not sample. Using the truncated distribution
+        instead cannot be made right: the nucleus moves as the policy trains, so a sampled token can fall outside
+        the new policy's (or the reference's) nucleus, where its log-prob is -inf (ratio 0, KL infinite)."""
+        if v < 1.0:
+            raise ValueError(
+                f"top_p = {v} is not supported by PPO: responses would come from the top-p-truncated distribution "
+                "while the ratio and KL penalty use the full softmax(logits / temperature) (and under the truncated "
+                "one a sampled token can fall outside a later policy's or the reference's nucleus: log-prob -inf). "
+                "Remove rollout.top_p (or set 1.0); lower rollout.temperature to sample closer to the mode"
+            )
+        return v
 
 
 class PPOHyperSpec(Strict):
@@ -135,7 +153,12 @@ class PPOHyperSpec(Strict):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value when adaptive)")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log(pi/ref), k3")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="KL(pi||ref) estimate LOGGED as `kl` (and fed to the adaptive KL controller): k1 = log(pi/ref) "
+        "per token, k3 = ref/pi - 1 - log(ref/pi) (>= 0, less variance). The reward's per-token penalty is always "
+        "-kl_coef k1: a detached k3 penalty does not pull the policy toward the reference (arXiv 2506.09477)",
+    )
     kl_target: float | None = Field(None, gt=0, description="Set to use the adaptive KL controller")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon, in responses")
     whiten_advantages: bool = Field(True, description="Whiten advantages (masked mean/variance of the batch)")

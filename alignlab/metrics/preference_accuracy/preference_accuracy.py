@@ -5,8 +5,9 @@ over the completion tokens (Rafailov et al. 2023, eq. 5). Per pair the margin is
 
     accuracy = (#{margin > 0} + 0.5 * #{margin == 0}) / n        margin = mean(r(chosen) - r(rejected))
 
-Ties count 0.5 (no preference is chance level), so a policy equal to its reference scores 0.5 with margin 0;
-TRL's `rewards/accuracies` training metric counts ties as wrong and would show 0 there.
+Ties count 0.5 (no preference is chance level), so a policy equal to its reference scores 0.5 with margin 0.
+alignlab's training metrics count ties the same way (DPO's `rewards/accuracies`, the reward stage's `accuracy`:
+alignlab.losses.preference.pair_accuracy); TRL's own `rewards/accuracies` counts them as wrong and shows 0 there.
 """
 
 import datasets
