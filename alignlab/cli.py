@@ -121,7 +121,7 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    from alignlab.evaluation import run_cli
+    from alignlab.evaluation.command import run_cli
 
     for md in run_cli(args.checkpoints, args.recipe, args.stage, args.reference, args.out, args.sets):
         print(f"\n{md.read_text()}\nwritten to {md.parent}")

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from alignlab.schema import RecipeError
+
 if TYPE_CHECKING:
     from alignlab.recipe import Recipe, StageSpec
 
@@ -87,3 +89,56 @@ def keep_metrics_until(path: Path, step: int) -> None:
             pass
     kept = [r for r in rows if r.get("step", 0) <= step and not r.get("final")] if step > 0 else []
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ------------------------------------------------------------------------------------- stage outputs on disk
+
+
+def checkpoint_output(path: str | Path) -> StageOutput | None:
+    """What a checkpoint argument points at, as a StageOutput:
+
+    `base` -> None (the recipe's base model); a stage directory (holding stage_output.json) -> that record; a run
+    directory (holding recipe.yaml) -> its last finished stage with a model; an adapter directory
+    (adapter_config.json) -> the adapter over its base_model_name_or_path; a model directory (config.json) or
+    builtin:NAME -> full weights. Anything else that is not a local path is taken as a hub id (full weights).
+    """
+    from alignlab.builtin import resolve_model_name
+
+    text = str(path)
+    if text == "base":
+        return None
+    if text.startswith("builtin:"):
+        text = resolve_model_name(text)
+    p = Path(text).expanduser()
+    if (p / OUTPUT_FILE).exists():
+        out = StageOutput.load(p)
+        if out.kind == "none":
+            raise RecipeError(f"{p} is the output of a {out.type} stage, which writes no model")
+        return out
+    if (p / "recipe.yaml").exists():
+        done = [o for o in run_outputs(p).values() if o.kind != "none"]
+        if not done:
+            raise RecipeError(f"run directory {p} has no finished stage with a model (no */{OUTPUT_FILE})")
+        return done[-1]
+    if (p / "adapter_config.json").exists():
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        head = "sequence_classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+        return StageOutput(p.name, "adapter", str(p), "adapter", cfg["base_model_name_or_path"], head=head)
+    if (p / "config.json").exists():
+        return StageOutput(p.name, "model", str(p), "full", str(p))
+    if p.exists() or text.startswith((".", "/", "~")):
+        raise RecipeError(
+            f"checkpoint {p}: not a run directory (recipe.yaml), stage directory ({OUTPUT_FILE}), adapter "
+            f"(adapter_config.json) or model directory (config.json)"
+        )
+    return StageOutput(text, "model", text, "full", text)  # a hub id
+
+
+def run_outputs(run_dir: Path) -> dict[str, StageOutput]:
+    """The finished stages of a run directory, in recipe order."""
+    import yaml
+
+    raw = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()) or {}
+    names = [s.get("name") or s.get("type") for s in raw.get("stages", [])]
+    found = {n: StageOutput.load(Path(run_dir) / n) for n in names}
+    return {n: o for n, o in found.items() if o is not None}

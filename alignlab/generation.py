@@ -214,15 +214,3 @@ def completion_mask_from_ids(
     )
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
     return (positions[None, :] <= first[:, None]).long(), ended
-
-
-def sequence_logprobs(model, input_ids, attention_mask, start: int, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs [B, T - start] of input_ids[:, start:] under the model (logits / temperature)."""
-    # Left padding: positions count real tokens only, as generate() did when it sampled them.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits
-    logits = logits[:, start - 1 : -1].float() / temperature
-    targets = input_ids[:, start:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -233,3 +233,33 @@ def merge_adapter(recipe: Recipe, source: StageOutput, out_dir: Path) -> str:
     merged = PeftModel.from_pretrained(base, source.path).merge_and_unload()
     save_model_atomic(merged, load_tokenizer(recipe, source.base), out_dir)
     return str(out_dir)
+
+
+def load_frozen_model(recipe: Recipe, source: StageOutput | None, *, quantize: bool | None = None):
+    """A stage's output (or the base model, None) as a frozen model in eval mode: full weights, or an adapter over
+    its base; with the head the stage trained (a reward model's: one label). For evaluation and scoring."""
+    from peft import PeftModel
+
+    head = source.head if source is not None else "causal_lm"
+    extra = {"num_labels": 1} if head == "sequence_classification" else {}
+    if source is None:
+        model = load_causal_lm(recipe, resolve_base(recipe), quantize=quantize)
+    elif source.kind == "adapter":
+        base = load_causal_lm(recipe, source.base, quantize=quantize, head=head, **extra)
+        model = PeftModel.from_pretrained(base, source.path)
+    else:
+        model = load_causal_lm(recipe, source.path, quantize=quantize, head=head, **extra)
+    if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
+        from accelerate import PartialState
+
+        model = model.to(PartialState().device)
+    return model.eval().requires_grad_(False)
+
+
+def output_tokenizer_dir(recipe: Recipe, source: StageOutput | None) -> str:
+    """Where a checkpoint's tokenizer lives: its own folder (stages save one beside the weights), else its
+    base's, else the recipe's base model's. A hub id is asked for its own."""
+    for candidate in (source.path, source.base) if source is not None else ():
+        if not Path(candidate).is_dir() or Path(candidate, "tokenizer_config.json").exists():
+            return candidate
+    return resolve_base(recipe)

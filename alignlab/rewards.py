@@ -11,8 +11,7 @@ otherwise), read on the last non-padding token.
 from __future__ import annotations
 
 import importlib
-import json
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from alignlab.contract import StageOutput
@@ -100,29 +99,24 @@ def reward_fn_scorer(ref: str):
 
 def load_reward_model(recipe: Recipe, source: StageOutput | str, *, quantize: bool | None = None):
     """A reward model and its tokenizer from a reward stage's output or a directory (full weights saved with
-    AutoModelForSequenceClassification, or a PEFT adapter whose adapter_config.json names its base).
-    Returns (model, tokenizer); the model is a PeftModel when the source is an adapter. `quantize` None follows
-    the recipe's QLoRA setting for the base weights."""
-    from peft import PeftModel
-
-    from alignlab.models import load_causal_lm, load_tokenizer
+    AutoModelForSequenceClassification, or a PEFT adapter whose adapter_config.json names its base), frozen, on this
+    process's device. Returns (model, tokenizer); the model is a PeftModel when the source is an adapter. `quantize`
+    None follows the recipe's QLoRA setting for the base weights."""
+    from alignlab.contract import checkpoint_output
+    from alignlab.models import load_frozen_model, load_tokenizer, output_tokenizer_dir
 
     if isinstance(source, StageOutput):
-        path, is_adapter, base = source.path, source.kind == "adapter", source.base
-        tokenizer = load_tokenizer(recipe, path)  # saved beside every model alignlab writes
+        tokenizer = load_tokenizer(recipe, output_tokenizer_dir(recipe, source))  # saved beside its weights
     else:  # a reward model from elsewhere: its own tokenizer, not the recipe's
         from transformers import AutoTokenizer
 
         path = str(recipe.resolve_path(source))
-        config_file = Path(path) / "adapter_config.json"
-        is_adapter = config_file.exists()
-        base = json.loads(config_file.read_text())["base_model_name_or_path"] if is_adapter else path
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(recipe, base, quantize=quantize, head="sequence_classification", num_labels=1)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read on the last non-pad token
-    if is_adapter:
-        model = PeftModel.from_pretrained(model, path)
-    return model.eval(), tokenizer
+        source = checkpoint_output(path)
+    model = load_frozen_model(recipe, replace(source, head="sequence_classification"), quantize=quantize)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id  # the score is read on the last non-pad token
+    return model, tokenizer

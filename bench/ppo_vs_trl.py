@@ -122,7 +122,7 @@ def alignlab_worker(cfg: dict) -> dict:
     setup_worker(cfg["threads"])
     import torch
 
-    import alignlab.ppo_trainer as pt
+    import alignlab.rl.ppo as pt
     import alignlab.stages.ppo as sp
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe

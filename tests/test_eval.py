@@ -11,18 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlab.contract import StageOutput
-from alignlab.evaluation import (
-    EVAL_KEYS,
-    SAMPLE_KEYS,
-    ModelPair,
-    _out_dir,
-    checkpoint_output,
-    completion_logps,
-    compute_metric,
-    tokenize_completion,
-    write_results,
-)
+from alignlab.contract import StageOutput, checkpoint_output
+from alignlab.evaluation.command import _out_dir
+from alignlab.evaluation.evaluator import EVAL_KEYS, SAMPLE_KEYS, ModelPair, compute_metric, tokenize_completion
+from alignlab.evaluation.report import write_results
+from alignlab.logprobs import completion_logps
 from alignlab.recipe import RecipeError, parse_recipe
 from alignlab.rewards import load_reward_fn, reward_fn_scores
 

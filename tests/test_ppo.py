@@ -144,7 +144,7 @@ def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch):
     import bitsandbytes as bnb
 
     from alignlab.builtin import resolve_model_name
-    from alignlab.ppo_trainer import PPOTrainer
+    from alignlab.rl.ppo import PPOTrainer
 
     seen = {}
     real_step = PPOTrainer.train_step
@@ -185,7 +185,7 @@ def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch):
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    from alignlab.ppo_trainer import PPOTrainer
+    from alignlab.rl.ppo import PPOTrainer
 
     def recipe(name):
         stage = _ppo_stage(
@@ -261,8 +261,9 @@ def test_sampling_pass_gives_the_forward_logprobs_values_and_entropy(tiny_model_
     decoding step's state) off generate(); they must be what a forward over prompt + response computes, token by
     token, including left-padded rows."""
     from alignlab.generation import generate
+    from alignlab.logprobs import token_logprobs
     from alignlab.losses import entropy_from_logits
-    from alignlab.ppo_trainer import PolicyWithValueHead, SamplingRecorder, token_logprobs
+    from alignlab.rl.ppo import PolicyWithValueHead, SamplingRecorder
 
     policy, tokenizer = _random_policy(tiny_model_path)
     model = PolicyWithValueHead(policy, 64)
@@ -328,7 +329,7 @@ BATCH_PROMPTS = [[{"role": "user", "content": f"What is {i}+{2 * i + 1}?" + " Sa
 def _bare_trainer(tmp_path, policy, tokenizer, reference, accelerator, rollout=None, **ppo):
     """A PPOTrainer on 8 chat prompts (different lengths: left padding), scored by response length, without a
     recipe or a stage around it."""
-    from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer
+    from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer
     from alignlab.stages.specs import PPOSpec
 
     spec = PPOSpec(
@@ -354,7 +355,7 @@ def _bare_trainer(tmp_path, policy, tokenizer, reference, accelerator, rollout=N
 
 def _reference_of(model):
     """The stage's reference callable for a frozen model: (input_ids, attention_mask, C) -> [B, C] log-probs."""
-    from alignlab.ppo_trainer import completion_logits, token_logprobs
+    from alignlab.logprobs import completion_logits, token_logprobs
 
     model = model.eval().requires_grad_(False)
 
@@ -411,7 +412,7 @@ def test_bf16_rollout_and_update_share_one_precision(tmp_path, tiny_model_path, 
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignlab.ppo_trainer import token_logprobs
+    from alignlab.logprobs import token_logprobs
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)

@@ -117,7 +117,7 @@ def _weights(path):
 
 
 def test_last_checkpoint_picks_only_complete_ones(tmp_path):
-    from alignlab.ppo_trainer import last_checkpoint as ppo_last
+    from alignlab.rl.ppo import last_checkpoint as ppo_last
     from alignlab.stages.common import last_checkpoint
 
     ckpts = tmp_path / "checkpoints"

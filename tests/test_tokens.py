@@ -20,8 +20,8 @@ from alignlab.generation import (
     end_token_ids,
     generate,
     prompt_token_ids,
-    sequence_logprobs,
 )
+from alignlab.logprobs import sequence_logprobs
 
 WORDS = [
     "!",
@@ -221,8 +221,8 @@ def test_ppo_rollout_uses_every_end_token(tmp_path):
     ends (4). Rewards see "pong" and "bar baz foo bar"; scores: 0 and 0 - missing_eos_penalty 1 -> mean -0.5."""
     from accelerate import Accelerator
 
-    from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer
     from alignlab.recipe import DatasetSpec
+    from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer
     from alignlab.stages.specs import PPOHyperSpec, PPOSpec, RolloutSpec
 
     seen = []

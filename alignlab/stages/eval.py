@@ -6,7 +6,7 @@ Policy: the stage's input (by default the previous stage's model; `input: base` 
 Reference: `reference: base` (the recipe's base model, the default) or the name of an earlier stage. Measures the
 task's true reward (`reward_fn`), a reward model's score (`reward_model`), the win rate against the reference, the
 KL to it, DPO's implicit-reward accuracy on held-out pairs (`preference_dataset`) and perplexity on held-out SFT
-data (`sft_dataset`); what each number is exactly, and the eval.json keys: alignlab/evaluation.py.
+data (`sft_dataset`); what each number is exactly, and the eval.json keys: alignlab/evaluation/__init__.py.
 
 Writes <run>/<stage>/eval.json, eval.md (printed at the end of `alignlab run`) and plots/*.png of the earlier
 stages' training curves. Runs on the main process only; other processes wait.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from accelerate import PartialState
 
-from alignlab.contract import StageContext, StageOutput
-from alignlab.evaluation import checkpoint_output, evaluate_models, numeric, write_results
+from alignlab.contract import StageContext, StageOutput, checkpoint_output
+from alignlab.evaluation.evaluator import evaluate_models, numeric
+from alignlab.evaluation.report import write_results
 from alignlab.models import resolve_base
 from alignlab.recipe import RecipeError
 

@@ -1,4 +1,4 @@
-"""PPO stage: RLHF with PPO on alignlab's own loop (alignlab/ppo_trainer.py, on accelerate), full, LoRA or QLoRA.
+"""PPO stage: RLHF with PPO on alignlab's own loop (alignlab/rl/ppo.py, on accelerate), full, LoRA or QLoRA.
 
     accelerate launch -m alignlab run recipes/sft_reward_ppo.yaml --stage ppo
 
@@ -29,6 +29,7 @@ from transformers import set_seed
 
 from alignlab.contract import StageContext, StageOutput
 from alignlab.data import build_datasets
+from alignlab.logprobs import completion_logits, token_logprobs
 from alignlab.models import (
     REF_ADAPTER,
     check_target_modules,
@@ -38,9 +39,9 @@ from alignlab.models import (
     merge_adapter,
     save_model_atomic,
 )
-from alignlab.ppo_trainer import PolicyWithValueHead, PPOTrainer, completion_logits, disable_dropout, token_logprobs
 from alignlab.recipe import RecipeError
 from alignlab.rewards import load_reward_model, reward_fn_scorer, reward_model_scorer
+from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer, disable_dropout
 from alignlab.stages.common import available_trackers
 
 log = logging.getLogger("alignlab")

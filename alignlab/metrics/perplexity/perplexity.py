@@ -1,6 +1,6 @@
 """Perplexity from per-sequence negative log-likelihoods: exp of the mean NLL per token over all sequences.
 
-The model is run elsewhere (alignlab.evaluation); this metric only aggregates, so it needs no model and
+The model is run elsewhere (alignlab.evaluation.evaluator); this metric only aggregates, so it needs no model and
 works for any checkpoint. Every token weighs the same (a long completion counts more than a short one):
 
     perplexity = exp(sum_i nll_i / sum_i num_tokens_i)

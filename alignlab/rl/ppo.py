@@ -52,6 +52,7 @@ from torch import nn
 
 from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.generation import end_token_ids, generate
+from alignlab.logprobs import completion_logits, token_logprobs
 from alignlab.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -112,28 +113,6 @@ class PolicyWithValueHead(nn.Module):
         self._hidden = None
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits, values
-
-
-def completion_logits(model, input_ids, attention_mask, n_completion: int, temperature: float) -> torch.Tensor:
-    """[B, C, V] float logits / temperature predicting the last C tokens of input_ids [B, P + C]."""
-    # Columns of prompt padding in every row carry nothing: drop them (the rows' outputs do not change).
-    start = int(attention_mask.any(dim=0).int().argmax())
-    input_ids, attention_mask = input_ids[:, start:], attention_mask[:, start:]
-    # Left padding: positions count real tokens only, as generate() did when it sampled the response.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=n_completion + 1,  # the lm_head runs on these positions only
-    )
-    return out.logits[:, :-1].float() / temperature
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[B, C, V], [B, C] -> [B, C] log-probs of the given tokens."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class SamplingRecorder:

@@ -1,0 +1,100 @@
+"""`alignlab eval CHECKPOINT [...]`: evaluate checkpoints (run, stage, model or adapter folders, `base`, hub ids)
+against a reference, with an eval stage's settings, outside a pipeline."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from alignlab.contract import OUTPUT_FILE, StageOutput, checkpoint_output, run_outputs
+from alignlab.evaluation.evaluator import evaluate_models
+from alignlab.evaluation.report import write_results
+from alignlab.recipe import RecipeError
+
+
+def run_cli(
+    checkpoints: list[str],
+    recipe_path: str | None = None,
+    stage: str | None = None,
+    reference: str | None = None,
+    out: str | None = None,
+    sets: list[str] | None = None,
+) -> list[Path]:
+    """`alignlab eval`: evaluate each checkpoint against the reference; returns the eval.md paths written.
+
+    Settings are the keys of an eval stage (alignlab/stages/specs.py:EvalSpec): the recipe's eval stage (`stage`,
+    else its first one), with `sets` (`key=value`, e.g. `num_prompts=50`, `dataset.path=data.jsonl`) applied on top;
+    when the recipe has no eval stage, `sets` must give at least `dataset.path`. The recipe is `recipe_path`, else
+    the recipe.yaml of the run the first checkpoint belongs to, else a minimal one over the checkpoint's base.
+    The reference is `reference` (base, a stage of that run, or any checkpoint form), else the stage's own.
+    """
+    import yaml
+
+    from alignlab.recipe import apply_override, parse_recipe
+
+    run_dir = _run_dir_of(Path(checkpoints[0]))
+    source = Path(recipe_path) if recipe_path else (run_dir / "recipe.yaml" if run_dir else None)
+    if source is not None:
+        raw = yaml.safe_load(source.read_text())
+    else:
+        first = checkpoint_output(checkpoints[0])
+        if first is None:
+            raise RecipeError("'base' of which model? Pass --recipe (its model is the base)")
+        raw = {"name": "eval", "model": {"name_or_path": first.base}, "stages": []}
+    evals = [s for s in raw.get("stages", []) if s.get("type") == "eval" and stage in (None, s.get("name"))]
+    if stage is not None and not evals:
+        raise RecipeError(f"{source}: no eval stage named '{stage}'")
+    stage_raw = dict(evals[0]) if evals else {"name": "eval", "type": "eval"}
+    for kv in sets or []:
+        apply_override(stage_raw, kv)
+    raw["stages"] = [s for s in raw.get("stages", []) if s.get("type") != "eval"] + [stage_raw]
+    recipe = parse_recipe(raw, source=source)
+    spec = recipe.stages[-1]
+
+    ref_name = reference or spec.reference
+    written = []
+    for ckpt in checkpoints:
+        policy = checkpoint_output(ckpt)
+        ckpt_run = _run_dir_of(Path(ckpt)) or run_dir
+        ref = _resolve_ref(ref_name, ckpt_run)
+        rm = _resolve_ref(spec.reward_model, ckpt_run) if spec.reward_model else None
+        res = evaluate_models(recipe, spec, policy, ref, reward_model=rm)
+        target = _out_dir(ckpt, policy, out, many=len(checkpoints) > 1)
+        curves = _curves(ckpt_run) if ckpt_run else None
+        written.append(write_results(res, target, curves)[1])
+    return written
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    for p in [path, *list(path.parents)[:2]]:
+        if (p / "recipe.yaml").exists():
+            return p
+    return None
+
+
+def _resolve_ref(name: str, run_dir: Path | None) -> StageOutput | None:
+    if name == "base":
+        return None
+    if run_dir is not None and (run_dir / name / OUTPUT_FILE).exists():
+        return StageOutput.load(run_dir / name)
+    return checkpoint_output(name)
+
+
+def _curves(run_dir: Path) -> dict[str, Path]:
+    return {n: run_dir / n / "metrics.jsonl" for n, o in run_outputs(run_dir).items() if o.kind != "none"}
+
+
+def _out_dir(ckpt: str, policy: StageOutput | None, out: str | None, many: bool) -> Path:
+    """--out (a sub-folder per checkpoint when there are several); else <stage dir>/eval for a stage or run (its
+    evaluated stage), <dir>-eval beside a model or adapter folder, ./eval-<name> for base or a hub id."""
+    p = Path(ckpt).expanduser()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.name if p.exists() else ckpt).strip("-") or "checkpoint"
+    if out is not None:
+        return Path(out) / name if many else Path(out)
+    if (p / OUTPUT_FILE).exists():
+        return p / "eval"
+    if (p / "recipe.yaml").exists():
+        return p / policy.stage / "eval"
+    if p.exists():
+        return p.with_name(p.name + "-eval")
+    return Path(f"eval-{name}")

@@ -1,0 +1,1 @@
+"""Reinforcement-learning loops on accelerate that TRL lacks or that alignlab runs its own way: PPO (ppo.py)."""
