@@ -36,6 +36,7 @@ __all__ = [
     "BUILTIN_PREFIX",
     "BuiltinModel",
     "build_builtin_model",
+    "builtin_model_names",
     "builtin_model_path",
     "resolve_model_name",
     "tokenizer_corpus",
@@ -108,14 +109,25 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     return Path.home() / ".cache" / "alignlab"
 
 
+def builtin_model_names() -> list[str]:
+    """Every builtin model: the tiny models built here and the real ones fetched (alignlab.builtin.pretrained)."""
+    from alignlab.builtin.pretrained import PRETRAINED_MODELS
+
+    return [*BUILTIN_MODELS, *PRETRAINED_MODELS]
+
+
 def _spec(name: str) -> BuiltinModel:
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; known builtin models: {', '.join(sorted(BUILTIN_MODELS))}")
+        raise ValueError(f"unknown builtin model {name!r}; known builtin models: {', '.join(builtin_model_names())}")
     return BUILTIN_MODELS[name]
 
 
 def builtin_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Directory of builtin model `name` (model + tokenizer), building it on first use."""
+    """Directory of builtin model `name` (model + tokenizer), building (or fetching) it on first use."""
+    from alignlab.builtin.pretrained import PRETRAINED_MODELS, pretrained_model_path
+
+    if name in PRETRAINED_MODELS:
+        return pretrained_model_path(name, cache_dir)
     spec = _spec(name)
     final = _cache_root(cache_dir) / "builtin" / f"{name}-v{spec.version}"
     if (final / MARKER_FILE).exists():
@@ -149,7 +161,12 @@ def _discard(path: Path) -> None:
 
 
 def resolve_model_name(name_or_path: str) -> str:
-    """Map "builtin:<name>" to the built model's directory (as a string); return anything else unchanged."""
+    """Map "builtin:<name>" to the built model's directory and a .gguf file to its converted folder (alignlab.gguf),
+    as strings; return anything else unchanged."""
+    if name_or_path.lower().endswith(".gguf"):
+        from alignlab.gguf import converted_gguf_path
+
+        return str(converted_gguf_path(Path(name_or_path).expanduser()))
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX) :]))
