@@ -2,8 +2,8 @@
 
 A recipe names a GGUF file either directly (`model.name_or_path: path/to/model.Q4_K_M.gguf`) or as a folder plus
 a file name (`model.name_or_path: path/to/folder`, `model.gguf_file: model.Q4_K_M.gguf`). Every architecture
-that transformers' GGUF loader reads works (`transformers.modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES`:
-llama, mistral, qwen2, qwen3, gemma2/3, phi3, ...).
+that transformers' GGUF loader reads works (llama, mistral, qwen2, qwen3, gemma2/3, phi3, ...: the list is
+`transformers.modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES`).
 
 Why convert instead of passing `gguf_file=` to every `from_pretrained`: transformers dequantizes a GGUF to
 float32 on every load (10 s for a 135M model; every stage, every process, the tokenizer too), and a GGUF-loaded
@@ -13,12 +13,12 @@ the end-of-turn token ids, written with `save_pretrained` into `<cache>/gguf/<fi
 where <cache> is $ALIGNLAB_CACHE or ~/.cache/alignlab (as for the builtin models). The weights are the GGUF's
 dequantized values: exactly what `from_pretrained(..., gguf_file=...)` gives, not the unquantized original.
 
-Cache key: the sha256 of the file's content, so a renamed or copied file is not converted again and a changed
-file is. Hashing runs at about 400 MB/s here (0.26 s for a 98 MB GGUF, warm page cache); its result is kept in
-`<cache>/gguf/.sha256/`, keyed by (absolute path, size, mtime), so a multi-GB file is hashed once, not once per
-process and stage. The folder is written into a temporary folder beside it, a marker file last, then renamed
-into place, under a file lock, so two processes (`accelerate launch`) asking at once convert it once and neither
-ever sees a half-written folder.
+Cache key: the sha256 of the file's content (and its file name, for a readable cache), so a copy of the file in
+another folder is not converted again and a changed file is. Hashing runs at about 400 MB/s here (0.26 s for a
+98 MB GGUF, warm page cache); its result is kept in `<cache>/gguf/.sha256/`, keyed by (absolute path, size,
+mtime), so a multi-GB file is hashed once, not once per process and stage. The folder is written into a
+temporary folder beside it, a marker file last, then renamed into place, under a file lock, so two processes
+(`accelerate launch`) asking at once convert it once and neither ever sees a half-written folder.
 
 `read_gguf_header` reads only the metadata (no tensors, no numpy), for `alignlab validate`.
 """

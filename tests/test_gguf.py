@@ -211,6 +211,14 @@ def test_second_resolve_reuses_the_conversion_and_a_changed_file_converts_again(
     assert third != first and len(fake_convert) == 2 and (first / MARKER_FILE).exists()
 
 
+def test_eval_checkpoint_that_is_a_gguf_is_its_converted_folder(tmp_path, cache, fake_convert):
+    from alignlab.evaluation import checkpoint_output
+
+    src = write_gguf(tmp_path / "m.gguf")
+    out = checkpoint_output(str(src))
+    assert (out.kind, out.path) == ("full", str(converted_gguf_path(src))) and fake_convert == [src]
+
+
 def test_content_hash_is_remembered_per_path_size_and_mtime(tmp_path, cache, monkeypatch):
     import hashlib
 
