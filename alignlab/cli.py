@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also check an `accelerate launch --config_file` config against the recipe (e.g. recipes/accelerate/fsdp.yaml)",
     )
 
-    bi = sub.add_parser("builtin", help="build a builtin model and print its path (e.g. tiny-llama)")
+    bi = sub.add_parser(
+        "builtin", help="build (tiny-llama) or fetch (smollm2-135m-instruct) a builtin model and print its path"
+    )
     bi.add_argument("name", nargs="?", default="tiny-llama")
 
     ev = sub.add_parser("eval", help="evaluate checkpoints against a reference: eval.json, eval.md, plots")
@@ -67,29 +69,37 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from alignlab.contract import StageFailed
     from alignlab.data import DataError
+    from alignlab.gguf import ModelSourceError
     from alignlab.recipe import RecipeError
 
     try:
         if args.command == "validate":
             return _validate(args)
         if args.command == "builtin":
-            from alignlab.builtin import builtin_model_path
-
-            print(builtin_model_path(args.name))
-            return 0
+            return _builtin(args)
         if args.command == "run":
             return _run(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "bench":
             return _bench_robustness(args)
-    except (RecipeError, DataError) as e:
+    except (RecipeError, DataError, ModelSourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StageFailed as e:  # diverged, out of memory: the message says what to change
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 1
+
+
+def _builtin(args) -> int:
+    from alignlab.builtin import builtin_model_names, builtin_model_path
+
+    if args.name not in builtin_model_names():
+        print(f"error: unknown builtin model '{args.name}'; known: {', '.join(builtin_model_names())}", file=sys.stderr)
+        return 2
+    print(builtin_model_path(args.name))
+    return 0
 
 
 def _validate(args) -> int:

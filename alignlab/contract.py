@@ -99,15 +99,16 @@ def checkpoint_output(path: str | Path) -> StageOutput | None:
 
     `base` -> None (the recipe's base model); a stage directory (holding stage_output.json) -> that record; a run
     directory (holding recipe.yaml) -> its last finished stage with a model; an adapter directory
-    (adapter_config.json) -> the adapter over its base_model_name_or_path; a model directory (config.json) or
-    builtin:NAME -> full weights. Anything else that is not a local path is taken as a hub id (full weights).
+    (adapter_config.json) -> the adapter over its base_model_name_or_path; a model directory (config.json),
+    builtin:NAME or a .gguf file (converted once, alignlab/gguf.py) -> full weights. Anything else that is not a
+    local path is taken as a hub id (full weights).
     """
     from alignlab.builtin import resolve_model_name
 
     text = str(path)
     if text == "base":
         return None
-    if text.startswith("builtin:"):
+    if text.startswith("builtin:") or text.lower().endswith(".gguf"):
         text = resolve_model_name(text)
     p = Path(text).expanduser()
     if (p / OUTPUT_FILE).exists():

@@ -28,17 +28,24 @@ REF_ADAPTER = "ref"  # the name TRL's trainers look for when the reference is a 
 
 
 def resolve_base(recipe: Recipe) -> str:
+    """The base model's folder or hub id: builtin:NAME built or fetched, a GGUF source converted (both cached)."""
     from alignlab.builtin import resolve_model_name
+    from alignlab.gguf import converted_gguf_path, gguf_source
 
+    gguf = gguf_source(recipe)
+    if gguf is not None:
+        return str(converted_gguf_path(gguf, key="model.gguf_file" if recipe.model.gguf_file else "model.name_or_path"))
     return resolve_model_name(recipe.model.name_or_path)
 
 
-def load_tokenizer(recipe: Recipe, path: str | None = None):
+def load_tokenizer(recipe: Recipe, path: str | None = None, gguf_file: str | None = None):
+    """`gguf_file`: read the tokenizer from this GGUF file in folder `path` (validate, before conversion)."""
     from transformers import AutoTokenizer
 
     spec = recipe.model
     src = spec.tokenizer or path or resolve_base(recipe)
-    tok = AutoTokenizer.from_pretrained(src, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    extra = {"gguf_file": gguf_file} if gguf_file and not spec.tokenizer else {}
+    tok = AutoTokenizer.from_pretrained(src, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **extra)
     if spec.chat_template:
         tok.chat_template = recipe.resolve_path(spec.chat_template).read_text()
     if tok.pad_token is None:
@@ -175,14 +182,17 @@ def load_stage_model(recipe: Recipe, source: StageOutput | None, *, head: str = 
     return model, path
 
 
-def meta_model(recipe: Recipe, path: str):
-    """The architecture of the model at `path` on the meta device, built from its config.json: module names and
-    shapes for pre-flight checks, without reading (or allocating) any weights."""
+def meta_model(recipe: Recipe, path: str, gguf_file: str | None = None):
+    """The architecture of the model at `path` on the meta device, built from its config.json (or the metadata of
+    GGUF file `gguf_file` in folder `path`): module names and shapes for pre-flight checks, without reading (or
+    allocating) any weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     trust = recipe.model.trust_remote_code
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    config = AutoConfig.from_pretrained(
+        path, trust_remote_code=trust, **({"gguf_file": gguf_file} if gguf_file else {})
+    )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
 

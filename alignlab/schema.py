@@ -38,7 +38,14 @@ class QuantizationSpec(Strict):
 class ModelSpec(Strict):
     """The pretrained base model every stage starts from (directly or through earlier stages)."""
 
-    name_or_path: str = Field(description="Local directory, hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or builtin:NAME")
+    name_or_path: str = Field(
+        description="Local directory, .gguf file, hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or builtin:NAME"
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside the folder name_or_path (or point name_or_path at the .gguf itself); "
+        "converted once to a cached safetensors folder (alignlab/gguf.py)",
+    )
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None

@@ -14,7 +14,9 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from alignlab.builtin.models import built_model_path
 from alignlab.data import DataError, check_dataset
+from alignlab.gguf import gguf_source
 from alignlab.recipe import Recipe, RecipeError, load_recipe
 from alignlab.rewards import load_reward_fn
 from alignlab.stages.registry import check_chain, stage_record
@@ -33,10 +35,11 @@ def validate_recipe(
     except RecipeError as e:
         problems.append(str(e))
     local_model = False
+    gguf = gguf_source(recipe)
     try:
-        model_note = check_model_source(recipe.model.name_or_path, recipe)
+        model_note = check_gguf_source(recipe, gguf) if gguf else check_model_source(recipe.model.name_or_path, recipe)
     except RecipeError as e:
-        problems.append(f"model.name_or_path: {e}")
+        problems.append(str(e) if gguf else f"model.name_or_path: {e}")
     else:
         local_model = model_note is None
         notes += [model_note] if model_note else []
@@ -140,9 +143,16 @@ def model_files(recipe: Recipe, problems: list[str], notes: list[str]):
         problems.append(f"model.chat_template: file not found: {spec.chat_template} (a Jinja chat template file)")
         return None, None
     name = spec.name_or_path
-    if name.startswith("builtin:"):
+    gguf, gguf_file = gguf_source(recipe), None
+    if gguf is not None:
+        from alignlab.gguf import converted_gguf_path
+
+        path = converted_gguf_path(gguf, build=False)
+        if path is None:  # not converted yet: tokenizer and config from the GGUF's metadata (no tensors read)
+            path, gguf_file = gguf.parent, gguf.name
+    elif name.startswith("builtin:"):
         builtin = name.split(":", 1)[1]
-        path = _built(builtin)
+        path = built_model_path(builtin)
         if path is None:
             notes.append(f"model '{name}' is not built yet (alignlab builtin {builtin}): model checks not run")
             return None, None
@@ -155,28 +165,19 @@ def model_files(recipe: Recipe, problems: list[str], notes: list[str]):
     from alignlab.models import load_tokenizer, meta_model
 
     try:
-        return load_tokenizer(recipe, str(path)), meta_model(recipe, str(path))
+        return load_tokenizer(recipe, str(path), gguf_file), meta_model(recipe, str(path), gguf_file)
     except (OSError, ValueError) as e:
         notes.append(f"model checks not run: cannot read the config or tokenizer in {path}: {e}")
         return None, None
 
 
-def _built(name: str) -> Path | None:
-    """The folder of builtin model `name` when it is already built (validation never builds it)."""
-    from alignlab.builtin import tiny_model
-
-    spec = tiny_model.BUILTIN_MODELS[name]
-    path = tiny_model._cache_root(None) / "builtin" / f"{name}-v{spec.version}"
-    return path if (path / tiny_model.MARKER_FILE).exists() else None
-
-
 def check_model_source(name: str, recipe: Recipe) -> str | None:
     """builtin:NAME must be known; a local path must hold a config.json; anything else is a hub id."""
     if name.startswith("builtin:"):
-        from alignlab.builtin import BUILTIN_MODELS
+        from alignlab.builtin import builtin_model_names
 
-        if name.split(":", 1)[1] not in BUILTIN_MODELS:
-            raise RecipeError(f"model '{name}': unknown builtin model; known: {', '.join(BUILTIN_MODELS)}")
+        if name.split(":", 1)[1] not in builtin_model_names():
+            raise RecipeError(f"model '{name}': unknown builtin model; known: {', '.join(builtin_model_names())}")
         return None
     p = recipe.resolve_path(name)
     if p.exists() or name.startswith((".", "/", "~")):
@@ -184,3 +185,25 @@ def check_model_source(name: str, recipe: Recipe) -> str | None:
             raise RecipeError(f"model path {p} has no config.json: point model.name_or_path at a saved model folder")
         return None
     return f"model '{name}' is a hub id: not checked offline"
+
+
+def check_gguf_source(recipe: Recipe, path: Path) -> None:
+    """A GGUF base model (model.name_or_path a .gguf file, or a folder plus model.gguf_file): the file exists, is
+    GGUF and holds an architecture transformers reads (alignlab.gguf.check_gguf_file; no tensors read)."""
+    from alignlab.gguf import ModelSourceError, check_gguf_file, is_gguf_name
+
+    spec = recipe.model
+    key = "model.name_or_path"
+    if spec.gguf_file:
+        key = "model.gguf_file"
+        folder = recipe.resolve_path(spec.name_or_path)
+        if spec.name_or_path.startswith("builtin:") or is_gguf_name(spec.name_or_path) or not folder.is_dir():
+            raise RecipeError(
+                f"model.gguf_file is '{spec.gguf_file}', so model.name_or_path must be the local folder holding "
+                f"it, but '{spec.name_or_path}' is not a folder. Point model.name_or_path at the folder, or at the "
+                f".gguf file itself and remove model.gguf_file."
+            )
+    try:
+        check_gguf_file(path, key)
+    except ModelSourceError as e:
+        raise RecipeError(str(e)) from None

@@ -29,7 +29,7 @@ def ensure(name: str) -> dict:
     """{"policy": dir, "reward": dir, "params": N, "config": {...}}, building what is missing."""
     if name not in PRESETS:
         raise SystemExit(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
-    from alignlab.builtin.tiny_model import builtin_model_path
+    from alignlab.builtin import builtin_model_path
 
     tiny = builtin_model_path("tiny-llama")
     policy = tiny if name == "tiny" else CACHE / "models" / name

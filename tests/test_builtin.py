@@ -8,6 +8,7 @@ import json
 import pytest
 
 from alignlab.builtin import tasks as task_module
+from alignlab.builtin.models import builtin_model_path, resolve_model_name
 from alignlab.builtin.tasks import (
     BUILTIN_TASKS,
     arith_reward,
@@ -22,8 +23,6 @@ from alignlab.builtin.tiny_model import (
     IM_START,
     MARKER_FILE,
     PAD,
-    builtin_model_path,
-    resolve_model_name,
 )
 
 # --------------------------------------------------------------------------------------------------------------

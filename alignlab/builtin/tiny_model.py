@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignlab.builtin.tasks import task_corpus
+from alignlab.cache import cache_root
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -37,7 +38,7 @@ __all__ = [
     "BuiltinModel",
     "build_builtin_model",
     "builtin_model_path",
-    "resolve_model_name",
+    "tiny_model_dir",
     "tokenizer_corpus",
 ]
 
@@ -100,24 +101,21 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("ALIGNLAB_CACHE"):
-        return Path(os.environ["ALIGNLAB_CACHE"])
-    return Path.home() / ".cache" / "alignlab"
-
-
 def _spec(name: str) -> BuiltinModel:
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; known builtin models: {', '.join(sorted(BUILTIN_MODELS))}")
+        raise ValueError(f"unknown builtin model {name!r}; known builtin models: {', '.join(BUILTIN_MODELS)}")
     return BUILTIN_MODELS[name]
 
 
+def tiny_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
+    return cache_root(cache_dir) / "builtin" / f"{name}-v{_spec(name).version}"
+
+
 def builtin_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Directory of builtin model `name` (model + tokenizer), building it on first use."""
+    """Directory of tiny builtin model `name` (model + tokenizer), building it on first use. (Every builtin, the
+    fetched ones too: alignlab.builtin.builtin_model_path.)"""
     spec = _spec(name)
-    final = _cache_root(cache_dir) / "builtin" / f"{name}-v{spec.version}"
+    final = tiny_model_dir(name, cache_dir)
     if (final / MARKER_FILE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -146,13 +144,6 @@ def _discard(path: Path) -> None:
     except OSError:
         pass  # another process moved it first
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def resolve_model_name(name_or_path: str) -> str:
-    """Map "builtin:<name>" to the built model's directory (as a string); return anything else unchanged."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
-    return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX) :]))
 
 
 # --------------------------------------------------------------------------------------------------------------
