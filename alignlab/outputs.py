@@ -27,6 +27,7 @@ class StageOutput:
     head: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     merged_path: str | None = None
     metrics: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)  # what it was made from (alignlab/freshness.py); {}: not recorded
 
     def save(self, stage_dir: Path) -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)
