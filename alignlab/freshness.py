@@ -13,7 +13,7 @@ with the recipe in `<stage>/recipe.yaml`; the finished stage's stage_output.json
   restores the learning-rate schedule (and PPO its KL controller) from the checkpoint, so a changed setting would
   not even take effect everywhere, while the record would claim it. An attempt that starts over deletes the
   earlier attempt's checkpoints (a later --resume would otherwise pick them up).
-- the run folder's recipe.yaml is written only when a stage runs, and describes each finished stage by the
+- the run folder's recipe.yaml is written only when a stage starts, and describes each finished stage by the
   recipe it was trained with.
 Under `accelerate launch` the main process decides and tells the others (runlock.from_main).
 """
@@ -118,15 +118,17 @@ def start_stage(recipe: Recipe, index: int, outputs: dict[str, StageOutput], res
     (stage_dir / "stage_output.json").unlink(missing_ok=True)  # replaced only when this attempt finishes
     (stage_dir / RECIPE_FILE).write_text(_recipe_yaml(recipe))
     _write_json(stage_dir / STARTED_FILE, origin)
+    write_run_recipe(recipe, spec.name)
     return origin, resume
 
 
-def write_run_recipe(recipe: Recipe, plan: Plan) -> None:
-    """The run folder's recipe.yaml: the recipe, each finished stage that does not run now as it was trained."""
+def write_run_recipe(recipe: Recipe, running: str) -> None:
+    """The run folder's recipe.yaml: the recipe, with each finished stage other than `running` as it was trained
+    (its own recipe.yaml), so the file describes what the folder holds at every moment of a run."""
     raw = yaml.safe_load(_recipe_yaml(recipe))
     for i, spec in enumerate(recipe.stages):
         recorded = recipe.run_dir / spec.name / RECIPE_FILE
-        if spec.name in plan.run or spec.name not in {**plan.reuse, **plan.stale} or not recorded.exists():
+        if spec.name == running or StageOutput.load(recipe.run_dir / spec.name) is None or not recorded.exists():
             continue
         stages = (yaml.safe_load(recorded.read_text()) or {}).get("stages", [])
         raw["stages"][i] = next((s for s in stages if s.get("name") == spec.name), raw["stages"][i])

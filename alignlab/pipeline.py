@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignlab.freshness import plan_run, start_stage, write_run_recipe
+from alignlab.freshness import plan_run, start_stage
 from alignlab.outputs import StageOutput
 from alignlab.recipe import Recipe, RecipeError, StageSpec
 from alignlab.runlock import from_main, run_lock
@@ -119,8 +119,6 @@ def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bo
     _setup_logging(run_dir / "logs" / f"run.{state.process_index}.log", state.is_main_process)
     # Reuse only finished stages the recipe still describes; stop on changed ones (alignlab/freshness.py).
     plan = from_main(state, plan_run, recipe, only, force)
-    if state.is_main_process and plan.run:
-        write_run_recipe(recipe, plan)
 
     outputs: dict[str, StageOutput] = {}
     for i, spec in enumerate(recipe.stages):

@@ -108,7 +108,7 @@ class RunLock:
 
 def stale_reason(holder: dict) -> str | None:
     """Why the lock's owner is gone, or None when it may still run."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int) or holder["pid"] <= 0:
         return None  # another machine's process (or an unreadable record): cannot tell from here
     pid = holder["pid"]
     start = process_start_time(pid)

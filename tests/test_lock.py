@@ -107,7 +107,7 @@ def test_lock_is_ours_to_release_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_process_stops_when_the_lock_is_held(tmp_path):
+def test_every_process_stops_when_the_lock_is_held_and_goes_on_when_its_holder_is_gone(tmp_path):
     from tests.test_multiprocess import launch_two_processes
 
     recipe, run = _recipe(tmp_path), tmp_path / "run"
@@ -120,3 +120,7 @@ def test_every_process_stops_when_the_lock_is_held(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count(f"error: another alignlab run is using {run} (pid {holder.pid}") == 2, done.stderr[-3000:]
     assert not (run / "sft").exists()
+    # The holder was killed: the main process takes its stale lock over, and both processes train.
+    done = launch_two_processes(recipe, "--resume", timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "sft" / "stage_output.json").exists() and not (run / LOCK_FILE).exists()
