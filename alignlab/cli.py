@@ -15,8 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="key.sub=value, e.g. stages.sft.train.max_steps=10")
     run.add_argument("--stage", help="run only this stage, starting from what earlier stages wrote")
-    run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    run.add_argument("--force", action="store_true", help="run stages again even if they finished")
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint (made with the same settings)"
+    )
+    run.add_argument(
+        "--force", action="store_true", help="run stages again from scratch, even if they finished (or changed)"
+    )
 
     val = sub.add_parser("validate", help="check a recipe without loading any model")
     val.add_argument("recipe")
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignlab.data import DataError
     from alignlab.gguf import ModelSourceError
     from alignlab.recipe import RecipeError
+    from alignlab.runlock import RunLocked
 
     try:
         if args.command == "validate":
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "bench":
             return _bench_robustness(args)
-    except (RecipeError, DataError, ModelSourceError) as e:
+    except (RecipeError, DataError, ModelSourceError, RunLocked) as e:  # RecipeError: a stale stage too
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StageFailed as e:  # diverged, out of memory: the message says what to change

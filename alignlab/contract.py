@@ -34,6 +34,7 @@ class StageOutput:
     head: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     merged_path: str | None = None
     metrics: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)  # what it was made from (alignlab/freshness.py); {}: not recorded
 
     def save(self, stage_dir: Path) -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,8 @@ class TrainingDiverged(StageFailed):
 
 def checkpoint_note(last: str | Path | None) -> str:
     kept = (
-        f"The last good checkpoint is {last}: change the setting and run again with --resume to continue from it."
+        f"The last good checkpoint is {last}: run again with --resume to continue from it with the same settings, "
+        f"or change the setting and run again without --resume to start the stage over."
         if last
         else "No checkpoint was written before it (train.save_steps / save_steps keep some)."
     )

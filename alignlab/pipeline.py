@@ -1,9 +1,13 @@
 """Pipeline: runs a recipe's stages in order in one run directory, handing each stage the output of the one
-it starts from, and skipping stages that already finished (unless forced).
+it starts from, and skipping stages that already finished with the settings the recipe has (unless forced).
 
 run_dir/
-  recipe.yaml              the resolved recipe (after overrides)
-  <stage>/stage_output.json  what the stage left (written last: its presence = the stage finished)
+  recipe.yaml              the resolved recipe (after overrides), each finished stage as it was trained
+  .alignlab.lock           held while a run uses the folder (alignlab/runlock.py)
+  <stage>/stage_output.json  what the stage left (written last: its presence = the stage finished), with what it
+                           was made from (its `origin`: a finished stage is reused only while it fits the recipe,
+                           alignlab/freshness.py)
+  <stage>/recipe.yaml, started.json   the recipe and record of the stage's latest attempt
   <stage>/model/           adapter or full weights (safetensors), tokenizer
   <stage>/metrics.jsonl    one JSON object per logging step
   logs/run.log
@@ -14,10 +18,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
-
 from alignlab.contract import StageContext, StageFailed, StageOutput
+from alignlab.freshness import plan_run, start_stage
 from alignlab.recipe import Recipe, RecipeError, StageSpec
+from alignlab.runlock import from_main, run_lock
 from alignlab.stages.registry import check_chain, input_stage_name, stage_record
 
 log = logging.getLogger("alignlab")
@@ -26,33 +30,35 @@ log = logging.getLogger("alignlab")
 def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, force: bool = False):
     import torch
     from accelerate import PartialState
-    from transformers import set_seed
 
     check_chain(recipe)
+    if only is not None:
+        recipe.stage(only)  # raises with the list of stage names
     # On CPU, `accelerate launch --multi_gpu` needs the gloo backend chosen before anything else builds the state.
     state = PartialState(cpu=not torch.cuda.is_available())
+    with run_lock(recipe.run_dir, state):  # one run per folder (alignlab/runlock.py)
+        return _run_stages(recipe, state, only, resume, force)
+
+
+def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bool) -> dict[str, StageOutput]:
+    from transformers import set_seed
+
     run_dir = recipe.run_dir
     if state.is_main_process:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(
-            yaml.safe_dump(recipe.model_dump(mode="json", serialize_as_any=True), sort_keys=False)
-        )
     state.wait_for_everyone()
     _setup_logging(run_dir / "logs" / f"run.{state.process_index}.log", state.is_main_process)
-    if only is not None:
-        recipe.stage(only)  # raises with the list of stage names
+    # Reuse only finished stages the recipe still describes; stop on changed ones (alignlab/freshness.py).
+    plan = from_main(state, plan_run, recipe, only, force)
 
     outputs: dict[str, StageOutput] = {}
     for i, spec in enumerate(recipe.stages):
         stage_dir = run_dir / spec.name
-        done = StageOutput.load(stage_dir)
-        if only is not None and spec.name != only:
-            if done:
-                outputs[spec.name] = done
-            continue
-        if done and not force:
+        if spec.name in plan.reuse:
             log.info("stage %s: already finished (%s); skipping. Pass --force to run it again.", spec.name, stage_dir)
-            outputs[spec.name] = done
+            outputs[spec.name] = plan.reuse[spec.name]
+            continue
+        if spec.name not in plan.run:
             continue
         src_name = input_stage_name(recipe, i)
         if src_name is not None and src_name not in outputs:
@@ -61,7 +67,8 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
                 f"Run it first (alignlab run RECIPE --stage {src_name}) or run the whole recipe."
             )
         log.info("stage %s (%s): starting from %s", spec.name, spec.type, src_name or "the base model")
-        ctx = StageContext(recipe, spec, stage_dir, outputs.get(src_name) if src_name else None, dict(outputs), resume)
+        origin, resumes = from_main(state, start_stage, recipe, i, outputs, resume, force)
+        ctx = StageContext(recipe, spec, stage_dir, outputs.get(src_name) if src_name else None, dict(outputs), resumes)
         # Every stage starts from the recipe's seed (fresh LoRA weights, score heads), on every process alike, so
         # its result does not depend on which stages ran before it in this process (--stage, a rerun, --resume).
         set_seed(recipe.seed)
@@ -74,6 +81,7 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
                 raise
             raise StageFailed(f"stage '{spec.name}' ({spec.type}) {out_of_memory_message(recipe, spec, e)}") from e
         if state.is_main_process:
+            out.origin = origin
             out.save(stage_dir)
         state.wait_for_everyone()
         outputs[spec.name] = out

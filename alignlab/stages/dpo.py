@@ -8,8 +8,9 @@ override that computes summed completion log-probs and calls `preference_loss` (
 Reference model: the stage's INPUT model, frozen. After a LoRA/QLoRA SFT stage the policy continues the SFT
 adapter and TRL keeps a frozen copy of it as adapter "ref" on the same backbone (no second model in memory);
 after full fine-tuning the reference is a frozen copy of the input weights. `precompute_ref_logps: true`
-computes reference log-probs once and caches them in <stage>/ref_logps/, keyed by data content and weights,
-so a second or resumed run reads them back.
+computes reference log-probs once and caches them in <stage>/ref_logps/, keyed by the batches as fed (rows, their
+order and selection, truncation to max_length), the reference weights and the precision, so a second or resumed
+run reads them back (`--force` starts the stage over without them).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
         on disk keyed by the tokenised data and the reference weights. Replaces TRL's version, whose cache sits
         beside the dataset's arrow files: for an in-memory dataset that is a per-process temporary folder, which
         the other processes of a multi-process run cannot read."""
-        key = _content_hash(dataset, reference_weights_hash(self))
+        key = _ref_logps_key(self, dataset, batch_size)
         path = self.ref_cache_dir / f"{name}-{key[:20]}.safetensors"
         if path.exists():
             log.info("reference log-probs for %s read from %s", name, path)
@@ -171,10 +172,16 @@ def _math_sdpa():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _content_hash(dataset, model_hash) -> str:
-    h = hashlib.sha256(str(model_hash).encode())
-    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
-    for column in table.columns:
-        for chunk in column.chunks:
-            h.update(str(chunk.to_pylist()).encode())
+def _ref_logps_key(trainer, dataset, batch_size: int) -> str:
+    """Cache key of a dataset's reference log-probs: every batch exactly as the precompute feeds it (the collator's
+    output: row order and selection, tokens after truncation to max_length, padding, masks), the reference
+    weights (TRL's hash of the state dict, dtypes included) and the precision the forward runs in (mixed-precision
+    autocast). Reading the arrow table instead misses a `select`/shuffle (an indices mapping over the same table)
+    and the truncation, which the collator applies."""
+    h = hashlib.sha256(f"{reference_weights_hash(trainer)}|{trainer.accelerator.mixed_precision}".encode())
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False):
+        for name, value in sorted(batch.items()):
+            if isinstance(value, torch.Tensor):
+                h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+                h.update(value.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -1,0 +1,236 @@
+"""Stage fingerprints: what a stage was made from, recorded so a rerun can tell whether it still fits the recipe.
+
+A stage's *parts* are a flat mapping of readable keys to JSON values, everything that changes its result:
+  <key>.<sub>              each key of the stage's resolved spec (train.learning_rate, loss.beta, dataset.path, ...)
+                           except those that change no result (NOT_RESULT_KEYS: logging_steps, report_to, ...)
+  seed, model.<key>, peft.<key>   the recipe-level keys every stage depends on
+  model.content            digest of a local base model folder (names, sizes, contents); hub ids and builtin
+                           models by name only; likewise model.tokenizer.content, model.chat_template.content
+  <dataset>.content        sha256 of the data files' bytes, or of the rows a builtin: task generates;
+  <dataset>.eval_content   the same for the held-out data (eval_path, eval_split, a builtin task's held-out split)
+  input, reward_model, reference   the earlier stage it starts from / scores with: its name, fingerprint and the
+                           attempt (one training run, by start time) that made it, so retraining that stage, even
+                           with the same settings, makes this one stale too
+  reward_fn.source         sha256 of the source file of the module `reward_fn` lives in
+The fingerprint is the sha256 of the parts' canonical JSON. Nested recipe sections become dotted keys, so a
+message can say `train.learning_rate: 0.001 -> 0.002`; free-form mappings (train.extra, dataset.columns, a loss's
+parameters as `loss.params`) and optional sections (peft.quantization) stay one value each.
+
+Not covered: datasets from the hub (recorded by id and split: their content is not read), code changes in
+alignlab, transformers or TRL, and modules the reward function itself imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from alignlab.recipe import DatasetSpec, Recipe, StageSpec
+from alignlab.stages.registry import stage_record
+
+# Keys that change how a run is logged, checkpointed or shown, never what it trains or measures. train.eval_steps:
+# evaluation during training leaves the weights alone (the final evaluation runs regardless).
+# model.gradient_checkpointing: recomputes activations (same values, dropout included) to save memory.
+NOT_RESULT_KEYS = frozenset(
+    {
+        "name",  # the stage folder's name: a renamed stage is another folder
+        "train.logging_steps",
+        "train.report_to",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.eval_steps",
+        "logging_steps",
+        "report_to",
+        "save_steps",
+        "save_total_limit",
+        "num_samples_shown",
+        "model.gradient_checkpointing",
+    }
+)
+LARGE_FILE = 32 * 2**20  # bytes: bigger files (model weights) are digested by size and their first and last MiB
+
+
+def stage_parts(recipe: Recipe, spec: StageSpec, refs: dict[str, tuple[str, dict | None] | None]) -> dict[str, Any]:
+    """The parts of stage `spec` (see the module docstring). `refs`: for each of input / reward_model /
+    reference that names an earlier stage, (its name, its record's origin: {} when it has none, None when it has
+    not finished); None for the base model. Returns JSON-normal values (lists, not tuples)."""
+    parts: dict[str, Any] = {"seed": recipe.seed}
+    parts.update(_flatten(recipe.model, "model."))
+    parts["model.content"] = model_digest(recipe, recipe.model.name_or_path)
+    if recipe.model.tokenizer:
+        parts["model.tokenizer.content"] = model_digest(recipe, recipe.model.tokenizer)
+    if recipe.model.chat_template:
+        parts["model.chat_template.content"] = model_digest(recipe, recipe.model.chat_template)
+    parts.update(_flatten(recipe.peft, "peft."))
+    own = _flatten(spec, "")
+    for key in ("input", *stage_record(spec.type).references):
+        own.pop(key, None)
+    parts.update(own)
+    for key, ref in refs.items():
+        parts[key] = None if ref is None else _ref_part(*ref)
+    if getattr(spec, "reward_model", None) and "reward_model" not in refs:  # a model folder, not a stage
+        parts["reward_model"] = spec.reward_model
+        parts["reward_model.content"] = model_digest(recipe, spec.reward_model)
+    for name in type(spec).model_fields:
+        value = getattr(spec, name)
+        if isinstance(value, DatasetSpec):
+            parts.update(dataset_digests(value, recipe, name))
+    if getattr(spec, "reward_fn", None):
+        parts["reward_fn.source"] = reward_fn_digest(spec.reward_fn)
+    parts = {k: v for k, v in parts.items() if k not in NOT_RESULT_KEYS}
+    return json.loads(json.dumps(parts))
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def new_attempt() -> str:
+    """An id for one training attempt: its start time (readable in messages) and a random suffix."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {uuid.uuid4().hex[:6]}"
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every part both records have and that differs. A key only one side has is a recipe
+    key added or removed by another alignlab version (a user-set mapping is one key, so adding an entry to it
+    is a change of that key), not a change of the recipe."""
+    return [f"{_name(k)}: {_show(old[k], k)} -> {_show(new[k], k)}" for k in new if k in old and old[k] != new[k]]
+
+
+# ------------------------------------------------------------------------------------------------ digests
+
+
+def dataset_digests(ds: DatasetSpec, recipe: Recipe, field: str) -> dict[str, str]:
+    """`<field>.content` and, when the stage reads held-out rows from elsewhere, `<field>.eval_content`."""
+    out = {f"{field}.content": _source_digest(ds, recipe, held_out=False)}
+    if ds.eval_path or ds.eval_split or ds.path.startswith("builtin:"):
+        out[f"{field}.eval_content"] = _source_digest(ds, recipe, held_out=True)
+    return out
+
+
+def _source_digest(ds: DatasetSpec, recipe: Recipe, held_out: bool) -> str:
+    from alignlab.data.formats import DataError, load_raw, resolve_source
+
+    path = ds.eval_path if held_out and ds.eval_path else ds.path
+    try:
+        src = resolve_source(path, recipe)
+        if src.kind == "builtin":  # the generated rows themselves: generator code, split, size and seed at once
+            rows = load_raw(ds, recipe, held_out=held_out).to_list()
+            return "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        if src.kind == "local":
+            return "sha256:" + _files_digest([Path(f) for f in src.files], Path(src.location))
+    except DataError as e:
+        return f"unreadable: {e}"
+    split = (ds.eval_split or ds.split) if held_out else ds.split
+    return f"hub:{path} split={split} (content not read)"
+
+
+def model_digest(recipe: Recipe, name_or_path: str) -> str:
+    """A local model folder's digest; a hub id or builtin: name as given (their content is not read)."""
+    if name_or_path.startswith("builtin:"):
+        return name_or_path
+    p = recipe.resolve_path(name_or_path)
+    if p.is_dir():  # hidden entries (.cache/huggingface download metadata, .git) are not the model
+        files = [f for f in p.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts)]
+        return "sha256:" + _files_digest(sorted(files), p)
+    if p.is_file():
+        return "sha256:" + _files_digest([p], p.parent)
+    return f"hub:{name_or_path} (content not read)"
+
+
+def reward_fn_digest(ref: str) -> str:
+    """sha256 of the source of the module `module:function` lives in (what decides the rewards)."""
+    module = ref.split(":", 1)[0]
+    try:
+        source = inspect.getsource(importlib.import_module(module))
+    except (ImportError, OSError, TypeError) as e:
+        return f"unreadable: {e}"
+    return "sha256:" + hashlib.sha256(source.encode()).hexdigest()
+
+
+def _files_digest(files: list[Path], root: Path) -> str:
+    """Names (relative to root), sizes and contents; of files over LARGE_FILE only the first and last MiB (model
+    weights: a full read of gigabytes on every rerun costs more than the check is worth)."""
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= LARGE_FILE:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(2**20))
+                fh.seek(-(2**20), 2)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _flatten(model: BaseModel, prefix: str) -> dict[str, Any]:
+    """Dotted keys for nested sections; free-form mappings, lists and optional sections as one value each."""
+    dump = model.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if info.exclude:
+            continue
+        value = getattr(model, name)
+        if (
+            isinstance(value, BaseModel)
+            and isinstance(info.annotation, type)
+            and issubclass(info.annotation, BaseModel)
+        ):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = dump[name]
+    if model.model_extra:  # e.g. a loss's parameters ({name: rdpo, eps: 0.2}): one value, so adding one shows
+        out[f"{prefix}params"] = {k: dump[k] for k in sorted(model.model_extra)}
+    return out
+
+
+def _ref_part(name: str, origin: dict | None) -> dict[str, Any]:
+    """origin None: the stage has not finished; {}: it finished without a record (an older alignlab)."""
+    if origin is None:
+        return {"stage": name, "fingerprint": None, "attempt": None, "finished": False}
+    return {"stage": name, "fingerprint": origin.get("fingerprint"), "attempt": origin.get("attempt")}
+
+
+def _name(key: str) -> str:
+    """The key, and for a digest what it digests."""
+    field, _, what = key.rpartition(".")
+    about = {
+        "content": f"the files of {field}"
+        if field.startswith(("model", "reward_model"))
+        else f"the data {field}.path holds",
+        "eval_content": f"the held-out data of {field}",
+        "source": "the source of the reward_fn module",
+    }
+    if field and what in about:
+        return f"{key} ({about[what]})"
+    return key
+
+
+def _show(value: Any, key: str) -> str:
+    if isinstance(value, dict) and "stage" in value and "attempt" in value:
+        made = (
+            "not finished"
+            if value.get("finished") is False
+            else f"trained {value['attempt']}"
+            if value.get("attempt")
+            else "no record of its settings"
+        )
+        return f"stage '{value['stage']}' ({made})"
+    if value is None and key in ("input", "reference"):  # a stage reference that names no stage
+        return "the base model"
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]  # sha256: + 12 hex digits
+    return json.dumps(value)
