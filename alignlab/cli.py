@@ -118,7 +118,7 @@ def _validate(args) -> int:
 
 
 def _run(args) -> int:
-    from alignlab.launch import check_launch, launch_config_from_env
+    from alignlab.accelerate_checks import check_launch, launch_config_from_env
     from alignlab.pipeline import run_pipeline
     from alignlab.report import print_summary
     from alignlab.validate import validate_recipe

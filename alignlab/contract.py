@@ -78,6 +78,12 @@ def checkpoint_note(last: str | Path | None) -> str:
     return f"{kept} No final model or stage_output.json was written."
 
 
+def append_final_metrics(stage_dir: Path, step: int, metrics: dict) -> None:
+    """The last line of <stage>/metrics.jsonl: the stage's final metrics, marked `"final": true`."""
+    with (Path(stage_dir) / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "final": True, **metrics}, default=float) + "\n")
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metric rows after `step` (a fresh run: all of them), so a resumed run's file reads like an
     uninterrupted run's."""

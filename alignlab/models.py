@@ -233,6 +233,19 @@ def save_model_atomic(model, tokenizer, final_dir: Path, state_dict: dict | None
     return final_dir
 
 
+def save_stage_model(
+    recipe: Recipe, spec, model, tokenizer, out: StageOutput, stage_dir: Path, state_dict=None
+) -> None:
+    """A stage's final model, saved by the main process: the adapter (without the frozen reference copy, which is
+    not part of the output) or full weights into <stage>/model atomically, and merged weights into <stage>/merged
+    when the stage says `merge: true` (sets out.merged_path). `state_dict`: full weights gathered from shards."""
+    if hasattr(model, "peft_config") and REF_ADAPTER in model.peft_config:
+        model.delete_adapter(REF_ADAPTER)
+    save_model_atomic(model, tokenizer, stage_dir / "model", state_dict=state_dict)
+    if spec.merge and out.kind == "adapter":
+        out.merged_path = merge_adapter(recipe, out, stage_dir / "merged")
+
+
 def merge_adapter(recipe: Recipe, source: StageOutput, out_dir: Path) -> str:
     """Merge an adapter into full-precision base weights and save them (QLoRA: the base is reloaded
     unquantized in the compute dtype, so the merge is not done into 4-bit weights)."""

@@ -1,5 +1,5 @@
 """Training curves of a run as PNG files, from each stage's metrics.jsonl (one JSON object per logging step,
-written by alignlab.stages.common.JsonlMetrics). Summaries are not curves: the closing `"final": true` line and
+written by alignlab.stages.trl_glue.JsonlMetrics). Summaries are not curves: the closing `"final": true` line and
 the trainer's end-of-training `train_*` averages are skipped.
 
 One figure per kind of curve, one line per (stage, metric key), x = the stage's training step:

@@ -3,7 +3,7 @@
 Schema and keys, stage chain, loss parameters, data files, columns and rows, reward functions, TRL
 argument names, model paths; with the model's config and tokenizer (no weights): LoRA target modules, chat
 templates for chat data, prompt lengths against train.max_length; with `--accelerate-config`, the launch
-settings (alignlab/launch.py). What needs the network (hub ids) is reported as not checked offline, not
+settings (alignlab/accelerate_checks.py). What needs the network (hub ids) is reported as not checked offline, not
 as an error. `alignlab run` runs the same checks first, so a bad recipe fails before any output is written.
 """
 
@@ -97,7 +97,7 @@ def validate_recipe(
         if record.trl_config and spec.train.extra:  # trl (and with it torch) is imported only when needed
             import trl
 
-            from alignlab.stages.common import check_extra_args
+            from alignlab.stages.trl_glue import check_extra_args
 
             try:
                 check_extra_args(getattr(trl, record.trl_config), spec.train, where)
@@ -112,7 +112,7 @@ def validate_recipe(
     if problems:
         raise RecipeError(f"{recipe.source}: invalid recipe:\n  - " + "\n  - ".join(problems))
     if accelerate_config is not None:
-        from alignlab.launch import check_launch, load_launch_config
+        from alignlab.accelerate_checks import check_launch, load_launch_config
 
         notes += check_launch(recipe, load_launch_config(accelerate_config))
     return recipe, notes

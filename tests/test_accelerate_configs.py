@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alignlab.accelerate_checks import check_launch, launch_config_from_env, load_launch_config
 from alignlab.cli import main
-from alignlab.launch import check_launch, launch_config_from_env, load_launch_config
 from alignlab.recipe import RecipeError, load_recipe
 from alignlab.validate import validate_recipe
 

@@ -117,8 +117,7 @@ def _weights(path):
 
 
 def test_last_checkpoint_picks_only_complete_ones(tmp_path):
-    from alignlab.rl.ppo import last_checkpoint as ppo_last
-    from alignlab.stages.common import last_checkpoint
+    from alignlab.checkpoints import last_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     for name, files in {
@@ -132,7 +131,7 @@ def test_last_checkpoint_picks_only_complete_ones(tmp_path):
         for f in files:
             (ckpts / name / f).write_text("{}")
     (ckpts / "checkpoint-16" / "trainer_state.json").write_text('{"global_step": 16, "log_hi')
-    assert last_checkpoint(ckpts) == str(ckpts / "checkpoint-10")
+    assert last_checkpoint(ckpts) == ckpts / "checkpoint-10"
     assert last_checkpoint(tmp_path / "none") is None
 
     for name, files in {
@@ -143,7 +142,7 @@ def test_last_checkpoint_picks_only_complete_ones(tmp_path):
         (ckpts / name).mkdir()
         for f in files:
             (ckpts / name / f).write_text("")
-    assert ppo_last(ckpts) == ckpts / "step-2"
+    assert last_checkpoint(ckpts, "step") == ckpts / "step-2"
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignlab.checkpoints import COMPLETE_MARKER, last_checkpoint, prune_checkpoints
 from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.generation import end_token_ids, generate
 from alignlab.logprobs import completion_logits, token_logprobs
@@ -66,7 +67,6 @@ from alignlab.losses import (
 )
 
 log = logging.getLogger("alignlab")
-COMPLETE_MARKER = "COMPLETE"
 ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion texts) -> [B] float scores
 
 
@@ -196,7 +196,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------------ loop
 
     def train(self, resume: bool = False) -> dict:
-        ckpt = last_checkpoint(self.ckpt_dir) if resume else None
+        ckpt = last_checkpoint(self.ckpt_dir, "step") if resume else None
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             log.info("ppo: resumed from %s (step %d)", ckpt, self.step)
@@ -392,7 +392,7 @@ class PPOTrainer:
                 f"Likely causes: ppo.learning_rate too high (now {self.hp.learning_rate}); "
                 + ("fp16 overflow (use bfloat16 or float32); " if self._fp16 else "")
                 + "a reward that returns nan/inf or huge values. "
-                + checkpoint_note(last_checkpoint(self.ckpt_dir))
+                + checkpoint_note(last_checkpoint(self.ckpt_dir, "step"))
             )
 
     @property
@@ -436,7 +436,7 @@ class PPOTrainer:
             (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self._prune_checkpoints()
+            prune_checkpoints(self.ckpt_dir, self.spec.save_total_limit, "step")
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -458,27 +458,9 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.step = int(state["step"])
 
-    def _prune_checkpoints(self) -> None:
-        limit = self.spec.save_total_limit
-        done = sorted(complete_checkpoints(self.ckpt_dir), key=lambda p: int(p.name.split("-")[-1]))
-        for old in done[:-limit] if limit else []:
-            shutil.rmtree(old, ignore_errors=True)
-
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    if not ckpt_dir.is_dir():
-        return []
-    return [p for p in ckpt_dir.glob("step-*") if (p / COMPLETE_MARKER).exists()]
-
-
-def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint with its completion marker (a cut-off write is never picked)."""
-    done = complete_checkpoints(Path(ckpt_dir))
-    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
 
 
 def first_logged(path: Path, key: str) -> float | None:

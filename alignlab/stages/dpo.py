@@ -28,8 +28,8 @@ from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.losses import preference_loss, preference_loss_info, wdpo_penalty
 from alignlab.models import load_stage_model, load_tokenizer
-from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 from alignlab.stages.trl_compat import deepspeed_reference_engine, log_metric, reference_weights_hash
+from alignlab.stages.trl_glue import GuardedTrainer, train_and_save, trainer_args
 
 log = logging.getLogger("alignlab")
 

@@ -18,7 +18,6 @@ step) and checkpoints/step-N every `save_steps` (`--resume` continues from the n
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import set_seed
 
-from alignlab.contract import StageContext, StageOutput
+from alignlab.contract import StageContext, StageOutput, append_final_metrics
 from alignlab.data import build_datasets
 from alignlab.logprobs import completion_logits, token_logprobs
 from alignlab.models import (
@@ -36,13 +35,12 @@ from alignlab.models import (
     load_causal_lm,
     load_stage_model,
     load_tokenizer,
-    merge_adapter,
-    save_model_atomic,
+    save_stage_model,
 )
 from alignlab.recipe import RecipeError
 from alignlab.rewards import load_reward_model, reward_fn_scorer, reward_model_scorer
 from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer, disable_dropout
-from alignlab.stages.common import available_trackers
+from alignlab.stages.trl_glue import available_trackers
 
 log = logging.getLogger("alignlab")
 
@@ -109,15 +107,10 @@ def run(ctx: StageContext):
         metrics=metrics,
     )
     if accelerator.is_main_process:
-        if is_peft and REF_ADAPTER in model.policy.peft_config:
-            model.policy.delete_adapter(REF_ADAPTER)  # the frozen reference copy is not part of the output
-        save_model_atomic(model.policy, tokenizer, ctx.stage_dir / "model")
+        save_stage_model(recipe, spec, model.policy, tokenizer, out, ctx.stage_dir)
         value_state = {k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}
         save_file(value_state, str(ctx.stage_dir / "value_head.safetensors"))
-        if spec.merge and is_peft:
-            out.merged_path = merge_adapter(recipe, out, ctx.stage_dir / "merged")
-        with (ctx.stage_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": trainer.step, "final": True, **metrics}, default=float) + "\n")
+        append_final_metrics(ctx.stage_dir, trainer.step, metrics)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would also end the process group
         tracker.finish()

@@ -27,8 +27,8 @@ from alignlab.data import build_datasets
 from alignlab.losses import bradley_terry_loss
 from alignlab.models import check_target_modules, load_stage_model, load_tokenizer, save_model_atomic
 from alignlab.rewards import load_reward_model
-from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
 from alignlab.stages.trl_compat import log_metric
+from alignlab.stages.trl_glue import GuardedTrainer, train_and_save, trainer_args
 
 
 def run(ctx: StageContext):

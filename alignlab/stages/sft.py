@@ -15,7 +15,7 @@ from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.data.chat import tokenize_chat_dataset
 from alignlab.models import load_stage_model, load_tokenizer
-from alignlab.stages.common import GuardedTrainer, train_and_save, trainer_args
+from alignlab.stages.trl_glue import GuardedTrainer, train_and_save, trainer_args
 
 
 def run(ctx: StageContext):
@@ -62,4 +62,4 @@ def tokenize_for_sft(ds, tokenizer, args: SFTConfig, where: str):
 
 
 class GuardedSFTTrainer(GuardedTrainer, SFTTrainer):
-    """TRL's SFTTrainer with atomic checkpoints and a stop on nan/inf losses (alignlab.stages.common)."""
+    """TRL's SFTTrainer with atomic checkpoints and a stop on nan/inf losses (alignlab.stages.trl_glue)."""

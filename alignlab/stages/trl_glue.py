@@ -19,8 +19,9 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from alignlab.contract import StageOutput, TrainingDiverged, checkpoint_note, keep_metrics_until
-from alignlab.models import merge_adapter, save_model_atomic
+from alignlab.checkpoints import last_checkpoint
+from alignlab.contract import StageOutput, TrainingDiverged, append_final_metrics, checkpoint_note, keep_metrics_until
+from alignlab.models import save_stage_model
 
 if TYPE_CHECKING:
     from alignlab.contract import StageContext
@@ -171,6 +172,7 @@ def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="
     request. Returns the stage's output record."""
     metrics_path = ctx.stage_dir / "metrics.jsonl"
     ckpt = last_checkpoint(ctx.stage_dir / "checkpoints") if ctx.resume else None
+    ckpt = str(ckpt) if ckpt else None
     state = json.loads((Path(ckpt) / "trainer_state.json").read_text()) if ckpt else {"global_step": 0}
     if trainer.is_world_process_zero():
         keep_metrics_until(metrics_path, state["global_step"])  # the rows up to the checkpoint (fresh run: none)
@@ -205,13 +207,8 @@ def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="
     sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and acc.state.deepspeed_plugin.zero_stage == 3)
     state_dict = acc.get_state_dict(trainer.model_wrapped) if sharded else None
     if trainer.is_world_process_zero():
-        if is_peft and "ref" in model.peft_config:
-            model.delete_adapter("ref")  # the frozen reference copy is not part of the output
-        save_model_atomic(model, trainer.processing_class, ctx.stage_dir / "model", state_dict=state_dict)
-        if ctx.spec.merge and is_peft:
-            out.merged_path = merge_adapter(ctx.recipe, out, ctx.stage_dir / "merged")
-        with (ctx.stage_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": trainer.state.global_step, "final": True, **metrics}, default=float) + "\n")
+        save_stage_model(ctx.recipe, ctx.spec, model, trainer.processing_class, out, ctx.stage_dir, state_dict)
+        append_final_metrics(ctx.stage_dir, trainer.state.global_step, metrics)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -224,23 +221,3 @@ def _summed_loss(log_history: list[dict]) -> float:
             total += row["loss"] * (row["step"] - prev)
             prev = row["step"]
     return total
-
-
-def last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint. GuardedTrainer renames a checkpoint into place only once complete; a
-    checkpoint-N whose trainer_state.json (Trainer writes it last) is missing or cut off is still ignored, as one
-    written in place by another tool and interrupted would be."""
-    if not ckpt_dir.is_dir():
-        return None
-    done = [p for p in ckpt_dir.glob("checkpoint-*") if _readable_json(p / "trainer_state.json")]
-    if not done:
-        return None
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-        return True
-    except (OSError, ValueError):
-        return False

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU checks CI cannot run (it has no GPU): bf16 and QLoRA on CUDA through whole recipes, on the built-in tiny model.
+# Run by hand on a CUDA machine with the package installed:  bash bench/gpu_check.sh OUT_DIR
+# Prints, per run, the first and last logged values; under bf16 PPO's first update must show approx_kl 0 and
+# clipfrac 0 (rollout, reference and epochs in one precision).
+set -euo pipefail
+out=${1:-runs/gpu-check}
+mkdir -p "$out"
+run() {  # name recipe overrides...
+  local name=$1 recipe=$2; shift 2
+  local t0=$SECONDS
+  python -m alignlab run "$recipe" "output_dir=$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; return 1; }
+  echo "== $name ($((SECONDS - t0)) s)"
+  python - "$out/$name" <<'PY'
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*/metrics.jsonl")):
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if not r.get("final")]
+    keys = [k for k in ("loss", "policy_loss", "approx_kl", "clipfrac", "kl", "score", "rewards/accuracies") if any(k in r for r in steps)]
+    def at(k, rows):
+        return next((r[k] for r in rows if k in r), None)
+
+    print(f"  {f.parent.name}: " + ", ".join(f"{k} {at(k, steps)} -> {at(k, steps[::-1])}" for k in keys))
+    final = rows[-1] if rows and rows[-1].get("final") else {}
+    shown = {k: v for k, v in final.items() if k in ("eval_loss", "eval_accuracy", "eval_rewards/accuracies", "train_loss")}
+    if shown:
+        print(f"    final: {shown}")
+PY
+}
+python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+[ -n "${ONLY_PPO:-}" ] || run quickstart-bf16 recipes/quickstart.yaml stages.sft.train.bf16=true stages.dpo.train.bf16=true
+[ -n "${ONLY_PPO:-}" ] || run qlora-cuda recipes/sft_dpo_qlora.yaml
+ACCELERATE_MIXED_PRECISION=bf16 run ppo-bf16 recipes/sft_ppo_reward_fn.yaml stages.ppo.steps=4 stages.ppo.logging_steps=1 stages.ppo.save_steps=null
