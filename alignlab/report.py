@@ -32,7 +32,6 @@ def print_summary(recipe: Recipe, outputs: dict[str, StageOutput]) -> None:
         print(f"  {name:<10} {out.type:<7} {out.kind:<8} {where}")
         if shown:
             print(f"  {'':<10} {shown}")
-    md = [recipe.run_dir / n / "eval.md" for n, o in outputs.items() if o.type == "eval"]
-    for path in md:
+    for path in (recipe.run_dir / n / "eval.md" for n in outputs):  # stages that evaluate write one
         if path.exists():
             print(f"\n{path.read_text()}")

@@ -48,7 +48,7 @@ def run(ctx: StageContext):
     )
 
     # Train, save, report
-    return train_and_save(trainer, ctx, base=base)
+    return train_and_save(trainer, ctx, base=base, perplexity=True)
 
 
 def tokenize_for_sft(ds, tokenizer, args: SFTConfig, where: str):

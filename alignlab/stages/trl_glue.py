@@ -167,9 +167,12 @@ class GuardedTrainer:
         return loss
 
 
-def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="causal_lm", base: str) -> StageOutput:
+def train_and_save(
+    trainer, ctx: StageContext, *, kind_if_peft="adapter", head="causal_lm", base: str, perplexity: bool = False
+) -> StageOutput:
     """Train (resuming from the last complete checkpoint when asked), evaluate, save atomically, merge on
-    request. Returns the stage's output record."""
+    request. `perplexity`: also report eval_perplexity = exp(eval_loss) (a language-modelling loss). Returns the
+    stage's output record."""
     metrics_path = ctx.stage_dir / "metrics.jsonl"
     ckpt = last_checkpoint(ctx.stage_dir / "checkpoints") if ctx.resume else None
     ckpt = str(ckpt) if ckpt else None
@@ -188,7 +191,7 @@ def train_and_save(trainer, ctx: StageContext, *, kind_if_peft="adapter", head="
     if trainer.eval_dataset is not None:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
-        if "eval_loss" in ev and ctx.spec.type == "sft":
+        if "eval_loss" in ev and perplexity:
             metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
     model = trainer.accelerator.unwrap_model(trainer.model)
     is_peft = hasattr(model, "peft_config")
