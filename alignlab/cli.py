@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="run a recipe's stages (all, or one with --stage)")
     run.add_argument("recipe")
-    run.add_argument("overrides", nargs="*", help="key.sub=value, e.g. stages.sft.train.max_steps=10")
+    run.add_argument(
+        "overrides", nargs="*", help="key.sub=value (e.g. stages.sft.train.max_steps=10), or ~key.sub to remove a key"
+    )
     run.add_argument("--stage", help="run only this stage, starting from what earlier stages wrote")
     run.add_argument(
         "--resume", action="store_true", help="continue from the last complete checkpoint (made with the same settings)"
@@ -66,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Overrides may come before or after options (`run R --stage dpo a.b=1`): collect the stray ones.
     args, extra = parser.parse_known_args(argv)
-    unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    unknown = [
+        x
+        for x in extra
+        if x.startswith("-") or ("=" not in x and not x.startswith("~")) or not hasattr(args, "overrides")
+    ]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -120,10 +126,18 @@ def _validate(args) -> int:
 def _run(args) -> int:
     from alignlab.accelerate_checks import check_launch, launch_config_from_env
     from alignlab.pipeline import run_pipeline
+    from alignlab.preflight import check_hub_sources
+    from alignlab.recipe import RecipeError
     from alignlab.report import print_summary
     from alignlab.validate import validate_recipe
 
     recipe, notes = validate_recipe(args.recipe, args.overrides)
+    if args.stage is not None:
+        try:
+            recipe.stage(args.stage)
+        except RecipeError as e:
+            raise RecipeError(f"--stage {args.stage}: {e}") from None
+    check_hub_sources(recipe, args.stage)  # what validate notes as "not checked offline" must be had to run
     launch = launch_config_from_env()
     if launch is not None:  # under `accelerate launch`: the same checks as validate --accelerate-config
         notes += check_launch(recipe, launch)

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 import alignlab.stages.specs  # noqa: F401, I001  (registers the stage types)
 from alignlab.schema import (  # noqa: F401  (re-exported: the recipe's sections are part of its API)
     CANONICAL_COLUMNS,
+    MAX_SEED,
     DatasetSpec,
     ModelSpec,
     PeftSpec,
@@ -33,7 +34,7 @@ from alignlab.stages.registry import STAGE_TYPES
 
 class Recipe(Strict):
     name: str
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     output_dir: str = "runs/${name}"
     model: ModelSpec
     peft: PeftSpec = Field(default_factory=PeftSpec)
@@ -41,6 +42,12 @@ class Recipe(Strict):
 
     # Where the recipe was read from: relative data paths resolve against it. Not a YAML key.
     source: Path | None = Field(None, exclude=True)
+    _load_notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def load_notes(self) -> list[str]:
+        """What loading changed that the user did not write (e.g. loss parameters dropped by a loss switch)."""
+        return self._load_notes
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:
@@ -67,27 +74,118 @@ class Recipe(Strict):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file. Raises RecipeError with every problem found."""
+    """Read, override and validate a recipe file. Raises RecipeError with every problem found.
+
+    An error about a key that a command-line override set names that override rather than a line of the file.
+    When an override switches a preference loss (`stages.dpo.loss.name=rdpo`), the file's parameters of the old
+    loss that the new one does not take are dropped with a note (Recipe.load_notes); parameters set on the command
+    line are kept, so a wrong one is still an error."""
     path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: malformed YAML: {e}. Check indentation and quoting near that line.") from e
+    raw, root = read_yaml(path)
+    if raw is None:
+        raise RecipeError(f"{path}: the file is empty; a recipe is a YAML mapping with keys name, model, stages")
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{path}: a recipe is a YAML mapping with keys name, model, stages (got {type(raw).__name__})"
         )
+    overridden: dict[tuple, str] = {}
     for ov in overrides or []:
-        apply_override(raw, ov)
-    return parse_recipe(raw, source=path, yaml_root=root)
+        overridden[apply_override(raw, ov)] = ov
+    notes = _drop_params_of_switched_losses(raw, overridden)
+    recipe = parse_recipe(raw, source=path, yaml_root=root, overridden=overridden)
+    recipe._load_notes = notes
+    return recipe
 
 
-def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | None = None) -> Recipe:
+def read_yaml(path: str | Path, what: str = "recipe") -> tuple[Any, yaml.Node | None]:
+    """The data and the node tree (for line numbers) of a YAML file. Refuses what PyYAML would take silently or
+    with a traceback: a folder, bytes that are not UTF-8 (UTF-16 with a byte-order mark is read), and a key
+    written twice in one mapping (PyYAML keeps the last one without a word)."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a {what} file: give the path of its .yaml file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); is this the {what} file? Save it as UTF-8."
+        ) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: malformed YAML: {e}. Check indentation and quoting near that line.") from None
+    repeated = _repeated_keys(root)
+    if repeated:  # one line each, and the fix once
+        raise RecipeError(
+            "\n".join(f"{path}:{line}: {msg}" for line, msg in repeated)
+            + "\nYAML would silently keep only the last value of each: delete the one you do not mean."
+        )
+    return raw, root
+
+
+def _repeated_keys(node, loc: tuple = (), seen_nodes: set | None = None) -> list[tuple[int, str]]:
+    """(line, message) for every key written twice in one mapping of the node tree."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if node is None or id(node) in seen_nodes:  # an alias repeats a node already checked
+        return []
+    seen_nodes.add(id(node))
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else None
+            line = k.start_mark.line + 1
+            if key is not None and key in first:
+                out.append(
+                    (
+                        line,
+                        f"key '{_dotted(loc + (key,))}' is written twice in one mapping "
+                        f"(lines {first[key]} and {line})",
+                    )
+                )
+            elif key is not None:
+                first[key] = line
+            out += _repeated_keys(v, loc + (key,), seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _repeated_keys(item, loc + (i,), seen_nodes)
+    return out
+
+
+def _drop_params_of_switched_losses(raw: dict, overridden: dict[tuple, str]) -> list[str]:
+    """A loss switched by override (`stages.dpo.loss.name=rdpo`) drops the file's parameters it does not take."""
+    from alignlab.losses.catalog import PREFERENCE_LOSS_INFO
+
+    notes = []
+    for loc, ov in overridden.items():
+        if len(loc) != 4 or loc[0] != "stages" or loc[2:] != ("loss", "name"):
+            continue
+        loss = raw["stages"][loc[1]]["loss"]
+        info = PREFERENCE_LOSS_INFO.get(loss["name"]) if isinstance(loss.get("name"), str) else None
+        if info is None:
+            continue  # an unknown name: parse_recipe reports it
+        stage = raw["stages"][loc[1]].get("name") or raw["stages"][loc[1]].get("type")
+        for key in [k for k in loss if k not in ("name", "beta", *info.params)]:
+            if loc[:3] + (key,) not in overridden:
+                notes.append(
+                    f"warning: stages[{loc[1]}] ({stage}).loss: dropped {key}: {loss.pop(key)!r} from the recipe "
+                    f"file, which {loss['name']} does not take ({ov} on the command line)"
+                )
+    return notes
+
+
+def parse_recipe(
+    raw: dict, source: Path | None = None, yaml_root: yaml.Node | None = None, overridden: dict | None = None
+) -> Recipe:
+    """The typed recipe of `raw`. `overridden` maps the locations that command-line overrides set to the overrides,
+    so that an error about them names the override instead of a line of the file."""
     where = str(source) if source else "<recipe>"
+    overridden = overridden or {}
     errors: list[str] = []
     stages_raw = raw.get("stages")
     top = {k: v for k, v in raw.items() if k != "stages"}
@@ -96,7 +194,7 @@ def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | N
     try:
         recipe = Recipe.model_validate(top)
     except ValidationError as e:
-        errors += _format_errors(e, Recipe, (), where, yaml_root)
+        errors += _format_errors(e, Recipe, (), where, yaml_root, overridden)
 
     stages: list[StageSpec] = []
     if not isinstance(stages_raw, list) or not stages_raw:
@@ -105,7 +203,9 @@ def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | N
         for i, st in enumerate(stages_raw):
             loc = ("stages", i)
             if not isinstance(st, dict):
-                errors.append(f"{where}{_line(yaml_root, loc)}: stages[{i}] must be a mapping with name and type")
+                errors.append(
+                    f"{_at(where, yaml_root, loc, overridden)}: stages[{i}] must be a mapping with name and type"
+                )
                 continue
             type_name = st.get("type")
             record = STAGE_TYPES.get(type_name)
@@ -113,7 +213,7 @@ def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | N
                 close = difflib.get_close_matches(str(type_name), list(STAGE_TYPES), n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 errors.append(
-                    f"{where}{_line(yaml_root, loc + ('type',))}: stages[{i}].type: unknown stage type "
+                    f"{_at(where, yaml_root, loc + ('type',), overridden)}: stages[{i}].type: unknown stage type "
                     f"'{type_name}'; known types: {', '.join(sorted(STAGE_TYPES))}.{hint}"
                 )
                 continue
@@ -122,7 +222,7 @@ def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | N
             try:
                 stages.append(record.spec.model_validate(st))
             except ValidationError as e:
-                errors += _format_errors(e, record.spec, loc, where, yaml_root)
+                errors += _format_errors(e, record.spec, loc, where, yaml_root, overridden)
     if errors:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errors))
     names = [s.name for s in stages]
@@ -134,32 +234,81 @@ def parse_recipe(raw: dict, source: Path | None = None, yaml_root: yaml.Node | N
     return recipe
 
 
-def apply_override(raw: dict, override: str) -> None:
-    """Apply `a.b.c=value` to the raw recipe mapping. Stages are addressed by name or index:
-    `stages.sft.train.max_steps=10` or `stages.0.train.max_steps=10`. The value is parsed as YAML."""
-    if "=" not in override:
-        raise RecipeError(f"override '{override}' must look like key.sub=value (e.g. stages.sft.train.max_steps=10)")
-    key, value = override.split("=", 1)
+def apply_override(raw: dict, override: str) -> tuple:
+    """Apply `a.b.c=value` to the raw recipe mapping, or remove a key with `~a.b.c`. Stages are addressed by name or
+    index: `stages.sft.train.max_steps=10` or `stages.0.train.max_steps=10`. The value is parsed as YAML (`null` is
+    None, which is not the same as removing the key: a removed key takes its default). Returns the key's location
+    in `raw` (stage names resolved to indices), for messages that name the override."""
+    remove = override.startswith("~")
+    if remove and "=" in override:
+        raise RecipeError(
+            f"override '{override}': '~key' removes a key and takes no value; write ~{override[1:].split('=')[0]}"
+        )
+    if not remove and "=" not in override:
+        raise RecipeError(
+            f"override '{override}' must look like key.sub=value (e.g. stages.sft.train.max_steps=10), "
+            f"or ~key.sub to remove a key"
+        )
+    key, value = (override[1:], None) if remove else override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override '{override}': empty key name in '{key}'; write key.sub=value")
     node: Any = raw
+    loc: list = []
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            index = _list_index(node, part, ".".join(parts[:i]), override)
+            node = node[index]
+            loc.append(index)
+        elif remove and part not in node:
+            raise RecipeError(f"override '{override}': there is no key '{'.'.join(parts[: i + 1])}' to remove")
         else:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict | list):
-                raise RecipeError(f"override '{override}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+            loc.append(part)
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"override '{override}': '{'.'.join(parts[: i + 1])}' is not a mapping")
     last = parts[-1]
-    parsed = yaml.safe_load(value) if value != "" else None
     if isinstance(node, list):
-        node[_list_index(node, last, key)] = parsed
+        last = _list_index(node, last, ".".join(parts[:-1]), override)
+    elif remove and last not in node:
+        keys = ", ".join(map(str, node)) or "none"
+        raise RecipeError(f"override '{override}': there is no key '{key}' to remove (keys there: {keys})")
+    if remove:
+        del node[last]
     else:
-        node[last] = parsed
+        try:
+            node[last] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or e).strip()
+            raise RecipeError(
+                f"override '{override}': the value is not valid YAML ({problem}). Quote it to pass a string, e.g. "
+                f"{key}='\"{value}\"'"
+            ) from None
+    return (*loc, last)
 
 
-def _list_index(items: list, part: str, where: str) -> int:
+def _list_index(items: list, part: str, parent: str, override: str) -> int:
+    """The index that `part` (a number, or a stage's name) addresses in the list at `parent` (a dotted path)."""
+    stages = parent == "stages"
+    where = override
     if part.lstrip("-").isdigit():
-        return int(part)
+        index = int(part)
+        if -len(items) <= index < len(items):
+            return index % len(items)
+        if stages:
+            names = ", ".join(
+                f"{i} ({it.get('name') or it.get('type')})" for i, it in enumerate(items) if isinstance(it, dict)
+            )
+            raise RecipeError(
+                f"override '{where}': there is no stage {index}; the recipe has {len(items)} stage(s): {names}. "
+                f"Address a stage by its index or its name (stages.sft.train.max_steps=10)"
+            )
+        raise RecipeError(f"override '{where}': index {index} is out of range; the list has {len(items)} item(s)")
+    if not stages:
+        raise RecipeError(
+            f"override '{where}': '{parent}' is a list: address its items by index "
+            f"(0 to {len(items) - 1}), or replace the whole list (key=[a, b])"
+        )
     for i, item in enumerate(items):
         if isinstance(item, dict) and (item.get("name") or item.get("type")) == part:
             return i
@@ -167,31 +316,39 @@ def _list_index(items: list, part: str, where: str) -> int:
     raise RecipeError(f"override '{where}': no stage named '{part}'; stages are: {', '.join(names)}")
 
 
-def _list_item(items: list, part: str, where: str) -> Any:
-    return items[_list_index(items, part, where)]
-
-
 # ------------------------------------------------------------------------------------------ error messages
 
 
-def _format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple, where: str, root) -> list[str]:
+def _format_errors(
+    err: ValidationError, cls: type[BaseModel], prefix: tuple, where: str, root, overridden: dict | None = None
+) -> list[str]:
     out = []
     for e in err.errors():
         loc = prefix + tuple(e["loc"])
         dotted = _dotted(loc)
-        line = _line(root, loc)
+        at = _at(where, root, loc, overridden or {})
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, tuple(e["loc"])[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys here: {', '.join(valid)}."
-            out.append(f"{where}{line}: unknown key '{dotted}'.{hint}")
+            out.append(f"{at}: unknown key '{dotted}'.{hint}")
         elif e["type"] == "missing":
-            out.append(f"{where}{line}: missing required key '{dotted}'")
+            out.append(f"{at}: missing required key '{dotted}'")
         else:
             got = e.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            out.append(f"{where}{line}: {dotted}: {e['msg']}{shown}")
+            out.append(f"{at}: {dotted}: {e['msg']}{shown}")
     return out
+
+
+def _at(where: str, root, loc: tuple, overridden: dict) -> str:
+    """Where the key at `loc` was written: the command-line override that set it (or a mapping above it), else
+    FILE:LINE, followed by the overrides that set keys inside it (they may be the cause)."""
+    for set_loc, ov in overridden.items():
+        if loc[: len(set_loc)] == set_loc:
+            return f"command-line override '{ov}'"
+    inside = [ov for set_loc, ov in overridden.items() if set_loc[: len(loc)] == loc]
+    return f"{where}{_line(root, loc)}" + (f" (with command-line override {', '.join(inside)})" if inside else "")
 
 
 def _dotted(loc: tuple) -> str:

@@ -11,10 +11,12 @@ otherwise), read on the last non-padding token.
 from __future__ import annotations
 
 import importlib
+import math
+import traceback
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from alignlab.contract import StageOutput
+from alignlab.contract import StageFailed, StageOutput
 from alignlab.data import prompt_text
 
 if TYPE_CHECKING:
@@ -23,8 +25,14 @@ if TYPE_CHECKING:
     from alignlab.recipe import Recipe
 
 
+class RewardFnError(StageFailed):
+    """A reward function raised, or returned something other than one finite number per completion."""
+
+
 def load_reward_fn(ref: str):
-    """Import `module:function` (only ever called for a function the recipe names), or look up `builtin:TASK`."""
+    """Import `module:function` (only ever called for a function the recipe names), or look up `builtin:TASK`.
+    Every failure is a ValueError that says why: no such module, a module that fails to import (a syntax error, an
+    import it lacks, an exception), or no such function."""
     if ref.startswith("builtin:"):
         from alignlab.builtin.rewards import builtin_reward_fn
 
@@ -35,19 +43,98 @@ def load_reward_fn(ref: str):
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
+        missing = getattr(e, "name", None)
+        if missing and not (mod_name + ".").startswith(missing + "."):  # the module exists; one of its imports fails
+            raise ValueError(
+                f"importing module '{mod_name}' failed: it imports '{missing}', which is not installed ({e})"
+            ) from e
         raise ValueError(f"cannot import module '{mod_name}' ({e}); is it on PYTHONPATH?") from e
+    except SyntaxError as e:
+        raise ValueError(
+            f"module '{mod_name}' has a syntax error at {e.filename}:{e.lineno}: {e.msg}. Fix the module."
+        ) from e
+    except Exception as e:  # the module's own code raised while importing
+        raise ValueError(f"importing module '{mod_name}' raised {_raised(e)}. Fix the module.") from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"module '{mod_name}' has no function '{fn_name}'")
     return fn
 
 
-def reward_fn_scores(fn, prompts: list, completions: list[str], name: str = "reward_fn") -> list[float]:
-    """`fn` on completions, called with the prompts' user texts: one float per completion."""
-    values = fn([prompt_text(p) for p in prompts], list(completions))
+def reward_fn_scores(fn, prompts: list, completions: list[str], name: str | None = None) -> list[float]:
+    """`fn` on completions, called with the prompts' user texts: one float per completion. Raises RewardFnError,
+    naming the function and the completion, when it raises or returns anything but one finite number per
+    completion (a NaN or a None would reach the loss as NaN)."""
+    name = name or f"reward_fn {getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+    texts = [prompt_text(p) for p in prompts]
+    completions = list(completions)
+    try:
+        values = fn(texts, completions)
+    except Exception as e:
+        if len(traceback.extract_tb(e.__traceback__)) == 1:  # the call itself failed: not a (prompts, completions) fn
+            raise RewardFnError(
+                f"{name} cannot be called as fn(prompts: list[str], completions: list[str]) -> list[float]: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        raise RewardFnError(
+            f"{name} raised {_raised(e)} when called on {len(completions)} completions (first prompt "
+            f"{_short(texts[0] if texts else '')}). A reward function must score any completion, even an empty or "
+            f"malformed one."
+        ) from e
+    if isinstance(values, str | bytes | dict) or not hasattr(values, "__len__"):
+        raise RewardFnError(
+            f"{name} returned {_short(values)} ({type(values).__name__}); it must return a list of floats, one per "
+            f"completion"
+        )
     if len(values) != len(completions):
-        raise ValueError(f"{name} returned {len(values)} scores for {len(completions)} completions")
-    return [float(v) for v in values]
+        raise RewardFnError(
+            f"{name} returned {len(values)} scores for {len(completions)} completions; it must return one per "
+            f"completion"
+        )
+    scores = []
+    for j, v in enumerate(values):
+        try:
+            score = float(v)
+        except (TypeError, ValueError):
+            score = None
+        if score is None or not math.isfinite(score):
+            raise RewardFnError(
+                f"{name} returned {_short(v)} for completion {j} ({_short(completions[j])} after prompt "
+                f"{_short(texts[j])}); scores must be finite numbers. Return e.g. 0.0 for a completion it cannot score."
+            )
+        scores.append(score)
+    return scores
+
+
+def check_reward_fn(ref: str, dataset, recipe: Recipe, stage_type: str) -> None:
+    """Load the reward function `ref` and call it once on the first two prompts of the stage's dataset, each with an
+    empty and a short completion, so that a function that raises or returns the wrong thing fails at validation
+    instead of after the stages before it have trained. Raises ValueError."""
+    fn = load_reward_fn(ref)
+    from alignlab.data import DataError, first_prompts
+
+    try:
+        prompts = first_prompts(dataset, recipe, stage_type, 2)
+    except DataError:
+        return  # reported with the dataset
+    if not prompts:
+        return  # a hub dataset: not read offline
+    try:
+        reward_fn_scores(fn, [p for p in prompts for _ in range(2)], ["", "42"] * len(prompts), name=ref)
+    except RewardFnError as e:
+        raise ValueError(f"tried on the first prompts of the dataset: {e}") from e
+
+
+def _raised(e: BaseException) -> str:
+    """'ValueError: message (at file.py:12)', the place being the last frame of the traceback (the user's code)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{at}"
+
+
+def _short(value, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def reward_model_ids(tokenizer, prompt, completion) -> list[int]:

@@ -13,6 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 CANONICAL_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected", "text", "margin", "answer")
 
 
+# numpy's legacy seeding (transformers.set_seed) takes 0 <= seed < 2**32; anything else fails once a stage starts.
+MAX_SEED = 2**32 - 1
+# Folder and file names a run directory holds besides the stages' folders (alignlab/pipeline.py).
+RESERVED_STAGE_NAMES = ("logs", "recipe.yaml")
+
+
 class RecipeError(ValueError):
     """A recipe is malformed or inconsistent. The message says where (file, line, key) and how to fix it."""
 
@@ -105,7 +111,7 @@ class DatasetSpec(Strict):
     size: int = Field(2000, gt=0, description="Rows to generate for builtin: datasets")
     eval_size: int = Field(200, gt=0, description="Held-out rows to generate for builtin: datasets")
     flip_rate: float = Field(0.0, ge=0, le=1, description="Fraction of preference labels flipped (seeded)")
-    seed: int | None = Field(None, description="Data seed; defaults to the recipe seed")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Data seed; defaults to the recipe seed")
 
     @field_validator("columns")
     @classmethod
@@ -145,6 +151,15 @@ class TrainSpec(Strict):
     fp16: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        """The trainer reads max_steps > 0 as a number of steps and a negative value as "use epochs"; 0 would train
+        no step at all and still write a "trained" model."""
+        if v == 0 or v < -1:
+            raise ValueError("max_steps must be a positive number of optimizer steps, or -1 to train for `epochs`")
+        return v
+
     @model_validator(mode="after")
     def _one_precision(self):
         if self.bf16 and self.fp16:
@@ -160,3 +175,14 @@ class StageSpec(Strict):
     type: str
     input: str = "previous"
     merge: bool = Field(False, description="Also write merged full weights (adapters merged into the base)")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        """A stage writes into <run_dir>/<name>: a path separator, '..' or a reserved name would write elsewhere."""
+        if not v.strip() or v in (".", "..") or "/" in v or "\\" in v or v in RESERVED_STAGE_NAMES:
+            raise ValueError(
+                f"stage name {v!r} cannot name the stage's folder in the run directory; use letters, digits, '-' and "
+                f"'_' (no '/', not '.', '..', {' or '.join(repr(n) for n in RESERVED_STAGE_NAMES)})"
+            )
+        return v

@@ -17,8 +17,9 @@ from pathlib import Path
 from alignlab.builtin.models import built_model_path
 from alignlab.data import DataError, check_dataset
 from alignlab.gguf import gguf_source
+from alignlab.input_checks import chat_template_problem, is_hub_id_syntax, model_folder_problem, output_dir_problem
 from alignlab.recipe import Recipe, RecipeError, load_recipe
-from alignlab.rewards import load_reward_fn
+from alignlab.rewards import check_reward_fn
 from alignlab.stages.registry import check_chain, stage_record
 
 
@@ -29,7 +30,7 @@ def validate_recipe(
     listing every problem."""
     recipe = load_recipe(path, overrides)
     problems: list[str] = []
-    notes: list[str] = []
+    notes: list[str] = list(recipe.load_notes)
     try:
         check_chain(recipe)
     except RecipeError as e:
@@ -50,7 +51,12 @@ def validate_recipe(
         )
     if recipe.peft.quantized and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("peft.method: qlora needs bitsandbytes, which is not installed (pip install bitsandbytes)")
-    tokenizer, arch = model_files(recipe, problems, notes) if local_model else (None, None)
+    problem = output_dir_problem(recipe.run_dir)
+    problems += [problem] if problem else []
+    template = recipe.model.chat_template and recipe.resolve_path(recipe.model.chat_template)
+    bad_template = chat_template_problem(template) if template and template.is_file() else None
+    problems += [bad_template] if bad_template else []  # and no checks that would render it
+    tokenizer, arch = model_files(recipe, problems, notes) if local_model and not bad_template else (None, None)
     if arch is not None and recipe.peft.enabled:
         from alignlab.models import check_target_modules
 
@@ -79,7 +85,7 @@ def validate_recipe(
         fn = getattr(spec, "reward_fn", None)
         if fn:
             try:
-                load_reward_fn(fn)
+                check_reward_fn(fn, spec.dataset, recipe, spec.type)
             except ValueError as e:
                 problems.append(f"{where}.reward_fn: {e}")
         rm = getattr(spec, "reward_model", None)
@@ -167,7 +173,12 @@ def model_files(recipe: Recipe, problems: list[str], notes: list[str]):
     try:
         return load_tokenizer(recipe, str(path), gguf_file), meta_model(recipe, str(path), gguf_file)
     except (OSError, ValueError) as e:
-        notes.append(f"model checks not run: cannot read the config or tokenizer in {path}: {e}")
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        problems.append(
+            f"model.name_or_path: cannot read the config or tokenizer in {path}: {first_line}. A model folder holds "
+            f"what save_pretrained writes (config.json, weights, tokenizer files); set model.tokenizer when the "
+            f"tokenizer is elsewhere."
+        )
         return None, None
 
 
@@ -183,7 +194,17 @@ def check_model_source(name: str, recipe: Recipe) -> str | None:
     if p.exists() or name.startswith((".", "/", "~")):
         if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
             raise RecipeError(f"model path {p} has no config.json: point model.name_or_path at a saved model folder")
+        problem = model_folder_problem(
+            p, needs_tokenizer=name != recipe.model.name_or_path or not recipe.model.tokenizer
+        )
+        if problem:
+            raise RecipeError(problem)
         return None
+    if not is_hub_id_syntax(name):
+        raise RecipeError(
+            f"'{name}' is no local folder (no such path from here or from the recipe's folder) and no valid hub id "
+            f"(owner/name). Fix the path of the model folder."
+        )
     return f"model '{name}' is a hub id: not checked offline"
 
 

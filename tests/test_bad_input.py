@@ -8,7 +8,9 @@ dotted path (list items by index) to its new value, `files` writes data files, `
 
 import importlib.util
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,8 @@ def no_bitsandbytes(monkeypatch, tmp_path, tiny):
 
 
 def tokenizer_without_template(monkeypatch, tmp_path, tiny):
-    """A model folder with config and tokenizer but no chat template, and no weights at all."""
+    """A model folder with config and tokenizer but no chat template; its weights a link to the tiny model's (which
+    must not be loaded)."""
     src = Path(tiny)
     (tmp_path / "plain").mkdir()
     for name in ("config.json", "tokenizer.json"):
@@ -56,6 +59,72 @@ def tokenizer_without_template(monkeypatch, tmp_path, tiny):
     config = json.loads((src / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (tmp_path / "plain" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "plain" / "model.safetensors").symlink_to(src / "model.safetensors")
+
+
+def model_folder(drop=(), config=None):
+    """A setup that copies the tiny model into TMP/model without the files in `drop` (its weights a link, never
+    loaded), with config.json replaced by `config` when given."""
+
+    def setup(monkeypatch, tmp_path, tiny):
+        (tmp_path / "model").mkdir()
+        for f in Path(tiny).iterdir():
+            if f.name not in drop:
+                (tmp_path / "model" / f.name).symlink_to(f)
+        if config is not None:
+            (tmp_path / "model" / "config.json").unlink()
+            (tmp_path / "model" / "config.json").write_text(config)
+
+    return setup
+
+
+REWARDS = """\
+import math
+
+
+def wrong_length(prompts, completions):
+    return [1.0]
+
+
+def nothing(prompts, completions):
+    return None
+
+
+def nan(prompts, completions):
+    return [0.0] + [math.nan] * (len(completions) - 1)
+
+
+def raises(prompts, completions):
+    return [len(p) / len(c) for p, c in zip(prompts, completions)]  # a length ratio: fails on an empty completion
+
+
+def one_argument(completions):
+    return [0.0 for c in completions]
+"""
+
+
+def reward_module(monkeypatch, tmp_path, tiny):
+    """Reward functions that fail in the ways users' do, importable as bad_rewards (and a module with a syntax
+    error as bad_syntax)."""
+    (tmp_path / "bad_rewards.py").write_text(REWARDS)
+    (tmp_path / "bad_syntax.py").write_text("def score(prompts, completions):\n    return [0.0 for c in completions\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("bad_rewards", "bad_syntax"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def unwritable(monkeypatch, tmp_path, tiny):
+    """Tests run as root, who may write anywhere: make os.access say no, as it does for a user's read-only folder."""
+    import alignlab.input_checks
+
+    monkeypatch.setattr(alignlab.input_checks.os, "access", lambda path, mode: False)
+
+
+def with_duplicate(key_line: str, again: str) -> str:
+    """The recipe's YAML with `again` written right after the first line equal to `key_line`."""
+    text = yaml.safe_dump(recipe(), sort_keys=False)
+    assert key_line + "\n" in text
+    return text.replace(key_line + "\n", key_line + "\n" + again + "\n", 1)
 
 
 def case(id, expect, edits=None, files=None, text=None, overrides=(), setup=None):
@@ -311,17 +380,17 @@ CASES = [
     ),
     case(
         "empty-cell",
-        ["TMP/pairs.jsonl: row 2: column 'chosen' is missing or empty", "Fill it or drop the row"],
+        ["TMP/pairs.jsonl: line 3: column 'chosen' is missing or empty", "Fill it or drop the row"],
         files={"pairs.jsonl": jsonl(PAIR_ROWS[:2] + [{**PAIR_ROWS[2], "chosen": ""}])},
     ),
     case(
         "chosen-equals-rejected",
-        ["TMP/pairs.jsonl: row 1: 'chosen' and 'rejected' are identical", "Remove the row or fix the data"],
+        ["TMP/pairs.jsonl: line 2: 'chosen' and 'rejected' are identical", "Remove the row or fix the data"],
         files={"pairs.jsonl": jsonl([PAIR_ROWS[0], {**PAIR_ROWS[1], "rejected": PAIR_ROWS[1]["chosen"]}])},
     ),
     case(
         "malformed-chat-message",
-        ["TMP/sft.jsonl: row 0: column 'messages' message 1 is malformed", "'role'", "'content'"],
+        ["TMP/sft.jsonl: line 1: column 'messages' message 1 is malformed", "'role'", "'content'"],
         files={"sft.jsonl": jsonl([{"messages": [MESSAGES[0], {"role": "assistant", "text": "2"}]}])},
     ),
     case(
@@ -338,7 +407,7 @@ CASES = [
         "prompt-longer-than-max-length",
         [
             "stages[0] (sft).dataset: TMP/sft.jsonl: 1 prompt(s) have at least train.max_length = 32 tokens",
-            "row 1:",
+            "(line 2; line 2: ",
             "Raise train.max_length above",
         ],
         {"stages.0.train.max_length": 32},
@@ -354,6 +423,228 @@ CASES = [
         {"model.name_or_path": "TMP/plain"},
         {"sft.jsonl": jsonl([{"messages": MESSAGES}])},
         setup=tokenizer_without_template,
+    ),
+    # ======== added for issue 13 / 19: inputs that used to end in a traceback or be silently accepted
+    # ---- the recipe file
+    case(
+        "key-written-twice",
+        ["recipe.yaml:3: key 'seed' is written twice in one mapping (lines 2 and 3)", "keep only the last value"],
+        text=with_duplicate("seed: 0", "seed: 1"),
+    ),
+    case(
+        "nested-key-written-twice",
+        ["key 'stages[0].train.max_length' is written twice in one mapping", "delete the one you do not mean"],
+        text=with_duplicate("    max_length: 64", "    max_length: 8"),
+    ),
+    case("empty-recipe-file", ["recipe.yaml: the file is empty; a recipe is a YAML mapping"], text=""),
+    case(
+        "recipe-not-utf8",
+        ["recipe.yaml:2: not UTF-8 text (byte 0xe9)", "Save it as UTF-8"],
+        text="name: caf\xe9\nseed: 0\n".encode("latin-1").replace(b"name: caf", b"seed: 1\nname: caf"),
+    ),
+    case(
+        "stage-name-with-slash",
+        ["stages[0].name", "stage name 'a/b' cannot name the stage's folder in the run directory"],
+        {"stages.0.name": "a/b", "stages.1.input": "a/b"},
+    ),
+    case("stage-name-dotdot", ["stage name '..' cannot name the stage's folder"], {"stages.1.name": ".."}),
+    case(
+        "max-steps-zero",
+        ["stages[0].train.max_steps", "max_steps must be a positive number of optimizer steps, or -1"],
+        {"stages.0.train.max_steps": 0},
+    ),
+    case("negative-seed", ["recipe.yaml:2: seed: Input should be greater than or equal to 0"], {"seed": -1}),
+    case("seed-beyond-numpy", ["less than or equal to 4294967295"], {"stages.1.dataset.seed": 2**32}),
+    # ---- command-line overrides
+    case(
+        "override-stage-index-out-of-range",
+        [
+            "override 'stages.5.train.max_steps=2': there is no stage 5; the recipe has 2 stage(s): 0 (sft), 1 (dpo)",
+            "Address a stage by its index or its name",
+        ],
+        overrides=["stages.5.train.max_steps=2"],
+    ),
+    case(
+        "override-unknown-key-named-as-override",
+        [
+            "command-line override 'stages.sft.train.max_stepz=1': unknown key 'stages[0].train.max_stepz'",
+            "Did you mean 'max_steps'?",
+            "!recipe.yaml:",
+        ],
+        overrides=["stages.sft.train.max_stepz=1"],
+    ),
+    case(
+        "override-value-not-yaml",
+        ["override 'seed=[1': the value is not valid YAML", "Quote it to pass a string"],
+        overrides=["seed=[1"],
+    ),
+    case("override-empty-key", ["override '=3': empty key name"], overrides=["=3"]),
+    case(
+        "override-removes-missing-key",
+        ["override '~stages.dpo.loss.tau': there is no key 'stages.dpo.loss' to remove"],
+        overrides=["~stages.dpo.loss.tau"],
+    ),
+    case(
+        "override-list-by-name",
+        ["'peft.target_modules' is a list: address its items by index (0 to 0)"],
+        {"peft": {"method": "lora", "target_modules": ["q_proj"]}},
+        overrides=["peft.target_modules.first=v_proj"],
+    ),
+    case(
+        "override-switches-loss-with-wrong-parameter",
+        [
+            "(with command-line override stages.dpo.loss.name=rdpo, stages.dpo.loss.tau=0.3)",
+            "rdpo: unknown parameter 'tau'; rdpo accepts: eps",
+        ],
+        {"stages.1.loss": {"name": "kldpo", "tau": 1.0}},
+        overrides=["stages.dpo.loss.name=rdpo", "stages.dpo.loss.tau=0.3"],
+    ),
+    case(
+        "run-unknown-stage",
+        ["--stage nope: no stage named 'nope'; stages are: sft, dpo"],
+        overrides=["--stage", "nope"],
+    ),
+    # ---- the output folder
+    case(
+        "output-dir-is-a-file",
+        ["output_dir: TMP/afile is a file, not a folder"],
+        {"output_dir": "TMP/afile"},
+        {"afile": "x"},
+    ),
+    case(
+        "output-dir-under-a-file",
+        ["output_dir: cannot make TMP/afile/run, because TMP/afile is a file"],
+        {"output_dir": "TMP/afile/run"},
+        {"afile": "x"},
+    ),
+    case("output-dir-not-writable", ["output_dir: TMP is not writable"], setup=unwritable),
+    # ---- the model
+    case(
+        "model-folder-without-weights",
+        ["model folder TMP/model has a config.json but no weights (*.safetensors", "Copy the weight files in"],
+        {"model.name_or_path": "TMP/model"},
+        setup=model_folder(drop=("model.safetensors",)),
+    ),
+    case(
+        "model-folder-without-tokenizer",
+        ["model folder TMP/model has no tokenizer files (tokenizer.json", "model.tokenizer"],
+        {"model.name_or_path": "TMP/model"},
+        setup=model_folder(drop=("tokenizer.json", "tokenizer_config.json")),
+    ),
+    case(
+        "model-config-not-json",
+        ["TMP/model/config.json is not valid JSON (line 2, column 1", "Restore the model's config.json"],
+        {"model.name_or_path": "TMP/model"},
+        setup=model_folder(config='{"model_type": "llama",\n'),
+    ),
+    case(
+        "model-path-neither-folder-nor-hub-id",
+        ["'models/tiny/llama' is no local folder", "and no valid hub id (owner/name)"],
+        {"model.name_or_path": "models/tiny/llama"},
+    ),
+    case(
+        "hub-model-offline",
+        [
+            "model.name_or_path: 'alignlab-test/no-such-model' is no local folder",
+            "not in the hub cache",
+            "offline mode is on",
+            "hf download alignlab-test/no-such-model",
+        ],
+        {"model.name_or_path": "alignlab-test/no-such-model"},
+    ),
+    case(
+        "chat-template-not-jinja",
+        ["model.chat_template: TMP/bad.jinja:2: Jinja syntax error: unexpected '}'"],
+        {"model.chat_template": "TMP/bad.jinja"},
+        {"bad.jinja": "{% for m in messages %}\n{{ m.content }\n{% endfor %}"},
+    ),
+    # ---- data files: encodings, CSV, cells, chat messages
+    case(
+        "latin1-csv",
+        ["TMP/d.csv: line 3 is not UTF-8 (byte 0xe9)", "likely Latin-1", "iconv -f latin1 -t utf-8"],
+        {"stages.0.dataset.path": "TMP/d.csv"},
+        {"d.csv": "prompt,completion\nWhat is 1 + 1?,2\nCaf\xe9?,yes\n".encode("latin-1")},
+    ),
+    case(
+        "utf16-json",
+        ["TMP/d.json: the file is UTF-16 text", "Save it as UTF-8"],
+        {"stages.0.dataset.path": "TMP/d.json"},
+        {"d.json": json.dumps(SFT_ROWS).encode("utf-16")},
+    ),
+    case(
+        "csv-line-with-extra-field",
+        ["TMP/d.csv: line 3 has 3 fields but the header has 2 (prompt,completion)", "double quotes"],
+        {"stages.0.dataset.path": "TMP/d.csv"},
+        {"d.csv": "prompt,completion\nWhat is 1 + 1?,2\nWhat is 1, 2 + 2?,4\n"},
+    ),
+    case(
+        "csv-short-row-named-by-line",
+        ["TMP/d.csv: line 4: column 'completion' is missing or empty"],
+        {"stages.0.dataset.path": "TMP/d.csv"},
+        {"d.csv": 'prompt,completion\n"What is\n1 + 1?",2\nWhat is 2 + 2?\n'},
+    ),
+    case(
+        "numeric-prompt",
+        ["TMP/sft.jsonl: line 2: column 'prompt' holds 7 (a int), not text", '("7")'],
+        files={"sft.jsonl": jsonl([SFT_ROWS[0], {"prompt": 7, "completion": "7"}])},
+    ),
+    case(
+        "chat-unknown-role",
+        ["TMP/sft.jsonl: line 1: column 'messages' message 1 has role 'assitant'", "Did you mean 'assistant'?"],
+        files={"sft.jsonl": jsonl([{"messages": [MESSAGES[0], {"role": "assitant", "content": "2"}]}])},
+    ),
+    case(
+        "chat-content-not-text",
+        ["line 1: column 'messages' message 1 (assistant) has content 2 of type int; content is text"],
+        files={"sft.jsonl": jsonl([{"messages": [MESSAGES[0], {"role": "assistant", "content": 2}]}])},
+    ),
+    case(
+        "folder-mixing-file-types",
+        ["dataset folder TMP/data mixes file types (.csv, .jsonl)", "Keep one type per folder"],
+        {"stages.0.dataset.path": "TMP/data"},
+        {"data/a.jsonl": jsonl(SFT_ROWS), "data/b.csv": "prompt,completion\nq,a\n"},
+    ),
+    case(
+        "hub-dataset-offline",
+        ["stages[0] (sft).dataset.path: 'alignlab-test/no-such-data' is no local file or folder", "OfflineMode"],
+        {"stages.0.dataset.path": "alignlab-test/no-such-data"},
+    ),
+    # ---- reward functions: tried on the stage's first prompts at validation
+    case(
+        "reward-fn-wrong-length",
+        ["stages[2] (ppo).reward_fn: tried on the first prompts", "bad_rewards:wrong_length returned 1 scores for 4"],
+        {"stages.2": {**PPO, "reward_fn": "bad_rewards:wrong_length"}},
+        setup=reward_module,
+    ),
+    case(
+        "reward-fn-returns-none",
+        ["bad_rewards:nothing returned None (NoneType); it must return a list of floats, one per completion"],
+        {"stages.2": {**PPO, "reward_fn": "bad_rewards:nothing"}},
+        setup=reward_module,
+    ),
+    case(
+        "reward-fn-returns-nan",
+        ["bad_rewards:nan returned nan for completion 1 ('42' after prompt 'What is 0 + 0?')", "finite numbers"],
+        {"stages.2": {**PPO, "reward_fn": "bad_rewards:nan"}},
+        setup=reward_module,
+    ),
+    case(
+        "reward-fn-raises",
+        ["bad_rewards:raises raised ZeroDivisionError: division by zero (at TMP/bad_rewards.py:17)", "any completion"],
+        {"stages.2": {**PPO, "reward_fn": "bad_rewards:raises"}},
+        setup=reward_module,
+    ),
+    case(
+        "reward-fn-wrong-signature",
+        ["bad_rewards:one_argument cannot be called as fn(prompts: list[str], completions: list[str])"],
+        {"stages.2": {**PPO, "reward_fn": "bad_rewards:one_argument"}},
+        setup=reward_module,
+    ),
+    case(
+        "reward-fn-syntax-error",
+        ["reward_fn: module 'bad_syntax' has a syntax error at TMP/bad_syntax.py:2: '[' was never closed"],
+        {"stages.2": {**PPO, "reward_fn": "bad_syntax:score"}},
+        setup=reward_module,
     ),
 ]
 
@@ -389,7 +680,8 @@ def test_bad_input_fails_before_loading_with_a_clear_message(
 ):
     data = {"sft.jsonl": jsonl(SFT_ROWS), "pairs.jsonl": jsonl(PAIR_ROWS), "prompts.jsonl": jsonl(SFT_ROWS), **files}
     for name, content in data.items():
-        (tmp_path / name).write_text(content)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     (tmp_path / "empty_model").mkdir()
     if setup:
         setup(monkeypatch, tmp_path, no_model_loads)
@@ -397,12 +689,22 @@ def test_bad_input_fails_before_loading_with_a_clear_message(
     for key, value in edits.items():
         _set(raw, key, value)
     path = tmp_path / "recipe.yaml"
-    path.write_text((text or yaml.safe_dump(raw, sort_keys=False)).replace("TMP/", f"{tmp_path}/"))
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(
+            (yaml.safe_dump(raw, sort_keys=False) if text is None else text).replace("TMP/", f"{tmp_path}/")
+        )
 
     assert main(["run", str(path), *overrides]) == 2
     err = capsys.readouterr().err
-    for fragment in expect:
-        assert fragment.replace("TMP/", f"{tmp_path}/") in err, f"{fragment!r} not in:\n{err}"
+    for fragment in expect:  # "!text": text must not be in the message
+        fragment = fragment.replace("TMP/", f"{tmp_path}/").replace("TMP", str(tmp_path))
+        if fragment.startswith("!"):
+            assert fragment[1:] not in err, f"{fragment[1:]!r} in:\n{err}"
+        else:
+            assert fragment in err, f"{fragment!r} not in:\n{err}"
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing written: no run dir, no recipe.yaml, no stage_output.json
     assert not list(tmp_path.rglob("stage_output.json"))
 
@@ -422,3 +724,68 @@ def test_validate_reports_every_problem_at_once(tmp_path, capsys, no_model_loads
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "stages[0] (sft).dataset: dataset file not found" in err and "stages[1] (dpo).dataset: dataset file" in err
+
+
+def test_recipe_path_is_a_folder(capsys, tmp_path):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder, not a recipe file: give the path of its .yaml file" in capsys.readouterr().err
+
+
+def test_unknown_builtin_model_command(capsys):
+    """`alignlab builtin foo` used to end in a ValueError traceback."""
+    assert main(["builtin", "foo"]) == 2
+    assert "error: unknown builtin model 'foo'; known: tiny-llama" in capsys.readouterr().err
+
+
+def test_eval_with_a_missing_recipe(capsys, tmp_path):
+    """`alignlab eval CKPT --recipe nope.yaml` used to end in a FileNotFoundError traceback."""
+    assert main(["eval", "builtin:tiny-llama", "--recipe", str(tmp_path / "nope.yaml")]) == 2
+    assert f"recipe file not found: {tmp_path}/nope.yaml" in capsys.readouterr().err
+
+
+def test_hub_model_offline_is_one_message_from_the_real_command(tmp_path):
+    """The real command in its own process (as a user runs it): a hub id that cannot be had offline used to end in
+    a 19-frame traceback from transformers after the run directory was written. Now: exit 2, one message, nothing
+    written."""
+    import os
+    import subprocess
+
+    raw = recipe()
+    raw["model"]["name_or_path"] = "alignlab-test/no-such-model"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("TMP/", f"{tmp_path}/"))
+    for name, rows in (("sft.jsonl", SFT_ROWS), ("pairs.jsonl", PAIR_ROWS)):
+        (tmp_path / name).write_text(jsonl(rows))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-m", "alignlab", "run", str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "model.name_or_path: 'alignlab-test/no-such-model' is no local folder" in done.stderr
+    assert "offline mode is on" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "returned, expect",
+    [
+        ([1.0, None], "returned None for completion 1 ('7' after prompt 'What is 3 + 4?'); scores must be finite"),
+        ([1.0, float("inf")], "returned inf for completion 1"),
+        (["1.0", "high"], "returned 'high' for completion 1"),
+        ("0.5", "returned '0.5' (str); it must return a list of floats, one per completion"),
+        ([1.0], "returned 1 scores for 2 completions; it must return one per completion"),
+    ],
+)
+def test_reward_fn_results_are_checked_at_every_call(returned, expect):
+    """During PPO or evaluation (after validation tried the function once), a bad result is a StageFailed naming the
+    function and the completion, which the CLI prints as an error (exit 1), not a traceback from float()."""
+    from alignlab.contract import StageFailed
+    from alignlab.rewards import reward_fn_scores
+
+    def score(prompts, completions):
+        return returned
+
+    with pytest.raises(StageFailed, match="^" + re.escape("reward_fn mod:score " + expect)):
+        reward_fn_scores(score, ["What is 1 + 1?", "What is 3 + 4?"], ["2", "7"], name="reward_fn mod:score")
+    assert reward_fn_scores(lambda p, c: ["1.5", 2], ["a", "b"], ["x", "y"]) == [1.5, 2.0]  # numbers as text are fine

@@ -277,7 +277,7 @@ def test_validate_refuses_a_template_without_verbatim_assistant_text(tmp_path, c
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
     assert (
-        f"stages[0] (sft).dataset: {tmp_path}/chat.jsonl: row 0: the chat template of {tiny_model_path} does not "
+        f"stages[0] (sft).dataset: {tmp_path}/chat.jsonl: line 1: the chat template of {tiny_model_path} does not "
         f"write assistant message 2 as given" in err
     )
     recipe["stages"][0]["completion_only_loss"] = False  # trains every token: no masks needed, nothing to refuse

@@ -73,19 +73,19 @@ def test_wrong_columns_for_stage_say_how_to_map(tmp_path):
 
 def test_empty_cell_names_row_and_column(tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "", "rejected": "b"}]
-    with pytest.raises(DataError, match=r"row 1: column 'chosen' is missing or empty"):
+    with pytest.raises(DataError, match=r"x.jsonl: line 2: column 'chosen' is missing or empty"):
         build_datasets(DatasetSpec(path=str(_jsonl(tmp_path / "x.jsonl", rows))), None, "dpo", chat=False)
 
 
 def test_chosen_equal_rejected_is_an_error(tmp_path):
     rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}]
-    with pytest.raises(DataError, match=r"x.jsonl: row 0: 'chosen' and 'rejected' are identical"):
+    with pytest.raises(DataError, match=r"x.jsonl: line 1: 'chosen' and 'rejected' are identical"):
         build_datasets(DatasetSpec(path=str(_jsonl(tmp_path / "x.jsonl", rows))), None, "dpo", chat=False)
 
 
 def test_malformed_chat_message(tmp_path):
     rows = [{"messages": [{"role": "user", "text": "no content key"}]}]
-    with pytest.raises(DataError, match=r"row 0: column 'messages' message 0 is malformed"):
+    with pytest.raises(DataError, match=r"x.jsonl: line 1: column 'messages' message 0 is malformed"):
         build_datasets(DatasetSpec(path=str(_jsonl(tmp_path / "x.jsonl", rows))), None, "sft", chat=True)
 
 
@@ -125,3 +125,32 @@ def test_builtin_heldout_prompts_are_disjoint_from_training():
     train, eval_ds = build_datasets(spec, None, "dpo", chat=True)
     key = lambda row: row["prompt"][0]["content"]  # noqa: E731
     assert len(eval_ds) == 50 and not {key(r) for r in train} & {key(r) for r in eval_ds}
+
+
+def test_rows_are_named_by_their_line_in_the_file(tmp_path):
+    """issue 19: data errors counted rows from 0 while JSON errors counted lines from 1. Rows are now named by the
+    line they start on, as an editor shows it: blank lines and the CSV header skipped, a quoted CSV field spanning
+    lines, objects of a .json list on any line; a file of a folder by name and line; parquet keeps 'row N'."""
+    from alignlab.data.formats import row_place
+
+    (tmp_path / "a.jsonl").write_text('{"p": 1}\n\n{"p": 2}\n{"p": 3}\n')
+    (tmp_path / "b.csv").write_text('prompt,completion\n"two\nlines",x\n\nq,y\n')
+    (tmp_path / "c.json").write_text('[\n  {"p": 1},\n\n  {"p": [1,\n 2]}, {"p": 3}\n]')
+    assert [row_place(str(tmp_path / "a.jsonl"), i) for i in range(3)] == ["line 1", "line 3", "line 4"]
+    assert [row_place(str(tmp_path / "b.csv"), i) for i in range(2)] == ["line 2", "line 5"]
+    assert [row_place(str(tmp_path / "c.json") + " (eval)", i) for i in range(3)] == ["line 2", "line 4", "line 5"]
+    (tmp_path / "dir").mkdir()
+    _jsonl(tmp_path / "dir" / "x.jsonl", [{"p": 1}])
+    _jsonl(tmp_path / "dir" / "y.jsonl", [{"p": 2}, {"p": 3}])
+    assert row_place(str(tmp_path / "dir"), 2) == "y.jsonl line 2"
+    assert row_place("builtin:arith", 4) == row_place(str(tmp_path / "d.parquet"), 4) == "row 4"
+
+
+def test_csv_columns_are_read_as_written(tmp_path):
+    """pandas reads a CSV column of numbers as numbers: the completion `2.50` trained as `2.5`, `007` as `7`. Text
+    columns stay text; a margin column stays a number."""
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected,margin\nHalf of 5?,2.50,2.5e0,1\nBond?,007,7,0.5\n")
+    train, _ = build_datasets(DatasetSpec(path=str(path)), None, "reward", chat=False)
+    assert train["chosen"] == ["2.50", "007"] and train["rejected"] == ["2.5e0", "7"]
+    assert train["margin"] == [1.0, 0.5]

@@ -153,3 +153,49 @@ def test_every_shipped_recipe_validates(path, tiny_model_path):
     assert recipe.stages
     # Offline, hub models and datasets are reported as not checked, never as errors.
     assert all("not checked offline" in n for n in notes)
+
+
+NOISY = ROOT / "recipes" / "robust_dpo_noisy.yaml"  # its dpo stage: loss {name: kldpo, beta: 0.1, tau: 1.0}
+
+
+def test_switching_the_loss_by_override_drops_the_old_loss_parameters(tmp_path):
+    """issue 19: `stages.dpo.loss.name=rdpo stages.dpo.loss.eps=0.3` on this recipe stopped at "rdpo: unknown
+    parameter 'tau'" (tau came from the file). The file's tau is dropped with a warning; eps from the command line
+    stays; beta, which every loss takes, stays."""
+    recipe, notes = validate_recipe(NOISY, ["stages.dpo.loss.name=rdpo", "stages.dpo.loss.eps=0.3"])
+    loss = recipe.stage("dpo").loss
+    assert (loss.name, loss.beta, loss.params) == ("rdpo", 0.1, {"eps": 0.3})
+    assert notes[0] == (
+        "warning: stages[1] (dpo).loss: dropped tau: 1.0 from the recipe file, which rdpo does not take "
+        "(stages.dpo.loss.name=rdpo on the command line)"
+    )
+    # A parameter the new loss does not take, given on the command line too, is still an error, named as such.
+    msg = _error(tmp_path, NOISY.read_text(), ["stages.dpo.loss.name=rdpo", "stages.dpo.loss.tau=0.3"])
+    assert "(with command-line override stages.dpo.loss.name=rdpo, stages.dpo.loss.tau=0.3)" in msg
+    assert "rdpo: unknown parameter 'tau'" in msg
+
+
+def test_override_null_and_remove(tmp_path):
+    """`loss.tau=null` gives the loss's default (it failed with "tau must be > 0, got tau=None"); `~key` removes a
+    key, so it takes its default; a negative index counts from the end."""
+    recipe = load_recipe(NOISY, ["stages.dpo.loss.tau=null", "~stages.dpo.train.max_length", "stages.-1.loss.beta=0.2"])
+    dpo = recipe.stage("dpo")
+    assert dpo.loss.params == {} and dpo.train.max_length == 1024  # TrainSpec's default
+    assert dpo.loss.beta == 0.2  # stages.-1: the last stage
+    assert recipe.stage("sft").train.max_length == 64
+    with pytest.raises(RecipeError, match="no key 'stages.dpo.train.nope' to remove"):
+        load_recipe(NOISY, ["~stages.dpo.train.nope"])
+    with pytest.raises(RecipeError, match="takes no value; write ~seed"):
+        load_recipe(NOISY, ["~seed=1"])
+
+
+def test_unknown_key_from_the_command_line_names_the_override(tmp_path):
+    """issue 19: an unknown key given on the command line was reported at a line of the file (the nearest parent)."""
+    msg = _error(tmp_path, MINIMAL, ["stages.sft.dataset.splitt=sft"])
+    assert msg == (
+        "invalid recipe:\n  - command-line override 'stages.sft.dataset.splitt=sft': unknown key "
+        "'stages[0].dataset.splitt'. Did you mean 'split'?"
+    )
+    # A key of the file keeps its line, even when an override set a key inside it.
+    msg = _error(tmp_path, MINIMAL.replace("split: sft", "split: sft\n      sizee: 3"), ["stages.sft.dataset.size=4"])
+    assert "r.yaml:10: unknown key 'stages[0].dataset.sizee'" in msg

@@ -12,6 +12,7 @@ from alignlab.data.formats import (
     load_raw,
     prompt_text,
     resolve_source,
+    row_place,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ def build_datasets(
     eval_ds = None
     if with_eval:
         if spec.eval_path or spec.eval_split or resolve_source(spec.path, recipe).kind == "builtin":
-            eval_ds = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, where + " (eval)", chat)
+            eval_where = (_where_of(spec.eval_path, recipe) if spec.eval_path else where) + " (eval)"
+            eval_ds = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, eval_where, chat)
         elif spec.eval_fraction > 0:
             parts = train.train_test_split(test_size=spec.eval_fraction, seed=seed)
             train, eval_ds = parts["train"], parts["test"]
@@ -84,9 +86,22 @@ def check_dataset(
         if resolve_source(spec.eval_path, recipe).kind == "hub":
             return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline"
         canonicalize(
-            load_raw(spec, recipe, held_out=True), spec, stage_type, f"{spec.eval_path} (eval)", False, formats
+            load_raw(spec, recipe, held_out=True),
+            spec,
+            stage_type,
+            f"{_where_of(spec.eval_path, recipe)} (eval)",
+            False,
+            formats,
         )
     return None
+
+
+def first_prompts(spec: DatasetSpec, recipe: Recipe | None, stage_type: str, n: int) -> list | None:
+    """The first `n` prompts of a stage's prompt dataset (to try a reward function on); None for hub data."""
+    if resolve_source(spec.path, recipe).kind == "hub":
+        return None
+    ds = canonicalize(load_raw(spec, recipe), spec, stage_type, _where(spec, recipe), chat=False, formats=("prompt",))
+    return ds.select(range(min(n, len(ds))))["prompt"]
 
 
 def check_chat_template(ds: Dataset, tokenizer, where: str) -> None:
@@ -118,11 +133,11 @@ def check_prompt_lengths(ds: Dataset, tokenizer, max_length: int, where: str) ->
     lengths = _token_counts(prompts, tokenizer)
     long = [i for i, n in enumerate(lengths) if n >= max_length]
     if long:
-        rows = ", ".join(map(str, long[:5])) + (", ..." if len(long) > 5 else "")
+        rows = ", ".join(row_place(where, i) for i in long[:5]) + (", ..." if len(long) > 5 else "")
         raise DataError(
-            f"{where}: {len(long)} prompt(s) have at least train.max_length = {max_length} tokens (rows {rows}; row "
-            f"{long[0]}: {lengths[long[0]]} tokens), so truncation leaves none of their completion. Raise "
-            f"train.max_length above {max(lengths[i] for i in long)}, or shorten or drop those rows."
+            f"{where}: {len(long)} prompt(s) have at least train.max_length = {max_length} tokens ({rows}; "
+            f"{row_place(where, long[0])}: {lengths[long[0]]} tokens), so truncation leaves none of their "
+            f"completion. Raise train.max_length above {max(lengths[i] for i in long)}, or shorten or drop those rows."
         )
 
 
@@ -149,5 +164,9 @@ def _before_last_reply(messages: list[dict]) -> list[dict]:
 
 
 def _where(spec: DatasetSpec, recipe: Recipe | None) -> str:
-    src = resolve_source(spec.path, recipe)
-    return src.location if src.kind == "local" else spec.path
+    return _where_of(spec.path, recipe)
+
+
+def _where_of(path: str, recipe: Recipe | None) -> str:
+    src = resolve_source(path, recipe)
+    return src.location if src.kind == "local" else path

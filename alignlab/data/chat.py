@@ -47,7 +47,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from alignlab.data.formats import DataError
+from alignlab.data.formats import DataError, row_place
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -208,7 +208,7 @@ def check_chat_masks(ds: Dataset, tokenizer, where: str, rows: int = 8) -> None:
     if "messages" not in ds.column_names or tokenizer.chat_template is None:
         return
     for i in range(min(rows, len(ds))):
-        tokenize_chat(ds[i]["messages"], tokenizer, where=f"{where}: row {i}")
+        tokenize_chat(ds[i]["messages"], tokenizer, where=f"{where}: {row_place(where, i)}")
 
 
 def _rendered_piece(original: str, text: str, at: int, following: str) -> str | None:

@@ -13,8 +13,14 @@ the template is applied once, by TRL, with its own BOS/EOS handling (never doubl
 
 from __future__ import annotations
 
+import csv
+import difflib
+import functools
+import io
 import json
+import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +63,12 @@ def resolve_source(path: str, recipe: Recipe | None = None) -> Source:
         files = sorted(str(f) for f in p.iterdir() if f.suffix in FILE_BUILDERS)
         if not files:
             raise DataError(f"dataset folder {p} holds no {'/'.join(FILE_BUILDERS)} files")
+        kinds = sorted({FILE_BUILDERS[Path(f).suffix] for f in files})
+        if len(kinds) > 1:
+            raise DataError(
+                f"dataset folder {p} mixes file types ({', '.join(sorted({Path(f).suffix for f in files}))}), which "
+                f"are read with one reader. Keep one type per folder, or point dataset.path at one file."
+            )
         return Source("local", str(p), tuple(files))
     if p.suffix in FILE_BUILDERS or p.exists():
         if not p.exists():
@@ -91,25 +103,69 @@ def load_raw(spec: DatasetSpec, recipe: Recipe | None, *, held_out: bool = False
         return Dataset.from_list(rows)
     if src.kind == "local":
         builder = FILE_BUILDERS[Path(src.files[0]).suffix]
+        kwargs = {"features": _csv_features(Path(src.files[0]), spec)} if builder == "csv" else {}
+        # datasets logs its own account of a bad file ("Failed to read file ... <class 'UnicodeDecodeError'>")
+        # before raising; the DataError below says it better, so the log stays quiet while loading.
+        quiet = logging.getLogger("datasets")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
-            ds = load_dataset(builder, data_files=list(src.files), split="train")
+            ds = load_dataset(
+                builder, data_files=list(src.files), split="train", **{k: v for k, v in kwargs.items() if v}
+            )
         except Exception as e:  # datasets raises many types for a malformed file; say which file and line
             for f in src.files:
                 _check_file(Path(f))
             raise DataError(f"{src.location}: cannot read as {builder}: {e}") from e
+        finally:
+            quiet.setLevel(level)
     else:
-        ds = load_dataset(src.location, split=split, revision=None)
+        try:
+            ds = load_dataset(src.location, split=split, revision=None)
+        except Exception as e:  # offline, no such dataset or split: datasets raises many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"'{path}' is no local file or folder, so it is read as a hub dataset id, and `datasets` cannot load "
+                f"split '{split}' of it ({first}). Fix dataset.path / dataset.split."
+            ) from e
     return ds
 
 
+def _csv_features(path: Path, spec: DatasetSpec):
+    """Every CSV column as text (a margin column as a number): pandas would read a column of numbers as numbers,
+    and a completion written `2.50` would train as `2.5`. None when the header cannot be read (the load then fails
+    and _check_file says why)."""
+    from datasets import Features, Value
+
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            header = next((row for row in csv.reader(f) if row), None)
+    except (UnicodeDecodeError, csv.Error):
+        return None
+    if not header or not all(header) or len(set(header)) != len(header):  # pandas renames those: let it
+        return None
+    margin = spec.columns.get("margin", "margin")
+    return Features({c: Value("float64") if c == margin else Value("string") for c in header})
+
+
 def _check_file(path: Path) -> None:
-    """Explain why `datasets` could not read a local file: empty, a header and no rows, or a bad JSON line."""
-    text = path.read_text(errors="replace") if path.suffix != ".parquet" else "x"
+    """Explain why `datasets` could not read a local file: not UTF-8 text, empty, a header and no rows, a CSV line
+    with more fields than its header, or a bad JSON line."""
+    text = _utf8_text(path) if path.suffix != ".parquet" else "x"
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"{path}: the file is empty. Point dataset.path at a file with rows.")
     if path.suffix == ".csv" and len(lines) == 1:
         raise DataError(f"{path}: the file has a header ({lines[0][1].strip()}) but no rows.")
+    if path.suffix == ".csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(row for row in reader if row)
+        for row in reader:
+            if len(row) > len(header):
+                raise DataError(
+                    f"{path}: line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
+                    f'({",".join(header)}). Put a field that holds a comma in double quotes: "a, b".'
+                )
     if path.suffix == ".jsonl":
         for i, line in lines:
             try:
@@ -126,6 +182,25 @@ def _check_file(path: Path) -> None:
             json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+
+
+def _utf8_text(path: Path) -> str:
+    """The text of a data file, or a DataError when it is not UTF-8 (the only encoding `datasets` reads)."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4096]:
+        raise DataError(
+            f"{path}: the file is UTF-16 text (or binary), and data files are read as UTF-8. Save it as UTF-8 "
+            f"(e.g. iconv -f UTF-16 -t UTF-8 {path.name} > utf8{path.suffix})."
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}): the file is in another encoding, "
+            f"likely Latin-1 / Windows-1252. Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
+            f"utf8{path.suffix})."
+        ) from None
 
 
 def _builtin_heldout_split(split: str) -> str:
@@ -182,7 +257,8 @@ def detect_format(
 
 
 def check_rows(ds: Dataset, fmt: str, where: str) -> None:
-    """Every required cell present and non-empty; chat lists well formed; chosen != rejected."""
+    """Every required cell present and non-empty text (or a well-formed chat); chosen != rejected. A row is named by
+    its line in the file (row_place)."""
     required = FORMAT_COLUMNS[fmt]
     for i, row in enumerate(ds):
         for col in required:
@@ -192,23 +268,97 @@ def check_rows(ds: Dataset, fmt: str, where: str) -> None:
                 _check_cell(row["prompt"], "prompt", i, where)
             if row["chosen"] == row["rejected"]:
                 raise DataError(
-                    f"{where}: row {i}: 'chosen' and 'rejected' are identical, so the pair teaches nothing and "
-                    f"its loss is constant. Remove the row or fix the data."
+                    f"{where}: {row_place(where, i)}: 'chosen' and 'rejected' are identical, so the pair teaches "
+                    f"nothing and its loss is constant. Remove the row or fix the data."
                 )
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def _check_cell(value: Any, col: str, row: int, where: str) -> None:
+    at = f"{where}: {row_place(where, row)}: column '{col}'"
     if value is None or (isinstance(value, str | list) and len(value) == 0):
-        raise DataError(f"{where}: row {row}: column '{col}' is missing or empty. Fill it or drop the row.")
+        raise DataError(f"{at} is missing or empty. Fill it or drop the row.")
     if isinstance(value, list):
         for j, msg in enumerate(value):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            if not isinstance(msg, dict) or msg.get("role") is None or "content" not in msg:
                 raise DataError(
-                    f"{where}: row {row}: column '{col}' message {j} is malformed; chat messages are "
+                    f"{at} message {j} is malformed; chat messages are "
                     f"{{'role': 'user'|'assistant'|'system', 'content': str}}"
                 )
-    elif not isinstance(value, str | int | float):
-        raise DataError(f"{where}: row {row}: column '{col}' must be a string or a list of chat messages")
+            if msg["role"] not in CHAT_ROLES:
+                close = difflib.get_close_matches(str(msg["role"]), CHAT_ROLES, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise DataError(f"{at} message {j} has role {msg['role']!r}; roles are {', '.join(CHAT_ROLES)}.{hint}")
+            content = msg["content"]
+            if not isinstance(content, str | list) and not (content is None and msg.get("tool_calls")):
+                raise DataError(
+                    f"{at} message {j} ({msg['role']}) has content {content!r} of type {type(content).__name__}; "
+                    f"content is text. Write it as a string in the file."
+                )
+    elif isinstance(value, bool | int | float):
+        raise DataError(
+            f"{at} holds {value!r} (a {type(value).__name__}), not text. Write it as a string in the file "
+            f'("{value}"), so that the model trains on exactly the text you mean.'
+        )
+    elif not isinstance(value, str):
+        raise DataError(f"{at} must be a string or a list of chat messages (got {type(value).__name__})")
+
+
+def row_place(where: str, row: int) -> str:
+    """Where row `row` (counted from 0) of the data at `where` is in its file: 'line N' (the file's own line
+    numbers, as an editor shows them and JSON errors count), 'NAME line N' for a file of a folder, else 'row N' (a
+    parquet file, builtin and hub data, counted from 0)."""
+    path = Path(where.removesuffix(" (eval)"))
+    files = sorted(str(f) for f in path.iterdir() if f.suffix in FILE_BUILDERS) if path.is_dir() else [str(path)]
+    places: list[tuple[str, int]] = []
+    for f in files:
+        p = Path(f)
+        lines = _row_lines(f, p.stat().st_mtime_ns) if p.is_file() else None
+        if lines is None:
+            return f"row {row}"
+        places += [(f, n) for n in lines]
+    if row >= len(places):
+        return f"row {row}"
+    file, line = places[row]
+    return f"line {line}" if not path.is_dir() else f"{Path(file).name} line {line}"
+
+
+_SEPARATORS = re.compile(r"[\s,]*")
+
+
+@functools.lru_cache(maxsize=16)
+def _row_lines(file: str, mtime_ns: int) -> tuple[int, ...] | None:
+    """The line each row of a .jsonl, .csv or .json (a list of objects) file starts on, as `datasets` reads them:
+    blank lines skipped, the CSV header not a row, a quoted CSV field may span lines. None for other files."""
+    path = Path(file)
+    if path.suffix not in (".jsonl", ".csv", ".json"):
+        return None
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if path.suffix == ".jsonl":
+        return tuple(n for n, line in enumerate(text.split("\n"), 1) if line.strip())
+    if path.suffix == ".csv":
+        reader, starts, end = csv.reader(io.StringIO(text, newline="")), [], 0
+        for record in reader:
+            if record:  # a blank line is an empty record, which pandas skips
+                starts.append(end + 1)
+            end = reader.line_num
+        return tuple(starts[1:])  # the first record is the header
+    decoder, starts = json.JSONDecoder(), []
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return None
+    pos += 1
+    try:
+        while True:
+            pos = _SEPARATORS.match(text, pos).end()
+            if pos >= len(text) or text[pos] == "]":
+                return tuple(starts)
+            starts.append(text.count("\n", 0, pos) + 1)
+            _, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError:
+        return None
 
 
 def _to_chat(row: dict) -> dict:

@@ -28,14 +28,12 @@ def run_cli(
     the recipe.yaml of the run the first checkpoint belongs to, else a minimal one over the checkpoint's base.
     The reference is `reference` (base, a stage of that run, or any checkpoint form), else the stage's own.
     """
-    import yaml
-
-    from alignlab.recipe import apply_override, parse_recipe
+    from alignlab.recipe import apply_override, parse_recipe, read_yaml
 
     run_dir = _run_dir_of(Path(checkpoints[0]))
     source = Path(recipe_path) if recipe_path else (run_dir / "recipe.yaml" if run_dir else None)
     if source is not None:
-        raw = yaml.safe_load(source.read_text())
+        raw = read_yaml(source)[0]  # a clear error for a missing, non-UTF-8 or malformed file
     else:
         first = checkpoint_output(checkpoints[0])
         if first is None:

@@ -56,6 +56,14 @@ class PreferenceLossSpec(Strict):
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A parameter set to null (`stages.dpo.loss.tau=null` on the command line) takes the loss's default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in ("name", "beta")}
+        return data
+
     @model_validator(mode="after")
     def _check(self):
         from alignlab.losses.catalog import validate_preference_params
