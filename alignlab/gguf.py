@@ -29,15 +29,12 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignlab.cache import cache_root
+from alignlab.cache import MARKER_FILE, build_once, cache_root
 
 if TYPE_CHECKING:
     from alignlab.recipe import Recipe
@@ -59,7 +56,6 @@ __all__ = [
 ]
 
 GGUF_MAGIC = b"GGUF"
-MARKER_FILE = ".alignlab-complete"  # the same marker the builtin tiny model uses: written last, means "complete"
 CONVERTER_VERSION = 1  # bump when `convert_gguf` changes what it writes: cached conversions are then redone
 
 
@@ -237,59 +233,6 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
         tmp.write_text(value + "\n")
         os.replace(tmp, memo)
     return value
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (fcntl.flock), so a second process waits for the first one's build instead of
-    building the same thing again beside it. Where flock is missing (Windows) both build, and the rename in
-    `build_once` still keeps the result whole."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def build_once(final: Path, build: Callable[[Path], None], marker: str) -> Path:
-    """`final`, built by `build(tmp_dir)` the first time: into a temporary folder beside it, marker file
-    written last, renamed into place under a lock. A folder without the marker (a crash mid-build, or something
-    else) is moved aside and rebuilt, never trusted."""
-    if (final / MARKER_FILE).exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock"):
-        if (final / MARKER_FILE).exists():  # another process built it while this one waited for the lock
-            return final
-        if final.exists():
-            _discard(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is read by whoever runs the recipe
-        try:
-            build(tmp)
-            (tmp / MARKER_FILE).write_text(marker)
-            try:
-                os.replace(tmp, final)  # atomic; fails if another process (no flock) got there first
-            except OSError:
-                if not (final / MARKER_FILE).exists():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _discard(path: Path) -> None:
-    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
-    with contextlib.suppress(OSError):  # another process moved it first
-        os.replace(path, trash / path.name)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def converted_gguf_path(

@@ -81,7 +81,7 @@ def _model_dir(name: str, cache_dir) -> Path:
 
 def built_pretrained_path(name: str, cache_dir: str | Path | None = None) -> Path | None:
     """The converted folder of `name` when it is already there (validate never fetches), else None."""
-    from alignlab.gguf import MARKER_FILE
+    from alignlab.cache import MARKER_FILE
 
     path = _model_dir(name, cache_dir)
     return path if (path / MARKER_FILE).exists() else None
@@ -92,7 +92,8 @@ def pretrained_model_path(name: str, cache_dir: str | Path | None = None) -> Pat
     use (~1 minute: the download, then ~15 s of conversion on 2 CPU cores)."""
     import json
 
-    from alignlab.gguf import build_once, convert_gguf
+    from alignlab.cache import build_once
+    from alignlab.gguf import convert_gguf
 
     spec = PRETRAINED_MODELS[name]
     final = _model_dir(name, cache_dir)

@@ -22,15 +22,12 @@ leave a half-written model behind.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignlab.builtin.tasks import task_corpus
-from alignlab.cache import cache_root
+from alignlab.cache import MARKER_FILE, build_once, cache_root
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -43,7 +40,7 @@ __all__ = [
 ]
 
 BUILTIN_PREFIX = "builtin:"
-MARKER_FILE = ".alignlab-complete"
+
 
 PAD, BOS, EOS, IM_START = "<|pad|>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]  # ids 0..3, in this order
@@ -118,32 +115,7 @@ def builtin_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
     final = tiny_model_dir(name, cache_dir)
     if (final / MARKER_FILE).exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        # Not ours to trust (no marker: written by something else); move it aside rather than build on top.
-        _discard(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build_builtin_model(name, tmp)
-        (tmp / MARKER_FILE).write_text(f"{name} v{spec.version}\n")
-        try:
-            os.replace(tmp, final)  # atomic; fails if another process got there first
-        except OSError:
-            if not (final / MARKER_FILE).exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _discard(path: Path) -> None:
-    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
-    try:
-        os.replace(path, trash / path.name)
-    except OSError:
-        pass  # another process moved it first
-    shutil.rmtree(trash, ignore_errors=True)
+    return build_once(final, lambda tmp: build_builtin_model(name, tmp), f"{name} v{spec.version}\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
