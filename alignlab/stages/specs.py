@@ -46,7 +46,8 @@ class SFTSpec(StageSpec):
 
 class PreferenceLossSpec(Strict):
     """A preference loss chosen by name, with its parameters as sibling keys:
-    `{name: rdpo, beta: 0.1, eps: 0.2}`. Names and parameters: alignlab/losses/preference.py."""
+    `{name: rdpo, beta: 0.1, eps: 0.2}`. Names and parameters: alignlab/losses/preference.py. Without `beta`, the
+    loss's own default (alignlab/losses/catalog.py: 0.1; ln_dpo 5 and simpo 2, on per-token averages)."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "dpo"
@@ -55,6 +56,15 @@ class PreferenceLossSpec(Strict):
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_beta(cls, data: Any) -> Any:
+        from alignlab.losses.catalog import PREFERENCE_LOSS_INFO
+
+        if isinstance(data, dict) and "beta" not in data and data.get("name") in PREFERENCE_LOSS_INFO:
+            data = {**data, "beta": PREFERENCE_LOSS_INFO[data["name"]].beta}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -80,6 +90,18 @@ class DPOSpec(StageSpec):
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
     loss: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec)
     precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
+
+    @model_validator(mode="after")
+    def _reference_to_precompute(self):
+        from alignlab.losses.catalog import preference_loss_info
+
+        if self.precompute_ref_logps and not preference_loss_info(self.loss.name).needs_reference:
+            raise ValueError(
+                f"loss {self.loss.name} uses no reference model, so precompute_ref_logps: true has nothing to "
+                f"compute (the stage loads no reference for it). Remove precompute_ref_logps, or pick a loss that "
+                f"has a reference"
+            )
+        return self
 
 
 @stage_type(
