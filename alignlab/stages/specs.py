@@ -14,6 +14,7 @@ from alignlab.stages.registry import input_stage_name, stage_type
 # Data formats (alignlab/data/formats.py) by what a stage reads.
 CHAT_OR_TEXT = ("messages", "prompt_completion", "text")
 PAIRS = ("preference",)
+UNPAIRED = ("unpaired",)
 PROMPTS = ("prompt",)
 
 
@@ -100,6 +101,43 @@ class DPOSpec(StageSpec):
                 f"loss {self.loss.name} uses no reference model, so precompute_ref_logps: true has nothing to "
                 f"compute (the stage loads no reference for it). Remove precompute_ref_logps, or pick a loss that "
                 f"has a reference"
+            )
+        return self
+
+
+@stage_type(
+    "kto",
+    runner="alignlab.stages.kto",
+    datasets={"dataset": UNPAIRED},
+    trl_config="KTOConfig",
+    memory_knobs=trainer_memory_knobs,
+)
+class KTOSpec(StageSpec):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired binary feedback: prompt, completion and a
+    desirable/undesirable label (thumbs up/down; format `unpaired`), on TRL's KTOTrainer. The reference model is the
+    stage's input model (e.g. the SFT model), frozen, as for dpo."""
+
+    type: Literal["kto"] = "kto"
+    dataset: DatasetSpec
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+    beta: float = Field(0.1, gt=0, description="KL strength: the implied reward is beta * log(pi / pi_ref)")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="lambda_D, weight of the desirable examples' losses (balance unequal counts)"
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="lambda_U; the paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n: the counts)",
+    )
+
+    @model_validator(mode="after")
+    def _batch_of_two(self):
+        if self.train.per_device_batch_size < 2:
+            raise ValueError(
+                f"kto estimates its reference point (the KL term) from each prompt paired with another row's "
+                f"completion within a batch, so train.per_device_batch_size must be at least 2 (now "
+                f"{self.train.per_device_batch_size}). Raise it, and lower train.gradient_accumulation_steps to keep "
+                f"the same batch"
             )
         return self
 
