@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # alignlab's column names; `dataset.columns` maps them to the names in a user's data.
-CANONICAL_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected", "text", "margin", "answer")
+CANONICAL_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected", "text", "margin", "answer", "label")
 
 
 # numpy's legacy seeding (transformers.set_seed) takes 0 <= seed < 2**32; anything else fails once a stage starts.
@@ -96,12 +96,12 @@ class DatasetSpec(Strict):
 
     path: a local .jsonl/.json/.csv/.parquet file or directory, a hub dataset id, or builtin:TASK (generated).
     columns: map alignlab's column names (prompt, completion, messages, chosen, rejected, text, margin,
-    answer) to the names in your file, e.g. {prompt: question, completion: answer}.
+    answer, label) to the names in your file, e.g. {prompt: question, completion: answer} or {label: thumbs_up}.
     """
 
     path: str
     split: str = "train"
-    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt", "unpaired"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     eval_path: str | None = Field(None, description="Held-out data file/id; otherwise eval_fraction of path")
     eval_split: str | None = None

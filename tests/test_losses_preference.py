@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from alignlab.losses import (
+    PREFERENCE_LOSS_INFO,
     PREFERENCE_LOSSES,
     preference_loss,
     preference_loss_params,
@@ -49,12 +50,28 @@ def from_h(h, dtype=torch.float64, requires_grad=False):
 
 
 def test_registry_names():
-    assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "hinge", "cdpo", "rdpo", "drdpo", "kldpo", "wdpo"}
+    assert set(PREFERENCE_LOSSES) == {
+        "dpo", "ipo", "hinge", "cdpo", "rdpo", "drdpo", "kldpo", "wdpo", "ln_dpo", "simpo", "orpo"
+    }  # fmt: skip
     assert preference_loss_params("dpo") == {}
     assert preference_loss_params("rdpo") == {"eps": 0.0}
     assert preference_loss_params("drdpo") == {"beta_prime": 1.0}
     assert preference_loss_params("kldpo") == {"tau": 0.05, "w_max": 10.0, "eps": 0.0, "gather": None}
     assert preference_loss_params("wdpo") == {"rho": 0.01, "eps": 0.0}
+    assert preference_loss_params("simpo") == {"gamma": 1.0}
+    assert preference_loss_params("ln_dpo") == {} and preference_loss_params("orpo") == {}
+
+
+def test_catalog_agrees_with_registry():
+    """The torch-free catalog (read by validation and trainers) lists every loss with the function's parameters."""
+    assert set(PREFERENCE_LOSS_INFO) == set(PREFERENCE_LOSSES)
+    for name, info in PREFERENCE_LOSS_INFO.items():
+        params = {k: v for k, v in preference_loss_params(name).items() if k != "gather"}
+        assert info.params == params, name
+        assert ("gather" in preference_loss_params(name)) == info.batch_statistic, name
+        assert info.source, name
+    assert [n for n, i in PREFERENCE_LOSS_INFO.items() if not i.needs_reference] == ["simpo", "orpo"]
+    assert {n for n, i in PREFERENCE_LOSS_INFO.items() if i.length_normalized} == {"ipo", "ln_dpo", "simpo", "orpo"}
 
 
 def test_every_param_has_a_range_check():
@@ -284,6 +301,9 @@ def test_gradients_finite_for_large_h(name):
     params = {"cdpo": {"eps": 0.1}, "rdpo": {"eps": 0.1}, "kldpo": {"tau": 0.05}, "drdpo": {"beta_prime": 0.1}}
     for dtype in (torch.float32, torch.float64):
         pc, pr, rc, rr = from_h([1e3, -1e3, 0.0, 5.0], dtype=dtype, requires_grad=True)
+        if not PREFERENCE_LOSS_INFO[name].needs_reference:  # no reference; log-probs <= 0, some at 0 (p = 1)
+            pc = torch.tensor([0.0, -1e3, 0.0, -5.0], dtype=dtype, requires_grad=True)
+            pr, rc, rr = torch.tensor([-1e3, 0.0, 0.0, -1e-9], dtype=dtype), None, None
         loss, m = preference_loss(name, pc, pr, rc, rr, beta=1.0, **params.get(name, {}))
         loss.backward()
         assert torch.isfinite(loss)
@@ -318,7 +338,7 @@ def test_bad_params_raise(name, beta, params, match):
 
 
 def test_unknown_name_lists_known_names():
-    msg = r"unknown preference loss 'dpo2'; known losses: cdpo, dpo, drdpo, hinge, ipo, kldpo, rdpo, wdpo"
+    msg = r"unknown preference loss 'dpo2'; known losses: cdpo, dpo, drdpo, hinge, ipo, kldpo, ln_dpo, orpo, rdpo,"
     with pytest.raises(ValueError, match=msg):
         preference_loss("dpo2", *example())
     with pytest.raises(ValueError, match=msg):
@@ -420,3 +440,120 @@ def test_wdpo_penalty_rejects_odd_batch():
     E = torch.zeros(3, 2, 2, requires_grad=True)
     with pytest.raises(ValueError, match=r"\[2B"):
         wdpo_penalty((E * 2).sum(), E)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Length-normalised and reference-free losses: ln_dpo, simpo, orpo
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ln_dpo_is_dpo_on_the_averages_it_is_given():
+    """ln_dpo is DPO's formula; what differs is its catalog flag, which makes the stage pass per-token averages.
+    Averages of the shared example over lengths (chosen 2, 4, 1; rejected 4, 1, 2 tokens), beta = 0.5:
+      chosen log-ratios [1.0, 0.5, -0.5] / [2, 4, 1] = [0.5, 0.125, -0.5]
+      rejected          [-1.0, 0.5, 0.5] / [4, 1, 2] = [-0.25, 0.5, 0.25]
+      h = [0.75, -0.375, -0.75], z = [0.375, -0.1875, -0.375]
+      L = mean(l(0.375), l(-0.1875), l(-0.375)) = mean(0.524187, 0.792897, 0.899187) = 0.738757"""
+    n_c = torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64)
+    n_r = torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)
+    pc, pr, rc, rr = example()
+    loss, m = preference_loss("ln_dpo", pc / n_c, pr / n_r, rc / n_c, rr / n_r, beta=BETA)
+    assert loss.item() == pytest.approx(mean([nll(0.375), nll(-0.1875), nll(-0.375)]), abs=1e-12)
+    assert loss.item() == pytest.approx(0.737511, abs=1e-6)
+    assert PREFERENCE_LOSS_INFO["ln_dpo"].length_normalized and PREFERENCE_LOSS_INFO["ln_dpo"].needs_reference
+    # beta defaults to the catalog's 5 (Tulu 3): z = 5 h
+    loss5, _ = preference_loss("ln_dpo", pc / n_c, pr / n_r, rc / n_c, rr / n_r)
+    assert loss5.item() == pytest.approx(mean([nll(3.75), nll(-1.875), nll(-3.75)]), abs=1e-12)
+
+
+def test_simpo_hand_values():
+    """SimPO: L = mean softplus(-(beta (avg_c - avg_r) - gamma)), beta = 2, gamma = 1, no reference.
+    Pair 1: avg_c = -0.5, avg_r = -1.5: z = 2 * 1 - 1 = 1    -> l(1)  = log(1 + e^-1) = 0.313262
+    Pair 2: avg_c = -1.0, avg_r = -1.0: z = 2 * 0 - 1 = -1   -> l(-1) = log(1 + e)    = 1.313262
+    L = (0.313262 + 1.313262) / 2 = 0.813262. Rewards: beta * avg: chosen [-1, -2], rejected [-3, -2]."""
+    pc = torch.tensor([-0.5, -1.0], dtype=torch.float64)
+    pr = torch.tensor([-1.5, -1.0], dtype=torch.float64)
+    loss, m = preference_loss("simpo", pc, pr, None, None, beta=2.0, gamma=1.0)
+    assert loss.item() == pytest.approx((nll(1.0) + nll(-1.0)) / 2, abs=1e-12)
+    assert loss.item() == pytest.approx(0.813262, abs=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(-1.5)
+    assert m["rewards/rejected"].item() == pytest.approx(-2.5)
+    assert m["rewards/accuracies"].item() == pytest.approx(0.75)  # right (1) and a tie (1/2)
+    # Catalog defaults (beta 2, gamma 1) give the same; gamma = 0: mean(l(2), l(0)) = (0.126928 + 0.693147) / 2
+    assert preference_loss("simpo", pc, pr, None, None)[0].item() == pytest.approx(loss.item(), abs=1e-12)
+    loss0, _ = preference_loss("simpo", pc, pr, None, None, beta=2.0, gamma=0.0)
+    assert loss0.item() == pytest.approx((nll(2.0) + math.log(2)) / 2, abs=1e-12)
+    # Equal averages: L = softplus(gamma) whatever the lengths were
+    same = torch.tensor([-0.7, -2.0], dtype=torch.float64)
+    assert preference_loss("simpo", same, same, None, None, gamma=0.5)[0].item() == pytest.approx(
+        math.log1p(math.exp(0.5)), abs=1e-12
+    )
+
+
+def test_orpo_hand_values():
+    """ORPO with lambda = beta = 0.1, per-token average log-probs:
+    Pair 1: p_c = 0.5 -> odds 1, log odds 0;  p_r = 0.2 -> odds 0.25, log odds -ln 4.
+            log OR = ln 4; l(ln 4) = log(1 + 1/4) = ln 1.25 = 0.223144;  NLL = -ln 0.5 = 0.693147
+            -> 0.693147 + 0.1 * 0.223144 = 0.715461
+    Pair 2: p_c = 0.8 -> log odds ln 4;  p_r = 0.5 -> log odds 0.  log OR = ln 4 again; NLL = -ln 0.8 = 0.223144
+            -> 0.223144 + 0.1 * 0.223144 = 0.245458
+    L = (0.715461 + 0.245458) / 2 = 0.480460"""
+    pc = torch.log(torch.tensor([0.5, 0.8], dtype=torch.float64))
+    pr = torch.log(torch.tensor([0.2, 0.5], dtype=torch.float64))
+    loss, m = preference_loss("orpo", pc, pr, None, None, beta=0.1)
+    pair1 = math.log(2) + 0.1 * math.log(1.25)
+    pair2 = -math.log(0.8) + 0.1 * math.log(1.25)
+    assert loss.item() == pytest.approx((pair1 + pair2) / 2, abs=1e-12)
+    assert loss.item() == pytest.approx(0.480460, abs=1e-6)
+    assert m["orpo/nll"].item() == pytest.approx((math.log(2) - math.log(0.8)) / 2, abs=1e-12)
+    assert m["orpo/log_odds_ratio"].item() == pytest.approx(math.log(4), abs=1e-12)
+    assert PREFERENCE_LOSS_INFO["orpo"].policy_logps and not PREFERENCE_LOSS_INFO["orpo"].needs_reference
+
+
+@pytest.mark.parametrize("x", [-1e-5, -1e-3, -0.5, -0.69, -0.7, -3.0, -40.0, -200.0])
+def test_orpo_log_odds_is_accurate_in_float32(x):
+    """log(p / (1 - p)) = x - log(1 - e^x), p = e^x, in float32 against float64, on both sides of the branch at
+    -ln 2 = -0.693. The naive float32 log(1 - exp(x)) keeps ~3 digits at x = -1e-5 (exp(x) rounds to a multiple
+    of 6e-8 below 1), and log1p(-exp(x)) alone loses them the same way near 0."""
+    from alignlab.losses import orpo_log_odds
+
+    expected = x - math.log(-math.expm1(x))
+    got = orpo_log_odds(torch.tensor([x], dtype=torch.float32)).item()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_orpo_finite_where_the_policy_is_certain():
+    """A confident model's float32 average log-prob rounds to exactly 0 (p = 1, infinite odds): the loss and its
+    gradient stay finite (avg log-prob capped at -1e-6, log odds 13.8155), and the chosen side keeps the NLL's
+    gradient -1/B."""
+    pc = torch.tensor([0.0, -1.0], requires_grad=True)
+    pr = torch.tensor([0.0, -2.0], requires_grad=True)
+    loss, m = preference_loss("orpo", pc, pr, None, None, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    from alignlab.losses import orpo_log_odds
+
+    assert orpo_log_odds(torch.tensor([0.0])).item() == pytest.approx(-1e-6 - math.log(1e-6), rel=1e-4)
+    assert pc.grad[0].item() == pytest.approx(-0.5)  # NLL only: the cap stops the odds gradient at p = 1
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_losses_refuse_reference_log_probs(name):
+    pc, pr, rc, rr = example()
+    with pytest.raises(ValueError, match=f"{name} uses no reference model: pass ref_chosen_logps = ref_rejected"):
+        preference_loss(name, pc, pr, rc, rr)
+
+
+def test_losses_with_a_reference_refuse_none():
+    pc, pr, _, _ = example()
+    with pytest.raises(
+        ValueError, match=r"dpo compares the policy with a reference model.*Reference-free losses: simpo"
+    ):
+        preference_loss("dpo", pc, pr, None, None)
+
+
+def test_simpo_gamma_range():
+    with pytest.raises(ValueError, match=r"gamma must be a finite number >= 0, got gamma=-1"):
+        validate_preference_params("simpo", 2.0, {"gamma": -1})
+    with pytest.raises(ValueError, match=r"orpo: unknown parameter 'gamma'; orpo accepts: none besides beta"):
+        validate_preference_params("orpo", 0.1, {"gamma": 1.0})

@@ -34,7 +34,20 @@ def test_bad_bench_arguments_name_the_choices():
     with pytest.raises(RecipeError, match="known presets: small, full"):
         build_recipe("huge")
     with pytest.raises(RecipeError, match="the bench knows: dpo, cdpo"):
-        build_recipe("small", losses=("dpo", "simpo"))
+        build_recipe("small", losses=("dpo", "kto"))
+
+
+def test_new_losses_in_the_grid():
+    """ln_dpo, simpo and orpo are bench losses, with their own beta (per-token averages); the reference-free ones
+    precompute no reference log-probs (there is no reference)."""
+    recipe = build_recipe("small", losses=("ln_dpo", "simpo", "orpo"), flip_rates=(0.2,), output_dir="x")
+    cells = {s.loss.name: s for s in recipe.stages if s.type == "dpo"}
+    assert {n: (c.loss.beta, c.precompute_ref_logps) for n, c in cells.items()} == {
+        "ln_dpo": (5.0, True),
+        "simpo": (2.0, False),
+        "orpo": (0.1, False),
+    }
+    assert cells["simpo"].loss.params == {"gamma": 1.0}
 
 
 def test_table_layout():

@@ -16,12 +16,15 @@ import copy
 import json
 from pathlib import Path
 
+from alignlab.losses.catalog import preference_loss_info
 from alignlab.recipe import Recipe, RecipeError, apply_override, parse_recipe
 
-LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "drdpo", "kldpo", "wdpo")
+LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "drdpo", "kldpo", "wdpo", "ln_dpo", "simpo", "orpo")
 FLIP_RATES = (0.0, 0.2, 0.4)
-# Per-loss parameters (besides beta). cdpo/rdpo assume a noise rate of 0.2 whatever the real one is: a user
-# rarely knows it. Change them with `--set` overrides on the written recipe, or here.
+# Per-loss parameters (besides the preset's beta). cdpo/rdpo assume a noise rate of 0.2 whatever the real one is: a
+# user rarely knows it. The losses on per-token averages (ln_dpo, simpo, orpo) bring their own beta (their catalog
+# defaults: the preset's beta is a DPO beta on summed log-ratios). Change them with overrides on the written recipe,
+# or here.
 LOSS_PARAMS: dict[str, dict] = {
     "dpo": {},
     "cdpo": {"eps": 0.2},
@@ -30,12 +33,15 @@ LOSS_PARAMS: dict[str, dict] = {
     "drdpo": {"beta_prime": 1.0},
     "kldpo": {"tau": 1.0},
     "wdpo": {"rho": 0.01},
+    "ln_dpo": {"beta": 5.0},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "orpo": {"beta": 0.1},
 }
 RESULT_KEYS = ("true_reward", "preference_accuracy", "preference_margin", "win_rate", "kl")
 
 # A preset: the model, its PEFT, the SFT stage, and the dpo/eval settings shared by every cell.
 PRESETS: dict[str, dict] = {
-    # ~20 minutes on 2 CPU cores with the builtin 3M-parameter model (21 DPO runs of 60 steps).
+    # ~30 minutes on 2 CPU cores with the builtin 3M-parameter model (30 DPO runs of 60 steps; 21 took ~20).
     "small": {
         "model": {"name_or_path": "builtin:tiny-llama"},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -108,7 +114,9 @@ def build_recipe(
             stages.append({
                 "name": name, "type": "dpo", "input": "sft", "dataset": dataset,
                 "loss": {"name": loss, "beta": p["dpo"]["beta"], **LOSS_PARAMS[loss]},
-                "precompute_ref_logps": True, "train": copy.deepcopy(p["dpo"]["train"]),
+                # reference-free losses (simpo, orpo) have no reference log-probs to precompute
+                "precompute_ref_logps": preference_loss_info(loss).needs_reference,
+                "train": copy.deepcopy(p["dpo"]["train"]),
             })  # fmt: skip
             stages.append({
                 "name": f"eval-{name}", "type": "eval", "input": name, "reference": "sft",

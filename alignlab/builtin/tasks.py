@@ -24,6 +24,9 @@ Splits (all rows are conversational, in the formats TRL expects):
   SFT imitated, and held-out accuracy has room above what manners alone explain. `flip_rate` swaps chosen and
   rejected in exactly `round(flip_rate * n)` rows (label noise for robust-DPO experiments); which rows is given by
   `flipped_indices`, not by an extra column, so the rows stay a plain TRL preference dataset.
+- `unpaired` (and `unpaired_eval`, on held-out prompts): the preference pairs as binary feedback for KTO, one row
+  per answer: prompt/completion/label, label true for the chosen answer and false for the rejected one, both rows
+  of a pair kept, in a seeded shuffled order (n rows from ceil(n / 2) pairs).
 - `eval`: prompt + reference `answer` (a string), for reward-based evaluation.
 - `sft_eval`: the eval prompts as prompt/completion rows with CORRECT completions (for eval loss / perplexity).
 
@@ -67,7 +70,7 @@ __all__ = [
     "write_task",
 ]
 
-SPLITS = ("sft", "preference", "eval", "sft_eval", "preference_eval")
+SPLITS = ("sft", "preference", "eval", "sft_eval", "preference_eval", "unpaired", "unpaired_eval")
 
 # --------------------------------------------------------------------------------------------------------------
 # arith: the problems
@@ -165,6 +168,8 @@ def _preference_pair(a: int, b: int, rng: random.Random) -> tuple[str, str]:
 
 
 def _arith_rows(split: str, n: int, seed: int) -> list[dict]:
+    if split in ("unpaired", "unpaired_eval"):
+        return _arith_unpaired(split.replace("unpaired", "preference"), n, seed)
     rng = random.Random(f"arith/{split}/{seed}")
     if split in ("eval", "sft_eval", "preference_eval"):
         pool = _arith_pairs(eval_side=True)
@@ -189,6 +194,18 @@ def _arith_rows(split: str, n: int, seed: int) -> list[dict]:
         else:  # sft_eval
             rows.append({"prompt": prompt, "completion": _assistant(str(a + b))})
     return rows
+
+
+def _arith_unpaired(pair_split: str, n: int, seed: int) -> list[dict]:
+    """n unpaired feedback rows from the pairs of `pair_split`: chosen -> label True, rejected -> label False."""
+    rows = []
+    for pair in _arith_rows(pair_split, (n + 1) // 2, seed):
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    # Shuffled, so that a batch is not an alternation of one prompt's good and bad answer (KTO's KL estimate pairs
+    # each prompt with its batch neighbour's answer, which should be an answer to another prompt).
+    random.Random(f"arith/{pair_split}/unpaired/{seed}").shuffle(rows)
+    return rows[:n]
 
 
 # --------------------------------------------------------------------------------------------------------------

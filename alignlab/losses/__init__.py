@@ -1,6 +1,7 @@
 """Pure loss functions of tensors (no model, no trainer).
 
-- preference: DPO, IPO, hinge, cDPO, rDPO, Dr. DPO, KLDPO, WDPO, selected by name via ``preference_loss``;
+- preference: DPO, IPO, hinge, cDPO, rDPO, Dr. DPO, KLDPO, WDPO, length-normalised DPO, and the reference-free
+  SimPO and ORPO, selected by name via ``preference_loss``;
   catalog: what trainers need to know about each (torch-free).
 - reward: Bradley-Terry loss for reward models.
 - ppo: masked statistics, KL estimates, GAE, clipped policy / value losses, entropy, KL controllers.
@@ -34,9 +35,13 @@ _EXPORTS = {
         "hinge_loss",
         "ipo_loss",
         "kldpo_loss",
+        "ln_dpo_loss",
+        "orpo_log_odds",
+        "orpo_loss",
         "preference_loss",
         "preference_loss_params",
         "rdpo_loss",
+        "simpo_loss",
         "wdpo_loss",
         "wdpo_penalty",
     ),

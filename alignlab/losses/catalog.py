@@ -22,18 +22,48 @@ class PreferenceLossInfo:
     batch_statistic: bool = False  # uses a statistic of the GLOBAL batch: pass `gather` under several processes
     input_gradient_penalty: str | None = None  # parameter weighting a gradient-norm penalty on the input embeddings
     shardable: bool = True  # False: differentiates twice, which FSDP / ZeRO-3's per-module gathering does not survive
-    needs_reference: bool = True  # uses reference log-probs
+    needs_reference: bool = True  # False: reference-free; the stage loads no reference and computes no ref log-probs
+    policy_logps: bool = False  # takes the policy's chosen and rejected log-probs [B] themselves, not h (ORPO)
+    beta: float = 0.1  # beta when the recipe gives none (its scale depends on the loss: sums vs per-token averages)
+    source: str = ""  # the paper
 
 
 PREFERENCE_LOSS_INFO: dict[str, PreferenceLossInfo] = {
-    "dpo": PreferenceLossInfo(),
-    "ipo": PreferenceLossInfo(length_normalized=True),
-    "hinge": PreferenceLossInfo(),
-    "cdpo": PreferenceLossInfo({"eps": 0.0}),
-    "rdpo": PreferenceLossInfo({"eps": 0.0}),
-    "drdpo": PreferenceLossInfo({"beta_prime": 1.0}),
-    "kldpo": PreferenceLossInfo({"tau": 0.05, "w_max": 10.0, "eps": 0.0}, batch_statistic=True),
-    "wdpo": PreferenceLossInfo({"rho": 0.01, "eps": 0.0}, input_gradient_penalty="rho", shardable=False),
+    "dpo": PreferenceLossInfo(source="Rafailov et al. 2023, arXiv 2305.18290"),
+    "ipo": PreferenceLossInfo(length_normalized=True, source="Azar et al. 2023, arXiv 2310.12036"),
+    "hinge": PreferenceLossInfo(source="SLiC-HF, Zhao et al. 2023, arXiv 2305.10425"),
+    "cdpo": PreferenceLossInfo({"eps": 0.0}, source="Mitchell 2023 (label smoothing)"),
+    "rdpo": PreferenceLossInfo({"eps": 0.0}, source="Chowdhury et al. 2024, arXiv 2403.00409"),
+    "drdpo": PreferenceLossInfo({"beta_prime": 1.0}, source="Wu et al. 2024, arXiv 2407.07880"),
+    "kldpo": PreferenceLossInfo(
+        {"tau": 0.05, "w_max": 10.0, "eps": 0.0}, batch_statistic=True, source="Xu et al. 2025, arXiv 2502.01930"
+    ),
+    "wdpo": PreferenceLossInfo(
+        {"rho": 0.01, "eps": 0.0},
+        input_gradient_penalty="rho",
+        shardable=False,
+        source="Xu et al. 2025, arXiv 2502.01930",
+    ),
+    # Tulu 3's length-normalised DPO ("dpo_norm" in open-instruct), trained with beta = 5.
+    "ln_dpo": PreferenceLossInfo(
+        length_normalized=True, beta=5.0, source="Tulu 3, Lambert et al. 2024, arXiv 2411.15124"
+    ),
+    # SimPO's suggested starting point: beta = 2 and gamma / beta = 0.5 (its papers' beta range is 2 to 10).
+    "simpo": PreferenceLossInfo(
+        {"gamma": 1.0},
+        length_normalized=True,
+        needs_reference=False,
+        beta=2.0,
+        source="Meng et al. 2024, arXiv 2405.14734",
+    ),
+    # beta is ORPO's lambda (as TRL's ORPOConfig.beta); 0.1 as in TRL.
+    "orpo": PreferenceLossInfo(
+        length_normalized=True,
+        needs_reference=False,
+        policy_logps=True,
+        beta=0.1,
+        source="Hong et al. 2024, arXiv 2403.07691",
+    ),
 }
 
 
@@ -49,6 +79,7 @@ PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta_prime": (lambda v: _is_real(v) and v > 0, "beta_prime must be > 0"),
     "rho": (lambda v: _is_real(v) and v >= 0 and math.isfinite(v), "rho must be a finite number >= 0"),
     "w_max": (lambda v: _is_real(v) and v >= 1, "w_max must be >= 1"),
+    "gamma": (lambda v: _is_real(v) and v >= 0 and math.isfinite(v), "gamma must be a finite number >= 0"),
     "gather": (lambda v: v is None or callable(v), "gather must be None or a callable Tensor -> Tensor"),
 }
 

@@ -1,11 +1,15 @@
-"""Pairwise preference losses (DPO and its robust variants), selected by name from a registry.
+"""Pairwise preference losses (DPO, its robust and length-normalised variants, reference-free SimPO and ORPO),
+selected by name from a registry.
 
-Every loss is a small pure function of the per-pair log-ratio difference
+Almost every loss is a small pure function of the per-pair log-ratio difference
 
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]        shape [B]
 
-plus the KL strength ``beta`` and the loss's own keyword-only parameters. Each returns ``(loss, extra_metrics)``:
-a 0-dim loss (mean over the batch unless stated) and a dict of extra 0-dim detached metrics (usually empty).
+plus the KL strength ``beta`` and the loss's own keyword-only parameters. A reference-free loss (catalog flag
+``needs_reference=False``: simpo, orpo) is given no reference, and h is then the policy's own difference
+log pi(y_w|x) - log pi(y_l|x). A loss with the catalog flag ``policy_logps`` (orpo) takes the policy's chosen and
+rejected log-probs [B] themselves instead of h. Each returns ``(loss, extra_metrics)``: a 0-dim loss (mean over the
+batch unless stated) and a dict of extra 0-dim detached metrics (usually empty).
 
 ``PREFERENCE_LOSSES`` maps a name to its function; the accepted parameters and their defaults are read from the
 function's signature, so adding a loss means writing one function and one registry line, never an if/elif on names.
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.catalog import PARAM_CHECKS as _PARAM_CHECKS  # noqa: F401  (the range checks)
-from alignlab.losses.catalog import validate_preference_params
+from alignlab.losses.catalog import preference_loss_info, validate_preference_params
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -166,6 +170,72 @@ def wdpo_loss(h: Tensor, beta: float, *, rho: float = 0.01, eps: float = 0.0) ->
     return _cdpo_per_pair(h, beta, eps).mean(), {}
 
 
+def ln_dpo_loss(h: Tensor, beta: float) -> tuple[Tensor, Metrics]:
+    """Length-normalised DPO, as trained by Tulu 3 (Lambert et al. 2024, arXiv 2411.15124; "dpo_norm" in
+    open-instruct): L = mean_i l(beta h_i), with h built from PER-TOKEN AVERAGE log-probs
+
+        h_i = (log pi(y_w|x) - log pi_ref(y_w|x)) / |y_w|  -  (log pi(y_l|x) - log pi_ref(y_l|x)) / |y_l|
+
+    (catalog flag length_normalized: the stage divides each side by its completion-token count). Averaging removes
+    DPO's pull toward longer chosen answers; the log-ratios shrink by the length, hence a larger beta (Tulu 3: 5).
+    h: [B]. At h = 0, L = ln 2.
+    """
+    return _nll_sigmoid(beta * h).mean(), {}
+
+
+def simpo_loss(h: Tensor, beta: float, *, gamma: float = 1.0) -> tuple[Tensor, Metrics]:
+    """SimPO, Meng et al. 2024 (arXiv 2405.14734, eq. 6): L = mean_i l(beta h_i - gamma), no reference model,
+
+    with h_i = avg_logp(y_w|x) - avg_logp(y_l|x) the difference of the policy's PER-TOKEN AVERAGE log-probs
+    (catalog flags: length_normalized, needs_reference=False). gamma >= 0 is the target reward margin: the loss
+    keeps pushing until the scaled margin beta h exceeds gamma. h: [B]. At h = 0, L = softplus(gamma).
+    """
+    return _nll_sigmoid(beta * h - gamma).mean(), {}
+
+
+# |avg log-prob| below this is under float32 log_softmax's resolution, and at 0 the odds p / (1 - p) are infinite.
+_ORPO_MAX_AVG_LOGP = -1e-6
+_LN2 = math.log(2.0)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, elementwise, accurate everywhere (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"): log(-expm1(x)) near 0 (where 1 - exp(x) cancels), log1p(-exp(x)) far from it (where
+    expm1 rounds to -1). Each branch is evaluated on inputs clamped to its own side of -ln 2, so the branch that
+    torch.where discards is finite too and never sends a nan into the gradient (0 * inf = nan)."""
+    near = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
+    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
+    return torch.where(x > -_LN2, near, far)
+
+
+def orpo_log_odds(avg_logps: Tensor) -> Tensor:
+    """log odds(y|x) = log(p / (1 - p)) with p = exp(avg_logp) the geometric-mean token probability; [B] -> [B].
+
+    = avg_logp - log(1 - exp(avg_logp)), via _log1mexp. avg_logp is capped at -1e-6 first (p < 1): a confident
+    model's float32 log-probs round to exactly 0, where the odds are infinite; the cap changes nothing above float32
+    resolution and stops the gradient 1 / (1 - p) there.
+    """
+    x = avg_logps.clamp(max=_ORPO_MAX_AVG_LOGP)
+    return x - _log1mexp(x)
+
+
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float) -> tuple[Tensor, Metrics]:
+    """ORPO, Hong et al. 2024 (arXiv 2403.07691, eqs. 6-7), no reference model:
+
+        L = mean_i [ NLL_i  +  lambda * l(log odds(y_w|x_i) - log odds(y_l|x_i)) ],    lambda = beta
+
+    chosen_logps, rejected_logps: [B] PER-TOKEN AVERAGE log-probs of the policy (catalog flags policy_logps,
+    length_normalized, needs_reference=False). NLL_i = -chosen_logps_i is the SFT loss on the chosen answer (its
+    per-token mean); odds(y|x) = p / (1 - p) with p = exp(avg log-prob) (see orpo_log_odds). beta is the paper's
+    lambda, as in TRL's ORPOConfig. TRL averages the NLL over all chosen tokens of the batch; here each answer's
+    mean counts once, like the odds term. Extra metrics: orpo/nll (mean NLL), orpo/log_odds_ratio (mean).
+    """
+    log_odds_ratio = orpo_log_odds(chosen_logps) - orpo_log_odds(rejected_logps)  # [B]
+    nll = -chosen_logps  # [B]
+    loss = (nll + beta * _nll_sigmoid(log_odds_ratio)).mean()
+    return loss, {"orpo/nll": nll.detach().mean(), "orpo/log_odds_ratio": log_odds_ratio.detach().mean()}
+
+
 PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "dpo": dpo_loss,
     "ipo": ipo_loss,
@@ -175,11 +245,11 @@ PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "drdpo": drdpo_loss,
     "kldpo": kldpo_loss,
     "wdpo": wdpo_loss,
+    "ln_dpo": ln_dpo_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }
 
-
-# Losses defined on per-token AVERAGED log-probs: the stage divides each summed log-prob by its completion
-# length before calling them (IPO: TRL's choice, confirmed with the authors; see ALGORITHMS.md).
 # ---------------------------------------------------------------------------------------------------------------
 # Parameter validation (shared by every loss that takes a parameter of that name).
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,33 +282,59 @@ def preference_loss(
     name: str,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float | None = None,
     **params: Any,
 ) -> tuple[Tensor, Metrics]:
     """Compute preference loss ``name`` (a key of PREFERENCE_LOSSES) on a batch of pairs.
 
-    All four inputs are [B] summed completion log-probs. Returns ``(loss, metrics)``: ``loss`` is 0-dim, and
+    All inputs are [B] completion log-probs: sums, or per-token averages for the losses whose catalog entry says
+    ``length_normalized`` (the caller divides; this function takes what it is given). A reference-free loss
+    (catalog ``needs_reference=False``: simpo, orpo) takes ``ref_chosen_logps = ref_rejected_logps = None`` and
+    its "log-ratios" are the policy's own log-probs; every other loss requires both. ``beta``: None takes the
+    loss's catalog default (0.1; ln_dpo 5, simpo 2). Returns ``(loss, metrics)``: ``loss`` is 0-dim, and
     ``metrics`` maps a name to a 0-dim DETACHED tensor (call ``.item()`` to log):
-      rewards/chosen     mean beta (pi_c - ref_c)
+      rewards/chosen     mean beta (pi_c - ref_c)          (reference-free: mean beta pi_c, as TRL's CPO/ORPO)
       rewards/rejected   mean beta (pi_r - ref_r)
       rewards/margins    mean of chosen minus rejected reward
       rewards/accuracies mean of 1 [chosen reward > rejected reward] + 1/2 [chosen reward == rejected reward]
                          (a tie counts 1/2, as in the evaluation's preference_accuracy: a policy equal to its
                          reference scores 0.5, chance level, where TRL's strict > shows 0)
-    plus the loss's own extras (kldpo: kldpo/weight_mean, kldpo/weight_max, kldpo/weight_min).
-    For ``wdpo`` only the base term is returned; the stage adds rho * wdpo_penalty(...).mean().
+    plus the loss's own extras (kldpo: kldpo/weight_mean, kldpo/weight_max, kldpo/weight_min; orpo: orpo/nll,
+    orpo/log_odds_ratio). For ``wdpo`` only the base term is returned; the stage adds rho * wdpo_penalty(...).mean().
     """
+    info = preference_loss_info(name)
+    beta = info.beta if beta is None else beta
     validate_preference_params(name, beta, params)
-    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    refs = (ref_chosen_logps, ref_rejected_logps)
+    if info.needs_reference and any(r is None for r in refs):
+        raise ValueError(
+            f"{name} compares the policy with a reference model: pass ref_chosen_logps and ref_rejected_logps "
+            f"(got None). Reference-free losses: {', '.join(_reference_free())}"
+        )
+    if not info.needs_reference and any(r is not None for r in refs):
+        raise ValueError(
+            f"{name} uses no reference model: pass ref_chosen_logps = ref_rejected_logps = None (the stage loads no "
+            f"reference for it, so reference log-probs here would be ignored)"
+        )
+    tensors = (policy_chosen_logps, policy_rejected_logps, *(r for r in refs if r is not None))
+    shapes = {t.shape for t in tensors}
     if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
-        raise ValueError(f"preference_loss expects four 1-D log-prob tensors of equal shape [B], got {shapes}")
+        raise ValueError(
+            f"preference_loss expects {len(tensors)} 1-D log-prob tensors of equal shape [B], got {shapes}"
+        )
 
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B]
-    h = chosen_logratios - rejected_logratios  # [B]
-    loss, extra = PREFERENCE_LOSSES[name](h, beta, **params)
+    if info.needs_reference:
+        chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
+        rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B]
+    else:  # reference-free: the policy's own log-probs play the log-ratios' part
+        chosen_logratios, rejected_logratios = policy_chosen_logps, policy_rejected_logps
+    fn = PREFERENCE_LOSSES[name]
+    if info.policy_logps:
+        loss, extra = fn(policy_chosen_logps, policy_rejected_logps, beta, **params)
+    else:
+        loss, extra = fn(chosen_logratios - rejected_logratios, beta, **params)  # h: [B]
 
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
@@ -250,6 +346,10 @@ def preference_loss(
     }
     metrics.update({k: v.detach() for k, v in extra.items()})
     return loss, metrics
+
+
+def _reference_free() -> list[str]:
+    return [n for n in PREFERENCE_LOSSES if not preference_loss_info(n).needs_reference]
 
 
 def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:

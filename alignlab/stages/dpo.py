@@ -1,5 +1,6 @@
-"""DPO stage: direct preference optimisation and its robust variants (cdpo, rdpo, ipo, hinge, drdpo, kldpo,
-wdpo) on TRL's DPOTrainer, with the loss chosen by name from alignlab.losses.
+"""DPO stage: direct preference optimisation, its robust and length-normalised variants (cdpo, rdpo, ipo, hinge,
+drdpo, kldpo, wdpo, ln_dpo) and the reference-free simpo and orpo, on TRL's DPOTrainer, with the loss chosen by
+name from alignlab.losses.
 
     accelerate launch -m alignlab run recipes/quickstart.yaml --stage dpo
 
@@ -11,6 +12,8 @@ after full fine-tuning the reference is a frozen copy of the input weights. `pre
 computes reference log-probs once and caches them in <stage>/ref_logps/, keyed by the batches as fed (rows, their
 order and selection, truncation to max_length), the reference weights and the precision, so a second or resumed
 run reads them back (`--force` starts the stage over without them).
+A reference-free loss (catalog flag needs_reference=False: simpo, orpo) gets no reference at all: no second model,
+no frozen "ref" adapter copy, no reference forward (trl_compat.WithoutReference: TRL has no switch for it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.losses import preference_loss, preference_loss_info, wdpo_penalty
 from alignlab.models import load_stage_model, load_tokenizer
-from alignlab.stages.trl_compat import deepspeed_reference_engine, log_metric, reference_weights_hash
+from alignlab.stages.trl_compat import (
+    NO_REFERENCE,
+    WithoutReference,
+    deepspeed_reference_engine,
+    log_metric,
+    reference_weights_hash,
+)
 from alignlab.stages.trl_glue import GuardedTrainer, train_and_save, trainer_args
 
 log = logging.getLogger("alignlab")
@@ -52,6 +61,7 @@ def run(ctx: StageContext):
     )
     trainer = RegistryDPOTrainer(
         model=model,
+        ref_model=None if preference_loss_info(spec.loss.name).needs_reference else NO_REFERENCE,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
@@ -65,9 +75,10 @@ def run(ctx: StageContext):
     return train_and_save(trainer, ctx, base=base)
 
 
-class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
-    """DPOTrainer whose loss comes from alignlab's registry. Only the loss computation and the on-disk cache
-    of precomputed reference log-probs differ from TRL (and GuardedTrainer's checkpoints and nan/inf stop).
+class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
+    """DPOTrainer whose loss comes from alignlab's registry. Only the loss computation, the on-disk cache of
+    precomputed reference log-probs and the reference-free construction (ref_model=NO_REFERENCE) differ from TRL
+    (and GuardedTrainer's checkpoints and nan/inf stop).
     All loss parameters, beta included, come in `loss_params`; how to feed the loss comes from its catalog entry
     (alignlab/losses/catalog.py), never from its name."""
 
@@ -82,25 +93,19 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
         mode = "train" if model.training else "eval"
         mask = inputs["completion_mask"][:, 1:]  # [2B, T-1]: log-prob of token t+1 is read at position t
         chosen, rejected = self._logps(model, inputs, mask, need_embeds=self.penalty_weight > 0 and model.training)
-        if "ref_chosen_logps" in inputs:
+        if not self.loss_info.needs_reference:
+            ref_chosen = ref_rejected = None  # e.g. SimPO, ORPO: no reference exists (see WithoutReference)
+        elif "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
-        if self.loss_info.length_normalized:
-            # e.g. IPO on per-token averages (ALGORITHMS.md: TRL's choice, confirmed with the IPO authors).
-            n_c, n_r = mask.sum(1).clamp(min=1).chunk(2)
-            chosen, rejected, ref_chosen, ref_rejected = (
-                chosen / n_c,
-                rejected / n_r,
-                ref_chosen / n_c,
-                ref_rejected / n_r,
-            )
+        chosen, rejected, ref_chosen, ref_rejected = loss_inputs(
+            self.loss_info.length_normalized, mask, chosen, rejected, ref_chosen, ref_rejected
+        )
         params = dict(self.loss_params)
         if self.loss_info.batch_statistic and self.accelerator.num_processes > 1:
             params["gather"] = self.accelerator.gather  # e.g. KLDPO's batch mean is over every process's pairs
-        loss, metrics = preference_loss(
-            self.loss_name, chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), **params
-        )
+        loss, metrics = preference_loss(self.loss_name, chosen, rejected, ref_chosen, ref_rejected, **params)
         if self.penalty_weight > 0 and model.training:
             # WDPO: g_i = d(sum of per-pair losses)/d(embeddings); the batch loss is their mean, hence * B.
             with _math_sdpa():
@@ -163,6 +168,21 @@ class RegistryDPOTrainer(GuardedTrainer, DPOTrainer):
         cached = load_file(path)
         dataset = dataset.add_column("ref_chosen_logps", cached["ref_chosen_logps"].tolist())
         return dataset.add_column("ref_rejected_logps", cached["ref_rejected_logps"].tolist())
+
+
+def loss_inputs(length_normalized: bool, mask, chosen, rejected, ref_chosen, ref_rejected):
+    """The four [B] log-probs a loss is fed: the summed ones as given, or (catalog flag length_normalized: ipo,
+    ln_dpo, simpo, orpo) each divided by its completion-token count, read off `mask` [2B, T-1] (rows [chosen;
+    rejected]). References None (a reference-free loss) stay None; others are moved to the policy's device/dtype
+    (precomputed ones come from the dataset as float64 on the CPU)."""
+    refs = [None if r is None else r.to(chosen) for r in (ref_chosen, ref_rejected)]
+    if length_normalized:
+        # IPO on per-token averages is TRL's choice, confirmed with the IPO authors (ALGORITHMS.md); ln_dpo
+        # (Tulu 3), SimPO and ORPO are defined on them.
+        n_c, n_r = mask.sum(1).clamp(min=1).chunk(2)
+        chosen, rejected = chosen / n_c, rejected / n_r
+        refs = [None if r is None else r / n for r, n in zip(refs, (n_c, n_r))]
+    return chosen, rejected, *refs
 
 
 def _math_sdpa():

@@ -14,6 +14,7 @@ from alignlab.stages.registry import input_stage_name, stage_type
 # Data formats (alignlab/data/formats.py) by what a stage reads.
 CHAT_OR_TEXT = ("messages", "prompt_completion", "text")
 PAIRS = ("preference",)
+UNPAIRED = ("unpaired",)
 PROMPTS = ("prompt",)
 
 
@@ -46,7 +47,8 @@ class SFTSpec(StageSpec):
 
 class PreferenceLossSpec(Strict):
     """A preference loss chosen by name, with its parameters as sibling keys:
-    `{name: rdpo, beta: 0.1, eps: 0.2}`. Names and parameters: alignlab/losses/preference.py."""
+    `{name: rdpo, beta: 0.1, eps: 0.2}`. Names and parameters: alignlab/losses/preference.py. Without `beta`, the
+    loss's own default (alignlab/losses/catalog.py: 0.1; ln_dpo 5 and simpo 2, on per-token averages)."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "dpo"
@@ -58,10 +60,15 @@ class PreferenceLossSpec(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_the_default(cls, data: Any) -> Any:
-        """A parameter set to null (`stages.dpo.loss.tau=null` on the command line) takes the loss's default."""
+    def _defaults(cls, data: Any) -> Any:
+        """A parameter set to null (`stages.dpo.loss.tau=null` on the command line) takes the loss's default; beta,
+        when not given, is the loss's own default (catalog: reference-free losses use larger ones)."""
+        from alignlab.losses.catalog import PREFERENCE_LOSS_INFO
+
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in ("name", "beta")}
+            data = {k: v for k, v in data.items() if v is not None or k == "name"}
+            if "beta" not in data and data.get("name") in PREFERENCE_LOSS_INFO:
+                data = {**data, "beta": PREFERENCE_LOSS_INFO[data["name"]].beta}
         return data
 
     @model_validator(mode="after")
@@ -88,6 +95,55 @@ class DPOSpec(StageSpec):
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
     loss: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec)
     precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
+
+    @model_validator(mode="after")
+    def _reference_to_precompute(self):
+        from alignlab.losses.catalog import preference_loss_info
+
+        if self.precompute_ref_logps and not preference_loss_info(self.loss.name).needs_reference:
+            raise ValueError(
+                f"loss {self.loss.name} uses no reference model, so precompute_ref_logps: true has nothing to "
+                f"compute (the stage loads no reference for it). Remove precompute_ref_logps, or pick a loss that "
+                f"has a reference"
+            )
+        return self
+
+
+@stage_type(
+    "kto",
+    runner="alignlab.stages.kto",
+    datasets={"dataset": UNPAIRED},
+    trl_config="KTOConfig",
+    memory_knobs=trainer_memory_knobs,
+)
+class KTOSpec(StageSpec):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired binary feedback: prompt, completion and a
+    desirable/undesirable label (thumbs up/down; format `unpaired`), on TRL's KTOTrainer. The reference model is the
+    stage's input model (e.g. the SFT model), frozen, as for dpo."""
+
+    type: Literal["kto"] = "kto"
+    dataset: DatasetSpec
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+    beta: float = Field(0.1, gt=0, description="KL strength: the implied reward is beta * log(pi / pi_ref)")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="lambda_D, weight of the desirable examples' losses (balance unequal counts)"
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="lambda_U; the paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n: the counts)",
+    )
+
+    @model_validator(mode="after")
+    def _batch_of_two(self):
+        if self.train.per_device_batch_size < 2:
+            raise ValueError(
+                f"kto estimates its reference point (the KL term) from each prompt paired with another row's "
+                f"completion within a batch, so train.per_device_batch_size must be at least 2 (now "
+                f"{self.train.per_device_batch_size}). Raise it, and lower train.gradient_accumulation_steps to keep "
+                f"the same batch"
+            )
+        return self
 
 
 @stage_type(

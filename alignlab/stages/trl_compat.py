@@ -27,6 +27,39 @@ PRIVATE_ATTRIBUTES = {
 }
 
 
+class _NoReference:
+    """The `ref_model` a reference-free DPO stage passes (see WithoutReference)."""
+
+    def __repr__(self) -> str:
+        return "NO_REFERENCE"
+
+
+NO_REFERENCE = _NoReference()
+
+
+class WithoutReference:
+    """Mixed in before DPOTrainer: `ref_model=NO_REFERENCE` builds the trainer with no reference at all.
+
+    TRL 1.16's DPOTrainer has no reference-free mode (its config has no such flag). Given ref_model=None it always
+    makes one: for a PeftModel, a frozen copy of the adapter as adapter "ref" (or it disables the adapter), for
+    full fine-tuning a second model loaded from the policy's path; `precompute_ref_log_probs` avoids keeping the
+    second model, but still loads it or runs the policy as reference over the whole dataset first. Passing any
+    `ref_model` skips all of that: TRL then only assigns it to `self.ref_model`, and touches it afterwards behind
+    `self.ref_model is not None` (dropout, fused LM head, accelerate / DeepSpeed / FSDP preparation, reference
+    forwards). This property turns the sentinel into None on assignment, so nothing is loaded, copied, prepared or
+    run. This relies on TRL's __init__ flow, not on a private name: tests/test_dpo_stage.py checks it (no "ref"
+    adapter, no reference model, no reference forward).
+    """
+
+    @property
+    def ref_model(self):
+        return self.__dict__.get("_alignlab_ref_model")
+
+    @ref_model.setter
+    def ref_model(self, value):
+        self.__dict__["_alignlab_ref_model"] = None if value is NO_REFERENCE else value
+
+
 def missing_private_names() -> list[str]:
     """The listed private names the installed TRL / transformers lack, with why alignlab needs each."""
     missing = []
