@@ -19,6 +19,7 @@ from alignlab.data import DataError, check_dataset
 from alignlab.gguf import gguf_source
 from alignlab.recipe import Recipe, RecipeError, load_recipe
 from alignlab.rewards import load_reward_fn
+from alignlab.schema import reward_fn_refs
 from alignlab.stages.registry import check_chain, stage_record
 
 
@@ -76,12 +77,12 @@ def validate_recipe(
             else:
                 if note:
                     notes.append(f"{where}.{key}: {note}")
-        fn = getattr(spec, "reward_fn", None)
-        if fn:
+        fns = getattr(spec, "reward_fn", None)
+        for j, fn in enumerate(reward_fn_refs(fns)):
             try:
                 load_reward_fn(fn)
             except ValueError as e:
-                problems.append(f"{where}.reward_fn: {e}")
+                problems.append(f"{where}.reward_fn{'' if isinstance(fns, str) else f'[{j}].fn'}: {e}")
         rm = getattr(spec, "reward_model", None)
         if rm and rm not in stage_names:
             try:
