@@ -106,6 +106,50 @@ def test_repeated_ngram_share_hand_values():
     assert repeated_ngram_share("the cat sat on the mat") == 0.0
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grouped_forward_is_the_full_forward(tiny_model_path, lora):
+    """Each group's prompt computed once, its KV cache repeated for the group's responses: the same logits as a
+    forward over every prompt + response row (measured: identical), and the same gradients up to float summation
+    order. Prompts of different lengths (left padding), responses of different lengths (right padding)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.builtin.tasks import generate_task
+    from alignlab.generation import generate
+    from alignlab.logprobs import completion_logits, token_logprobs
+    from alignlab.rl.grpo import GroupedPolicy
+
+    size = 3
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    if lora:
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    prompts = [r["prompt"] for r in generate_task("arith", "sft", 4, seed=3)]
+    prompts[1] = [{"role": "user", "content": "What is 5+5? Answer with a number."}]  # a longer prompt
+    ro = generate(model, tokenizer, [p for p in prompts for _ in range(size)], max_new_tokens=6, temperature=1.0,
+                  row_seeds=list(range(4 * size)))  # fmt: skip
+    mask = ro.completion_mask.float()
+    assert ro.prompt_mask.sum(1).unique().numel() > 1 and mask.sum(1).unique().numel() > 1  # both paddings occur
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(logits_fn):
+        logits = logits_fn()
+        loss = (token_logprobs(logits, ro.completion_ids) * mask).sum()
+        grads = torch.autograd.grad(loss, params)
+        return logits.detach(), grads
+
+    full, g_full = run(lambda: completion_logits(model, ro.input_ids, ro.attention_mask, mask.shape[1], 0.7))
+    grouped, g_grouped = run(
+        lambda: GroupedPolicy(model)(ro.prompt_ids[::size], ro.prompt_mask[::size], ro.completion_ids,
+                                     ro.completion_mask, size, 0.7)
+    )  # fmt: skip
+    real = mask.bool()
+    torch.testing.assert_close(grouped[real], full[real], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_grouped, g_full):  # measured: up to 3e-6 relative, per tensor
+        assert (a - b).norm() <= 1e-4 * b.norm(), float((a - b).norm() / b.norm())
+
+
 def test_grpo_raises_heldout_true_reward(tmp_path):
     stage = _grpo(
         dataset={"path": "builtin:arith", "split": "sft", "size": 512},
@@ -136,7 +180,7 @@ def test_grpo_raises_heldout_true_reward(tmp_path):
     before, after = _heldout_reward(out.base), _heldout_reward(out.path)
     train = [round(r["reward"], 3) for r in rows]
     print(f"held-out true reward: base {before:.3f} -> grpo {after:.3f}; train reward per step {train}")
-    assert after > before + 0.04, (before, after)  # measured 0.010 -> 0.08
+    assert after > before + 0.04, (before, after)  # measured 0.008 -> 0.069
     assert sum(r["reward"] for r in rows[-4:]) / 4 > rows[0]["reward"] + 0.015  # measured 0.024 -> ~0.055
     assert out.kind == "full" and out.metrics["first_reward"] == rows[0]["reward"]
 
@@ -256,7 +300,7 @@ def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     saved = load_file(str(stage_dir / "model" / "adapter_model.safetensors"))
     later = load_file(str(stage_dir / "checkpoints" / "step-2" / "trainable.safetensors"))
     name = next(k for k in kept if "lora_B" in k)
-    short = name.replace(".default", "")  # PEFT saves adapter weights without the adapter's name
+    short = name.removeprefix("policy.").replace(".default", "")  # PEFT saves them without the adapter's name
     torch.testing.assert_close(saved[short], kept[name])
     assert not torch.equal(saved[short], later[name])
 

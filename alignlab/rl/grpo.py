@@ -13,7 +13,13 @@ One step = one batch of groups, then `epochs` passes of the clipped policy-gradi
   5. the collapse watch: response length, share of repeated word 3-grams, KL to the reference (k3, summed over a
      response's tokens); every `watch_steps` a few samples go to samples.jsonl and the log; `stop_if` ends the run
      here, before the update, when a limit is passed (below);
-  6. `epochs` passes of clipped policy gradient (+ beta k3) over minibatches; AdamW step per minibatch.
+  6. `epochs` passes of clipped policy gradient (+ beta k3) over minibatches of whole groups; AdamW step per
+     minibatch.
+
+The training forward computes each group's prompt once (GroupedPolicy): the prompts [N, P] run with a KV cache,
+which is repeated G times and continued by the responses [N x G, C]; gradients flow through the cache into the
+prompt's pass. Same logits as a forward over N x G prompt + response rows (the causal mask makes the prompt's
+states independent of what follows), with N x P + N x G x C tokens instead of N x G x (P + C).
 
 Precision: sampling, reference and training forwards run under accelerate's autocast (a no-op in fp32), so the
 first pass's ratio is 1 and the first KL 0. Dropout is set to 0 (the ratio needs the same function twice).
@@ -33,6 +39,7 @@ updates produced step s - 1's samples, which passed. The stage ends with the new
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -48,7 +55,7 @@ from torch import nn
 from alignlab.contract import StageFailed, TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.data import prompt_text
 from alignlab.generation import end_token_ids, generate
-from alignlab.logprobs import completion_logits, token_logprobs
+from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
 from alignlab.rl.ppo import (
@@ -78,14 +85,54 @@ class RewardComponent:
 class GroupBatch:
     """One step's responses, group by group: rows g*G ... g*G + G - 1 answer prompt g."""
 
-    input_ids: torch.Tensor  # [B, P + C] prompt (left-padded) + response (right-padded)
-    attention_mask: torch.Tensor  # [B, P + C]
+    prompt_ids: torch.Tensor  # [N, P] each group's prompt once (left-padded)
+    prompt_mask: torch.Tensor  # [N, P]
     response: torch.Tensor  # [B, C]
     mask: torch.Tensor  # [B, C] float, 1 on real response tokens (EOS included)
     logprobs: torch.Tensor  # [B, C] under the policy that sampled
     ref_logprobs: torch.Tensor | None  # [B, C], when the step needs the reference
     advantages: torch.Tensor  # [B]
     weights: torch.Tensor  # [B] 1, or 0 for a dropped (zero-std) group
+
+
+class GroupedPolicy(nn.Module):
+    """The policy, run on groups: forward(prompt_ids [N, P], prompt_mask [N, P], response [N x G, C], response_mask
+    [N x G, C], G, temperature) -> [N x G, C, V] float logits / temperature predicting each response token, with each
+    prompt computed once (see the module docstring). Left-padded prompts: positions count real tokens only, as
+    generate() counted them; padding columns shared by every prompt are dropped first."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        # transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (the old name still works,
+        # with a deprecation warning); older 5.x releases only know the old one.
+        self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+    def forward(self, prompt_ids, prompt_mask, response, response_mask, group_size: int, temperature: float):
+        start = int(prompt_mask.any(dim=0).int().argmax())
+        prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.policy(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        first = out.logits.repeat_interleave(group_size, dim=0)  # [N x G, 1, V]: predicts response token 0
+        if response.shape[1] == 1:
+            return first.float() / temperature
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_repeat_interleave(group_size)  # [N, ...] -> [N x G, ...], differentiable
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+        lengths = prompt_mask.sum(dim=1, keepdim=True)  # [N x G, 1] real prompt tokens
+        steps = response[:, :-1]  # token t predicts token t + 1
+        positions = lengths + torch.arange(steps.shape[1], device=steps.device)[None, :]
+        rest = self.policy(
+            input_ids=steps,
+            attention_mask=torch.cat([prompt_mask, response_mask[:, :-1].to(prompt_mask.dtype)], dim=1),
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        ).logits  # [N x G, C - 1, V]
+        return torch.cat([first, rest], dim=1).float() / temperature
 
 
 def repeated_ngram_share(text: str, n: int = 3) -> float:
@@ -120,7 +167,7 @@ class GRPOTrainer:
         disable_dropout(policy)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(policy, optimizer)
+        self.model, self.optimizer = accelerator.prepare(GroupedPolicy(policy), optimizer)
         self.step = 0
         self._perms: dict[int, torch.Tensor] = {}
         self.metrics_path = self.stage_dir / "metrics.jsonl"
@@ -129,8 +176,13 @@ class GRPOTrainer:
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
 
     @property
-    def unwrapped(self) -> nn.Module:
+    def unwrapped(self) -> GroupedPolicy:
         return self.acc.unwrap_model(self.model)
+
+    @property
+    def policy(self) -> nn.Module:
+        """The policy model itself (what generates, and what the stage saves)."""
+        return self.unwrapped.policy
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -196,15 +248,15 @@ class GRPOTrainer:
         stream = range(first, first + spec.prompts_per_step)  # this process's prompts in the run's stream
         prompts = [self.prompts[self._prompt_index(k)] for k in stream for _ in range(size)]
         row_seeds = [self.seed * 1_000_003 + k * size + j for k in stream for j in range(size)]
-        model = self.unwrapped
         recompute = spec.recompute_logprobs if spec.recompute_logprobs is not None else self._low_precision
         recorder = None if recompute else SamplingRecorder(spec.temperature)
         with self.acc.autocast():
             ro = generate(
-                model, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                self.policy, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
                 row_seeds=row_seeds, observe=recorder, end_ids=self.end_ids,
             )  # fmt: skip
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
+        prompt_ids, prompt_mask = ro.prompt_ids[::size].to(device), ro.prompt_mask[::size].to(device)  # [N, P]
         response, mask = ro.completion_ids.to(device), ro.completion_mask.to(device).float()
         ended, n = ro.ended.to(device), response.shape[1]
 
@@ -228,11 +280,14 @@ class GRPOTrainer:
         rows = torch.arange(len(prompts), device=device).split(spec.forward_batch_size or self._minibatch)
         if recorder is not None:  # off the sampling pass: step t's logits are those of response token t
             logprobs, entropy = (x.to(device) for x in recorder.finish(response))
-        else:
+        else:  # the training forward's arithmetic, a group at a time
             logprobs, entropy = [], []
-            for idx in rows:
+            for g in range(spec.prompts_per_step):
+                idx = slice(g * size, (g + 1) * size)
                 with self.acc.autocast():
-                    logits = completion_logits(model, input_ids[idx], attention_mask[idx], n, spec.temperature)
+                    logits = self.unwrapped(
+                        prompt_ids[g : g + 1], prompt_mask[g : g + 1], response[idx], mask[idx], size, spec.temperature
+                    )
                 logprobs.append(token_logprobs(logits, response[idx]))
                 entropy.append(entropy_from_logits(logits))
             logprobs, entropy = torch.cat(logprobs), torch.cat(entropy)
@@ -241,7 +296,7 @@ class GRPOTrainer:
             with self.acc.autocast():
                 ref_logprobs = torch.cat([self.reference(input_ids[idx], attention_mask[idx], n) for idx in rows])
 
-        batch = GroupBatch(input_ids, attention_mask, response, mask, logprobs, ref_logprobs, advantages, weights)
+        batch = GroupBatch(prompt_ids, prompt_mask, response, mask, logprobs, ref_logprobs, advantages, weights)
         lengths = mask.sum(dim=1)
         stats.update(
             reward=total.mean(),
@@ -257,21 +312,24 @@ class GRPOTrainer:
         return batch, stats, ro.texts, prompts, total
 
     def optimize(self, batch: GroupBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        spec, n = self.spec, batch.response.shape[1]
+        spec = self.spec
         if self._all_sum(batch.weights.sum()).item() == 0:  # every group of every process dropped: no update
             return {"skipped_update": torch.tensor(1.0, device=batch.weights.device)}
         totals: dict[str, torch.Tensor] = {}
         count = 0
         self.model.train()
+        size, groups = spec.num_generations, len(batch.prompt_ids)
         for _ in range(spec.epochs):
-            order = torch.arange(len(batch.response), device=batch.response.device)
-            if self._minibatch < len(order):  # several minibatches: a fresh split each epoch
-                order = order[torch.randperm(len(order), generator=generator).to(order.device)]
-            for idx in order.split(self._minibatch):
+            order = torch.arange(groups, device=batch.response.device)
+            if self._minibatch < groups * size:  # several minibatches (of whole groups): a fresh split each epoch
+                order = order[torch.randperm(groups, generator=generator).to(order.device)]
+            for chosen in order.split(self._minibatch // size):
+                idx = (chosen[:, None] * size + torch.arange(size, device=chosen.device)[None, :]).flatten()  # rows
                 with self.acc.autocast():
-                    logits = completion_logits(
-                        self.model, batch.input_ids[idx], batch.attention_mask[idx], n, spec.temperature
-                    )
+                    logits = self.model(
+                        batch.prompt_ids[chosen], batch.prompt_mask[chosen], batch.response[idx], batch.mask[idx],
+                        size, spec.temperature,
+                    )  # fmt: skip
                 logprobs = token_logprobs(logits, batch.response[idx])
                 mask, weights = batch.mask[idx], batch.weights[idx]
                 loss, stats = grpo_loss(

@@ -108,7 +108,7 @@ def run(ctx: StageContext):
     metrics = trainer.train(resume=ctx.resume)
 
     # Save, report
-    model = trainer.unwrapped
+    model = trainer.policy
     is_peft = hasattr(model, "peft_config")
     out = StageOutput(
         stage=spec.name,

@@ -272,7 +272,10 @@ class GRPOSpec(StageSpec):
     clip_high: float = Field(0.2, gt=0, description="... and above at 1 + clip_high (DAPO's clip-higher: 0.28)")
     epochs: int = Field(1, gt=0, description="Policy-gradient passes over each step's responses")
     minibatch_size: int | None = Field(
-        None, gt=0, description="Responses per optimizer step (per process); default: all of a step's responses"
+        None,
+        gt=0,
+        description="Responses per optimizer step (per process), a multiple of num_generations; default: all of a "
+        "step's responses",
     )
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (constant)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -329,6 +332,12 @@ class GRPOSpec(StageSpec):
             raise ValueError(
                 "stop_if ends the stage with its last good checkpoint, and no checkpoints are written: set "
                 "save_steps (e.g. 10), or remove stop_if"
+            )
+        if self.minibatch_size is not None and self.minibatch_size % self.num_generations:
+            raise ValueError(
+                f"minibatch_size = {self.minibatch_size} is not a multiple of num_generations = "
+                f"{self.num_generations}: a minibatch holds whole groups (each group's prompt is computed once). "
+                f"Use e.g. {max(1, self.minibatch_size // self.num_generations) * self.num_generations}"
             )
         if self.stop_if is not None and self.stop_if.repetition is None and self.stop_if.kl is None:
             raise ValueError("stop_if sets no limit; give repetition (e.g. 0.3) and/or kl (e.g. 20)")
