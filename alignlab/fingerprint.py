@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from alignlab.recipe import DatasetSpec, Recipe, StageSpec
+from alignlab.schema import reward_fn_refs
 from alignlab.stages.registry import stage_record
 
 # Keys that change how a run is logged, checkpointed or shown, never what it trains or measures. train.eval_steps:
@@ -83,8 +84,11 @@ def stage_parts(recipe: Recipe, spec: StageSpec, refs: dict[str, tuple[str, dict
         value = getattr(spec, name)
         if isinstance(value, DatasetSpec):
             parts.update(dataset_digests(value, recipe, name))
-    if getattr(spec, "reward_fn", None):
-        parts["reward_fn.source"] = reward_fn_digest(spec.reward_fn)
+    fns = reward_fn_refs(getattr(spec, "reward_fn", None))
+    if fns:  # one string: one digest (as before lists were allowed); a list: one per component
+        parts["reward_fn.source"] = (
+            reward_fn_digest(fns[0]) if isinstance(spec.reward_fn, str) else [reward_fn_digest(fn) for fn in fns]
+        )
     parts = {k: v for k, v in parts.items() if k not in NOT_RESULT_KEYS}
     return json.loads(json.dumps(parts))
 

@@ -167,6 +167,22 @@ class TrainSpec(Strict):
         return self
 
 
+class RewardFnSpec(Strict):
+    """One weighted component of a reward: `{fn: "builtin:constraints", weight: 1.0}`."""
+
+    fn: str = Field(description="module:function (fn(prompts, completions) -> list[float]) or builtin:TASK")
+    weight: float = Field(1.0, description="Multiplies this component's scores in the summed reward")
+
+
+def reward_fn_refs(value: str | list[RewardFnSpec] | None) -> list[str]:
+    """The reward functions a `reward_fn` key names: none, the one string, or each component's `fn`."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [component.fn for component in value]
+
+
 class StageSpec(Strict):
     """Keys common to every stage. `input` says which model the stage starts from: `previous` (default: the
     output of the stage before it), `base` (the recipe's base model), or the name of an earlier stage."""

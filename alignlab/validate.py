@@ -20,6 +20,7 @@ from alignlab.gguf import gguf_source
 from alignlab.input_checks import chat_template_problem, is_hub_id_syntax, model_folder_problem, output_dir_problem
 from alignlab.recipe import Recipe, RecipeError, load_recipe
 from alignlab.rewards import check_reward_fn
+from alignlab.schema import reward_fn_refs
 from alignlab.stages.registry import check_chain, stage_record
 
 
@@ -82,12 +83,12 @@ def validate_recipe(
             else:
                 if note:
                     notes.append(f"{where}.{key}: {note}")
-        fn = getattr(spec, "reward_fn", None)
-        if fn:
+        fns = getattr(spec, "reward_fn", None)
+        for j, fn in enumerate(reward_fn_refs(fns)):
             try:
                 check_reward_fn(fn, spec.dataset, recipe, spec.type)
             except ValueError as e:
-                problems.append(f"{where}.reward_fn: {e}")
+                problems.append(f"{where}.reward_fn{'' if isinstance(fns, str) else f'[{j}].fn'}: {e}")
         rm = getattr(spec, "reward_model", None)
         if rm and rm not in stage_names:
             try:

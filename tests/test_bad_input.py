@@ -22,6 +22,7 @@ DELETE = object()
 SFT_ROWS = [{"prompt": f"What is {i} + {i}?", "completion": f"{2 * i}"} for i in range(4)]
 PAIR_ROWS = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(4)]
 PPO = {"name": "ppo", "type": "ppo", "input": "sft", "dataset": {"path": "TMP/prompts.jsonl"}}
+GRPO = {"name": "grpo", "type": "grpo", "input": "sft", "dataset": {"path": "TMP/prompts.jsonl"}}
 FN = "alignlab.builtin.tasks:arith_reward"
 
 
@@ -316,6 +317,21 @@ CASES = [
         "reward-fn-no-such-function",
         ["reward_fn: module 'alignlab.builtin.tasks' has no function 'nope'"],
         {"stages.2": {**PPO, "reward_fn": "alignlab.builtin.tasks:nope"}},
+    ),
+    # ---- GRPO rewards and collapse stop
+    case(
+        "grpo-reward-list-component-not-importable",
+        ["stages[2] (grpo).reward_fn[1].fn: cannot import module 'no_such_module'", "PYTHONPATH"],
+        {"stages.2": {**GRPO, "reward_fn": [{"fn": FN}, {"fn": "no_such_module:score", "weight": 0.2}]}},
+    ),
+    case("grpo-without-reward", ["stages[2]", "a grpo stage needs a reward: reward_fn"], {"stages.2": GRPO}),
+    case(
+        "grpo-stop-if-without-checkpoints",
+        [
+            "stages[2]",
+            "stop_if ends the stage with its last good checkpoint, and no checkpoints are written: set save_steps",
+        ],
+        {"stages.2": {**GRPO, "reward_fn": FN, "stop_if": {"repetition": 0.3}}},
     ),
     # ---- data files, columns and rows
     case(

@@ -1,8 +1,8 @@
 """Every stage under `accelerate launch --multi_gpu --num_processes 2` (two gloo processes on CPU) computes what one
 process computes at the same GLOBAL batch (1 process x 8 vs 2 processes x 4).
 
-One recipe chains all five stage types: SFT (LoRA) -> DPO with KLDPO (its batch mean is gathered over processes)
-and precomputed reference log-probs; a reward model; PPO with a programmatic reward; eval. It runs once in this
+One recipe chains all six stage types: SFT (LoRA) -> DPO with KLDPO (its batch mean is gathered over processes)
+and precomputed reference log-probs; a reward model; PPO with a programmatic reward; GRPO; eval. It runs once in this
 process and once under two processes. Dropout is 0 and each PPO rollout batch is one minibatch, the settings under
 which the two runs are the same computation. They differ only by float summation order (gradients averaged over
 processes, batches padded to other lengths). Measured, largest over the steps: SFT loss identical, DPO (KLDPO) loss
@@ -63,6 +63,23 @@ def _recipe(output_dir, batch):
                 "steps": 3,
                 "rollout": {"batch_size": batch, "max_new_tokens": 4, "temperature": 1.0},
                 "ppo": {"epochs": 2, "minibatch_size": batch, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
+            },
+            {  # groups stay whole on one process: 1 process x 4 prompts = 2 processes x 2 prompts (x 4 responses)
+                "name": "grpo",
+                "type": "grpo",
+                "input": "sft",
+                "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
+                "reward_fn": [{"fn": "tests.test_ppo:length_reward"}, {"fn": "builtin:arith", "weight": 0.5}],
+                "steps": 3,
+                "prompts_per_step": batch // 2,
+                "num_generations": 4,
+                "max_new_tokens": 4,
+                "epochs": 2,
+                "learning_rate": 1e-3,
+                "beta": 0.1,
+                "loss_agg": "token_mean",
+                "skip_zero_std_groups": True,
+                "watch_steps": None,
             },
             {
                 "name": "eval",
@@ -173,6 +190,24 @@ def test_ppo_matches_one_process(runs):
         assert b["kl_coef"] == pytest.approx(a["kl_coef"], rel=1e-6)  # one KL controller, fed the global KL
         for key in ("policy_loss", "value_loss", "entropy", "clipfrac"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (key, a["step"])
+    assert rows1[-1]["kl"] > 0.01  # the policy moved: the comparison covers updates, not only sampling
+
+
+def test_grpo_matches_one_process(runs):
+    """Token-mean loss (and flat groups dropped, where a step has any): the two processes hold different numbers of
+    tokens, and each weighs its loss by its share, so the update is still the one-process update."""
+    one, two, _ = runs
+    rows1, rows2 = (
+        [json.loads(x) for x in (d / "grpo" / "metrics.jsonl").read_text().splitlines()] for d in (one, two)
+    )
+    rows1, rows2 = [r for r in rows1 if not r.get("final")], [r for r in rows2 if not r.get("final")]
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3]
+    for a, b in zip(rows1, rows2):
+        assert b["response_length"] == a["response_length"]  # the same responses
+        for key in ("reward", "reward/builtin:arith", "zero_std_groups"):
+            assert b[key] == pytest.approx(a[key], rel=0, abs=1e-6), (key, a["step"])
+        for key in ("policy_loss", "kl", "entropy", "ratio", "clip_low_frac", "clip_high_frac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
     assert rows1[-1]["kl"] > 0.01  # the policy moved: the comparison covers updates, not only sampling
 
 

@@ -5,6 +5,7 @@
   catalog: what trainers need to know about each (torch-free).
 - reward: Bradley-Terry loss for reward models.
 - ppo: masked statistics, KL estimates, GAE, clipped policy / value losses, entropy, KL controllers.
+- grpo: group-relative advantages (GRPO, Dr. GRPO, RLOO), clip-higher surrogate, k3 term, loss aggregations.
 
 The names below are imported on first use, so that `alignlab.losses.catalog` (read by recipe validation) does not
 import torch.
@@ -15,6 +16,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "grpo": (
+        "aggregate",
+        "aggregation_count",
+        "clipped_surrogate",
+        "group_advantages",
+        "grpo_loss",
+        "zero_std_groups",
+    ),
     "ppo": (
         "AdaptiveKLController",
         "FixedKLController",

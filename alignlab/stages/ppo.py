@@ -28,18 +28,16 @@ from transformers import set_seed
 
 from alignlab.contract import StageContext, StageOutput, append_final_metrics
 from alignlab.data import build_datasets
-from alignlab.logprobs import completion_logits, token_logprobs
 from alignlab.models import (
-    REF_ADAPTER,
     check_target_modules,
-    load_causal_lm,
     load_stage_model,
     load_tokenizer,
     save_stage_model,
 )
 from alignlab.recipe import RecipeError
 from alignlab.rewards import load_reward_model, reward_fn_scorer, reward_model_scorer
-from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer, disable_dropout
+from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer
+from alignlab.rl.reference import reference_logprobs
 from alignlab.stages.trl_glue import available_trackers
 
 log = logging.getLogger("alignlab")
@@ -115,33 +113,6 @@ def run(ctx: StageContext):
     for tracker in accelerator.trackers:  # not end_training(): it would also end the process group
         tracker.finish()
     return out
-
-
-def reference_logprobs(recipe, policy, input_path: str, temperature: float, device):
-    """(input_ids, attention_mask, C) -> [B, C] log-probs of the last C tokens under the reference policy."""
-    if not hasattr(policy, "peft_config"):
-        # Full fine-tuning: the reference is a frozen copy of the input weights.
-        ref = load_causal_lm(recipe, input_path).to(device).eval().requires_grad_(False)
-        disable_dropout(ref)
-    else:
-        ref = policy
-
-    @torch.no_grad()
-    def logprobs(input_ids, attention_mask, n):
-        if ref is not policy:
-            logits = completion_logits(ref, input_ids, attention_mask, n, temperature)
-        elif REF_ADAPTER in policy.peft_config:  # continuing an SFT adapter: its frozen copy
-            policy.set_adapter(REF_ADAPTER, inference_mode=True)
-            try:
-                logits = completion_logits(policy, input_ids, attention_mask, n, temperature)
-            finally:
-                policy.set_adapter("default")  # trainable again (and "ref" frozen)
-        else:  # a fresh adapter: the model under it
-            with policy.disable_adapter():
-                logits = completion_logits(policy, input_ids, attention_mask, n, temperature)
-        return token_logprobs(logits, input_ids[:, -n:])
-
-    return logprobs
 
 
 def init_value_head(value_head: nn.Linear, reward_model) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from alignlab.schema import DatasetSpec, StageSpec, Strict, TrainSpec
+from alignlab.schema import DatasetSpec, RewardFnSpec, StageSpec, Strict, TrainSpec
 from alignlab.stages.registry import input_stage_name, stage_type
 
 # Data formats (alignlab/data/formats.py) by what a stage reads.
@@ -271,6 +271,140 @@ class PPOSpec(StageSpec):
                 "a ppo stage needs exactly one of reward_model (an earlier reward stage's name or a path) "
                 "or reward_fn (module:function)"
             )
+        return self
+
+
+class StopIfSpec(Strict):
+    """Early stop on signs of collapse, checked on every step's samples; the stage then ends with its last good
+    checkpoint as its model and says why it stopped."""
+
+    repetition: float | None = Field(
+        None, gt=0, le=1, description="Stop when the share of repeated word 3-grams in the responses exceeds this"
+    )
+    kl: float | None = Field(
+        None, gt=0, description="Stop when the KL to the reference (nats per response) exceeds this"
+    )
+
+
+@stage_type(
+    "grpo",
+    runner="alignlab.stages.grpo",
+    datasets={"dataset": PROMPTS},
+    references={"reward_model": "reward"},
+    needs_whole_model="the grpo stage runs alignlab's own loop, which generates with the whole (unwrapped) policy "
+    "and prepares no dataloader",
+    memory_knobs=lambda spec: [
+        f"lower prompts_per_step (now {spec.prompts_per_step}) or num_generations (now {spec.num_generations}): "
+        f"{spec.prompts_per_step * spec.num_generations} responses are sampled at once",
+        f"set minibatch_size (now {spec.minibatch_size}) below the responses per step",
+        f"lower max_new_tokens (now {spec.max_new_tokens})",
+    ],
+)
+class GRPOSpec(StageSpec):
+    """Critic-free RL on rewards a program (or a reward model) gives: GRPO, Dr. GRPO, RLOO and DAPO's fixes
+    (alignlab's own loop; formulas: ALGORITHMS.md, code: alignlab/losses/grpo.py, alignlab/rl/grpo.py)."""
+
+    type: Literal["grpo"] = "grpo"
+    dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
+    reward_fn: str | list[RewardFnSpec] | None = Field(
+        None,
+        description="module:function or builtin:TASK, or a list of weighted components "
+        "[{fn: builtin:constraints, weight: 1.0}, {fn: m:f, weight: 0.2}] (each logged as reward/<fn>)",
+    )
+    reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
+    reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the summed reward")
+    steps: int = Field(100, gt=0, description="Policy updates (each on a fresh batch of groups)")
+    prompts_per_step: int = Field(8, gt=0, description="Prompts (groups) per step, per process")
+    num_generations: int = Field(8, ge=2, description="Responses sampled per prompt (the group size G)")
+    max_new_tokens: int = Field(32, gt=0, description="Maximum response length; also Dr. GRPO's constant")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use logits / temperature")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the reward of a response that hit max_new_tokens without EOS"
+    )
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
+        "grpo",
+        description="grpo: (r - group mean) / (group std + 1e-4); dr_grpo: r - group mean; rloo: r - mean of the "
+        "group's other responses",
+    )
+    loss_agg: Literal["sequence_mean", "token_mean", "constant"] | None = Field(
+        None,
+        description="sequence_mean (GRPO: per-response token mean, then mean), token_mean (DAPO: over every token), "
+        "constant (Dr. GRPO: token sums / (responses x max_new_tokens)). Default: constant for advantage dr_grpo, "
+        "sequence_mean otherwise",
+    )
+    clip_low: float = Field(0.2, gt=0, lt=1, description="The ratio is clipped below at 1 - clip_low")
+    clip_high: float = Field(0.2, gt=0, description="... and above at 1 + clip_high (DAPO's clip-higher: 0.28)")
+    epochs: int = Field(1, gt=0, description="Policy-gradient passes over each step's responses")
+    minibatch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Responses per optimizer step (per process), a multiple of num_generations; default: all of a "
+        "step's responses",
+    )
+    learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (constant)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
+    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL-to-reference term in the loss (0 = off)")
+    skip_zero_std_groups: bool = Field(
+        False,
+        description="Drop groups whose rewards are all equal from the loss (DAPO's dynamic sampling); they are "
+        "counted (zero_std_groups) either way",
+    )
+    watch_steps: int | None = Field(
+        10,
+        gt=0,
+        description="Every N steps log a few samples (samples.jsonl), and measure the KL to the reference even when "
+        "beta is 0; None: off",
+    )
+    watch_samples: int = Field(3, ge=0, description="Samples shown at each watch step")
+    stop_if: StopIfSpec | None = Field(None, description="Early stop on collapse, e.g. {repetition: 0.3, kl: 20}")
+    forward_batch_size: int | None = Field(
+        None, gt=0, description="Rows per no-grad forward (reference, reward model); default: minibatch size"
+    )
+    recompute_logprobs: bool | None = Field(
+        None,
+        description="false: the sampling policy's log-probs come from the sampling pass itself; true: from one more "
+        "forward. Default (null): true under mixed precision or a float16/bfloat16 model, false otherwise",
+    )
+    logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume and stop_if)")
+    save_total_limit: int | None = Field(None, gt=0, description="Checkpoints kept (oldest deleted); None keeps all")
+    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow")
+
+    @property
+    def aggregation(self) -> str:
+        """loss_agg, or its default for the advantage (Dr. GRPO pairs its advantage with the constant)."""
+        if self.loss_agg is not None:
+            return self.loss_agg
+        return "constant" if self.advantage == "dr_grpo" else "sequence_mean"
+
+    @property
+    def responses_per_step(self) -> int:
+        """Per process."""
+        return self.prompts_per_step * self.num_generations
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.reward_fn is None and self.reward_model is None:
+            raise ValueError(
+                "a grpo stage needs a reward: reward_fn (module:function, builtin:TASK, or a list of "
+                "{fn, weight}) and/or reward_model (an earlier reward stage's name or a path)"
+            )
+        if isinstance(self.reward_fn, list) and not self.reward_fn:
+            raise ValueError("reward_fn is an empty list; name at least one {fn: module:function, weight: 1.0}")
+        if self.stop_if is not None and self.save_steps is None:
+            raise ValueError(
+                "stop_if ends the stage with its last good checkpoint, and no checkpoints are written: set "
+                "save_steps (e.g. 10), or remove stop_if"
+            )
+        if self.minibatch_size is not None and self.minibatch_size % self.num_generations:
+            raise ValueError(
+                f"minibatch_size = {self.minibatch_size} is not a multiple of num_generations = "
+                f"{self.num_generations}: a minibatch holds whole groups (each group's prompt is computed once). "
+                f"Use e.g. {max(1, self.minibatch_size // self.num_generations) * self.num_generations}"
+            )
+        if self.stop_if is not None and self.stop_if.repetition is None and self.stop_if.kl is None:
+            raise ValueError("stop_if sets no limit; give repetition (e.g. 0.3) and/or kl (e.g. 20)")
         return self
 
 

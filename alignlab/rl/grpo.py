@@ -1,0 +1,521 @@
+"""Critic-free RL (GRPO, Dr. GRPO, RLOO, DAPO's fixes) on accelerate: alignlab's own loop. The stage that builds
+its inputs is alignlab/stages/grpo.py; the formulas are in alignlab/losses/grpo.py (see ALGORITHMS.md).
+
+One step = one batch of groups, then `epochs` passes of the clipped policy-gradient loss over it:
+  1. take `prompts_per_step` prompts (per process) and sample `num_generations` responses to each (a group), every
+     response with its own seeded random stream (generation.RowSeededSampler): softmax(logits / temperature);
+  2. score each response with every reward component (reward functions, a reward model), sum them with their
+     weights; subtract `missing_eos_penalty` from a response without EOS;
+  3. group-relative advantages (`advantage`), the same for every token of a response; count the groups whose
+     rewards are all equal (advantage 0: no signal) and, with `skip_zero_std_groups`, give them weight 0 in the loss;
+  4. the sampling policy's log-probs, read off the sampling pass itself (or recomputed by a forward, the default in
+     low precision), and the reference's log-probs when needed (beta > 0, stop_if.kl, or a watch step);
+  5. the collapse watch: response length, share of repeated word 3-grams, KL to the reference (k3, summed over a
+     response's tokens); every `watch_steps` a few samples go to samples.jsonl and the log; `stop_if` ends the run
+     here, before the update, when a limit is passed (below);
+  6. `epochs` passes of clipped policy gradient (+ beta k3) over minibatches of whole groups; AdamW step per
+     minibatch.
+
+The training forward computes each group's prompt once (GroupedPolicy): the prompts [N, P] run with a KV cache,
+which is repeated G times and continued by the responses [N x G, C]; gradients flow through the cache into the
+prompt's pass. Same logits as a forward over N x G prompt + response rows (the causal mask makes the prompt's
+states independent of what follows), with N x P + N x G x C tokens instead of N x G x (P + C).
+
+Precision: sampling, reference and training forwards run under accelerate's autocast (a no-op in fp32), so the
+first pass's ratio is 1 and the first KL 0. Dropout is set to 0 (the ratio needs the same function twice).
+
+Several processes (`accelerate launch`): process p takes the p-th `prompts_per_step` prompts of each step's
+stream, so a group lives on one process (its statistics need no communication) and every response's random stream
+depends only on (seed, its index in the run): P processes sample what one process does with P x prompts_per_step.
+Each process scales its loss by its share of the global denominator (responses or tokens, after dropping groups),
+so the gradient DDP averages is the one-process gradient when each step is one minibatch. Metrics are averaged
+over processes. Resume: checkpoints/step-N (trainable weights, optimizer state, step; written to a temporary folder,
+marked complete, renamed) and the seeded streams make a resumed run the uninterrupted one.
+
+stop_if: a limit passed on step s's samples says the weights after s - 1 updates have collapsed; those after s - 2
+updates produced step s - 1's samples, which passed. The stage ends with the newest complete checkpoint at step
+<= s - 2 as its model and records why (`stop_reason`); without one it fails (StageFailed) saying so.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignlab.checkpoints import COMPLETE_MARKER, complete_checkpoints, last_checkpoint, prune_checkpoints, step_of
+from alignlab.contract import StageFailed, TrainingDiverged, checkpoint_note, keep_metrics_until
+from alignlab.data import prompt_text
+from alignlab.generation import end_token_ids, generate
+from alignlab.logprobs import token_logprobs
+from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
+from alignlab.losses.ppo import kl_estimate
+from alignlab.rl.ppo import SamplingRecorder, disable_dropout, first_logged, step_seed, trainable_state
+
+log = logging.getLogger("alignlab")
+ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion texts) -> [B] float scores
+Reference = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (input_ids, attention_mask, C) -> [B, C]
+
+
+@dataclass
+class RewardComponent:
+    name: str  # logged as reward/<name>
+    weight: float
+    score: ScoreFn
+
+
+@dataclass
+class GroupBatch:
+    """One step's responses, group by group: rows g*G ... g*G + G - 1 answer prompt g."""
+
+    prompt_ids: torch.Tensor  # [N, P] each group's prompt once (left-padded)
+    prompt_mask: torch.Tensor  # [N, P]
+    response: torch.Tensor  # [B, C]
+    mask: torch.Tensor  # [B, C] float, 1 on real response tokens (EOS included)
+    logprobs: torch.Tensor  # [B, C] under the policy that sampled
+    ref_logprobs: torch.Tensor | None  # [B, C], when the step needs the reference
+    advantages: torch.Tensor  # [B]
+    weights: torch.Tensor  # [B] 1, or 0 for a dropped (zero-std) group
+
+
+class GroupedPolicy(nn.Module):
+    """The policy, run on groups: forward(prompt_ids [N, P], prompt_mask [N, P], response [N x G, C], response_mask
+    [N x G, C], G, temperature) -> [N x G, C, V] float logits / temperature predicting each response token, with each
+    prompt computed once (see the module docstring). Left-padded prompts: positions count real tokens only, as
+    generate() counted them; padding columns shared by every prompt are dropped first."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        # transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (the old name still works,
+        # with a deprecation warning); older 5.x releases only know the old one.
+        self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+    def forward(self, prompt_ids, prompt_mask, response, response_mask, group_size: int, temperature: float):
+        start = int(prompt_mask.any(dim=0).int().argmax())
+        prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.policy(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        first = out.logits.repeat_interleave(group_size, dim=0)  # [N x G, 1, V]: predicts response token 0
+        if response.shape[1] == 1:
+            return first.float() / temperature
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_repeat_interleave(group_size)  # [N, ...] -> [N x G, ...], differentiable
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+        lengths = prompt_mask.sum(dim=1, keepdim=True)  # [N x G, 1] real prompt tokens
+        steps = response[:, :-1]  # token t predicts token t + 1
+        positions = lengths + torch.arange(steps.shape[1], device=steps.device)[None, :]
+        rest = self.policy(
+            input_ids=steps,
+            attention_mask=torch.cat([prompt_mask, response_mask[:, :-1].to(prompt_mask.dtype)], dim=1),
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        ).logits  # [N x G, C - 1, V]
+        return torch.cat([first, rest], dim=1).float() / temperature
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of a text's word n-grams that repeat an earlier one: 1 - distinct / total (0 with fewer than n words).
+    "a b c a b c" has 3-grams abc, bca, cab, abc: 1 - 3/4 = 0.25. A model collapsing into loops drives it to 1."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+class GRPOTrainer:
+    """Runs `spec.steps` updates. `reference`: (input_ids, attention_mask, C) -> [B, C] reference log-probs, or None
+    when nothing asks for them (beta 0, no watch, no stop_if.kl)."""
+
+    def __init__(
+        self,
+        *,
+        accelerator,
+        policy: nn.Module,
+        tokenizer,
+        prompts: list,
+        rewards: list[RewardComponent],
+        reference: Reference | None,
+        spec,  # GRPOSpec
+        seed: int,
+        stage_dir: Path,
+    ):
+        self.acc, self.tokenizer, self.prompts, self.rewards = accelerator, tokenizer, prompts, rewards
+        self.reference, self.spec, self.seed, self.stage_dir = reference, spec, seed, Path(stage_dir)
+        self.agg = spec.aggregation
+        self.end_ids = end_token_ids(tokenizer, policy)
+        disable_dropout(policy)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(GroupedPolicy(policy), optimizer)
+        self.step = 0
+        self._perms: dict[int, torch.Tensor] = {}
+        self.metrics_path = self.stage_dir / "metrics.jsonl"
+        self.samples_path = self.stage_dir / "samples.jsonl"
+        self.ckpt_dir = self.stage_dir / "checkpoints"
+        self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
+
+    @property
+    def unwrapped(self) -> GroupedPolicy:
+        return self.acc.unwrap_model(self.model)
+
+    @property
+    def policy(self) -> nn.Module:
+        """The policy model itself (what generates, and what the stage saves)."""
+        return self.unwrapped.policy
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def train(self, resume: bool = False) -> dict:
+        ckpt = last_checkpoint(self.ckpt_dir, "step") if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            log.info("grpo: resumed from %s (step %d)", ckpt, self.step)
+        if self.acc.is_main_process:
+            keep_metrics_until(self.metrics_path, self.step)
+            keep_metrics_until(self.samples_path, self.step)
+        self.acc.wait_for_everyone()
+        if self.metrics_path.exists():
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            self.kl_trend = [(r["step"], r["kl"]) for r in rows if "kl" in r]
+        first_reward = first_logged(self.metrics_path, "reward") if ckpt is not None else None
+        window: list[dict] = []
+        last: dict = {}
+        stop: dict = {}
+        start = time.perf_counter()
+        while self.step < self.spec.steps:
+            t0 = time.perf_counter()
+            metrics, reason = self.train_step()
+            if reason is not None:
+                stop = self._stop(reason)
+                break
+            metrics["step_time"] = time.perf_counter() - t0
+            self.step += 1
+            window.append(metrics)
+            if self.step % self.spec.logging_steps == 0 or self.step == self.spec.steps:
+                last = {k: _mean([m[k] for m in window if k in m]) for k in dict.fromkeys(k for m in window for k in m)}
+                self._log(last)
+                window = []
+                first_reward = last["reward"] if first_reward is None else first_reward
+            if self.spec.save_steps and self.step % self.spec.save_steps == 0 and self.step < self.spec.steps:
+                self.save_checkpoint()
+        summary = {f"final_{k}": v for k, v in last.items()}
+        if first_reward is not None:
+            summary["first_reward"] = first_reward
+        summary["train_runtime"] = time.perf_counter() - start
+        summary.update(stop)
+        return summary
+
+    def train_step(self) -> tuple[dict[str, float], str | None]:
+        """One step: sample and score the groups, watch, then (unless a stop_if limit is passed) update."""
+        step = self.step + 1  # 1-based, as logged
+        watch = self.spec.watch_steps is not None and (step == 1 or step % self.spec.watch_steps == 0)
+        batch, stats, texts, prompts, rewards = self.make_groups(watch)
+        stats = self._mean_over_processes(stats)
+        if watch or "kl" in stats:
+            self._watch(step, stats, texts, prompts, rewards, show=watch)
+        reason = self._stop_reason(stats)
+        if reason is not None:
+            return stats, reason
+        stats.update(self._mean_over_processes(self.optimize(batch, torch.Generator().manual_seed(self._seed()))))
+        return stats, None
+
+    @torch.no_grad()
+    def make_groups(self, watch: bool):
+        spec, device = self.spec, self.acc.device
+        size = spec.num_generations
+        first = (self.step * self.acc.num_processes + self.acc.process_index) * spec.prompts_per_step
+        stream = range(first, first + spec.prompts_per_step)  # this process's prompts in the run's stream
+        prompts = [self.prompts[self._prompt_index(k)] for k in stream for _ in range(size)]
+        row_seeds = [self.seed * 1_000_003 + k * size + j for k in stream for j in range(size)]
+        recompute = spec.recompute_logprobs if spec.recompute_logprobs is not None else self._low_precision
+        recorder = None if recompute else SamplingRecorder(spec.temperature)
+        with self.acc.autocast():
+            ro = generate(
+                self.policy, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                row_seeds=row_seeds, observe=recorder, end_ids=self.end_ids,
+            )  # fmt: skip
+        input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
+        prompt_ids, prompt_mask = ro.prompt_ids[::size].to(device), ro.prompt_mask[::size].to(device)  # [N, P]
+        response, mask = ro.completion_ids.to(device), ro.completion_mask.to(device).float()
+        ended, n = ro.ended.to(device), response.shape[1]
+
+        # Rewards: the weighted sum of the components (each logged), minus the missing-EOS penalty.
+        stats: dict[str, torch.Tensor] = {}
+        total = torch.zeros(len(prompts), device=device)
+        for c in self.rewards:
+            scores = c.score(prompts, ro.texts).to(device=device, dtype=torch.float32)  # [B]
+            self._check_finite(torch.isfinite(scores).all(), f"reward '{c.name}' gave nan or inf scores")
+            stats[f"reward/{c.name}"] = scores.mean()
+            total = total + c.weight * scores
+        if spec.missing_eos_penalty is not None:
+            total = total - spec.missing_eos_penalty * (~ended).float()
+        grouped = total.view(spec.prompts_per_step, size)  # [N, G]
+        advantages = group_advantages(grouped, spec.advantage).flatten()  # [B]
+        flat = zero_std_groups(grouped)  # [N]
+        weights = torch.ones_like(total)
+        if spec.skip_zero_std_groups:
+            weights = (~flat).float().repeat_interleave(size)
+
+        rows = torch.arange(len(prompts), device=device).split(spec.forward_batch_size or self._minibatch)
+        if recorder is not None:  # off the sampling pass: step t's logits are those of response token t
+            logprobs, entropy = (x.to(device) for x in recorder.finish(response))
+        else:  # the training forward's arithmetic, a group at a time
+            logprobs, entropy = [], []
+            for g in range(spec.prompts_per_step):
+                idx = slice(g * size, (g + 1) * size)
+                with self.acc.autocast():
+                    logits = self.unwrapped(
+                        prompt_ids[g : g + 1], prompt_mask[g : g + 1], response[idx], mask[idx], size, spec.temperature
+                    )
+                logprobs.append(token_logprobs(logits, response[idx]))
+                entropy.append(entropy_from_logits(logits))
+            logprobs, entropy = torch.cat(logprobs), torch.cat(entropy)
+        ref_logprobs = None
+        if self.reference is not None and (spec.beta > 0 or watch or (spec.stop_if and spec.stop_if.kl)):
+            with self.acc.autocast():
+                ref_logprobs = torch.cat([self.reference(input_ids[idx], attention_mask[idx], n) for idx in rows])
+
+        batch = GroupBatch(prompt_ids, prompt_mask, response, mask, logprobs, ref_logprobs, advantages, weights)
+        lengths = mask.sum(dim=1)
+        stats.update(
+            reward=total.mean(),
+            reward_std=grouped.std(dim=1).mean(),  # within-group spread: what the advantages are made of
+            zero_std_groups=flat.float().mean(),  # share of groups with no signal
+            response_length=lengths.mean(),
+            eos_rate=ended.float().mean(),
+            entropy=(entropy * mask).sum() / lengths.sum().clamp_min(1.0) * self._share(lengths.sum()),
+            repetition=torch.tensor(sum(map(repeated_ngram_share, ro.texts)) / len(ro.texts), device=device),
+        )
+        if ref_logprobs is not None:  # per response: k3 summed over its tokens, as PPO logs kl
+            stats["kl"] = (kl_estimate(logprobs, ref_logprobs, "k3") * mask).sum(dim=1).mean()
+        return batch, stats, ro.texts, prompts, total
+
+    def optimize(self, batch: GroupBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        if self._all_sum(batch.weights.sum()).item() == 0:  # every group of every process dropped: no update
+            return {"skipped_update": torch.tensor(1.0, device=batch.weights.device)}
+        totals: dict[str, torch.Tensor] = {}
+        count = 0
+        self.model.train()
+        size, groups = spec.num_generations, len(batch.prompt_ids)
+        for _ in range(spec.epochs):
+            order = torch.arange(groups, device=batch.response.device)
+            if self._minibatch < groups * size:  # several minibatches (of whole groups): a fresh split each epoch
+                order = order[torch.randperm(groups, generator=generator).to(order.device)]
+            for chosen in order.split(self._minibatch // size):
+                idx = (chosen[:, None] * size + torch.arange(size, device=chosen.device)[None, :]).flatten()  # rows
+                with self.acc.autocast():
+                    logits = self.model(
+                        batch.prompt_ids[chosen], batch.prompt_mask[chosen], batch.response[idx], batch.mask[idx],
+                        size, spec.temperature,
+                    )  # fmt: skip
+                logprobs = token_logprobs(logits, batch.response[idx])
+                mask, weights = batch.mask[idx], batch.weights[idx]
+                loss, stats = grpo_loss(
+                    logprobs, batch.logprobs[idx], batch.advantages[idx], mask,
+                    clip_low=spec.clip_low, clip_high=spec.clip_high, loss_agg=self.agg,
+                    max_length=spec.max_new_tokens,
+                    ref_logprobs=batch.ref_logprobs[idx] if spec.beta > 0 else None, beta=spec.beta, weights=weights,
+                )  # fmt: skip
+                # DDP averages the processes' gradients: each process weighs its loss by its share of the global
+                # denominator (responses or tokens kept), so the average is the loss over every process's rows.
+                share = self._share(aggregation_count(mask, self.agg, weights))
+                loss = loss * share
+                self._check_finite(torch.isfinite(loss), "the GRPO loss is nan or inf")
+                self.acc.backward(loss)
+                if spec.max_grad_norm > 0:
+                    self.acc.clip_grad_norm_(self.params, spec.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                tokens = self._share((mask * weights[:, None]).sum())  # metrics are token means: global ones
+                step_stats = {"policy_loss": loss.detach(), **{k: v * tokens for k, v in stats.items() if k != "kl"}}
+                for k, v in step_stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in totals.items()}
+
+    # ------------------------------------------------------------------------------------------ collapse watch
+
+    def _watch(self, step: int, stats: dict, texts: list[str], prompts: list, rewards: torch.Tensor, show: bool):
+        if "kl" in stats:
+            self.kl_trend.append((step, stats["kl"]))
+        if not show or not self.acc.is_main_process:
+            return
+        trend = " -> ".join(f"{v:.3g}" for _, v in self.kl_trend[-4:]) or "not measured (no reference)"
+        log.info(
+            "grpo watch step %d: reward %.4f, response length %.1f, repeated 3-grams %.3f, KL to reference %s",
+            step, stats["reward"], stats["response_length"], stats["repetition"], trend,
+        )  # fmt: skip
+        size = self.spec.num_generations
+        rows = []
+        for g in range(min(self.spec.watch_samples, self.spec.prompts_per_step)):
+            i = g * size  # the first response of each of the first groups
+            rows.append(
+                {"step": step, "prompt": prompt_text(prompts[i]), "completion": texts[i], "reward": float(rewards[i])}
+            )
+            log.info("  sample %d: %r -> %r (reward %.3f)", g + 1, rows[-1]["prompt"], texts[i], rows[-1]["reward"])
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.samples_path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def _stop_reason(self, stats: dict) -> str | None:
+        limits = self.spec.stop_if
+        if limits is None:
+            return None
+        step = self.step + 1
+        if limits.repetition is not None and stats["repetition"] > limits.repetition:
+            return (
+                f"the share of repeated word 3-grams in step {step}'s responses is {stats['repetition']:.3f}, "
+                f"above stop_if.repetition = {limits.repetition}"
+            )
+        if limits.kl is not None and stats.get("kl", 0.0) > limits.kl:
+            return (
+                f"the KL to the reference on step {step}'s responses is {stats['kl']:.3f} nats per response, above "
+                f"stop_if.kl = {limits.kl}"
+            )
+        return None
+
+    def _stop(self, reason: str) -> dict:
+        """Step s = self.step + 1 failed stop_if: end with the newest checkpoint at step <= s - 2 (see module doc)."""
+        failed = self.step + 1
+        good = [p for p in complete_checkpoints(self.ckpt_dir, "step") if step_of(p) <= failed - 2]
+        if not good:
+            raise StageFailed(
+                f"grpo stopped at step {failed} of {self.spec.steps}: {reason}. No good checkpoint to keep: the last "
+                f"good weights are those after step {failed - 2}, and no checkpoint at or before it is left "
+                f"(save_steps {self.spec.save_steps}, save_total_limit {self.spec.save_total_limit}). Lower "
+                f"learning_rate (now {self.spec.learning_rate}) or raise beta (now {self.spec.beta}); save more often."
+            )
+        keep = max(good, key=step_of)
+        self.load_checkpoint(keep)
+        message = (
+            f"grpo stopped at step {failed} of {self.spec.steps}: {reason}. The stage's model is the last good "
+            f"checkpoint, {keep} (step {self.step}), which sampled step {self.step + 1}'s responses within the limits."
+        )
+        log.warning("%s", message)
+        return {"stop_reason": message, "stopped_at_step": failed, "kept_checkpoint_step": self.step}
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def _minibatch(self) -> int:
+        return self.spec.minibatch_size or self.spec.responses_per_step
+
+    def _seed(self) -> int:
+        return step_seed(self.seed, self.step, self.acc.process_index)
+
+    def _prompt_index(self, k: int) -> int:
+        """Prompt of position k in the run's stream: one seeded permutation per pass over the data, so the choice
+        depends only on (seed, k), not on what ran before or on the number of processes."""
+        data_pass, pos = divmod(k, len(self.prompts))
+        if data_pass not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed + data_pass)
+            self._perms = {data_pass: torch.randperm(len(self.prompts), generator=generator)}
+        return int(self._perms[data_pass][pos])
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
+
+    def _share(self, local: torch.Tensor) -> torch.Tensor:
+        """processes x this process's count / every process's: 1 in one process. A mean over this process's rows
+        times this, averaged over processes, is the mean over every process's rows."""
+        local = torch.as_tensor(local, dtype=torch.float32, device=self.acc.device)
+        return local * self.acc.num_processes / self._all_sum(local).clamp_min(1e-8)
+
+    def _mean_over_processes(self, stats: dict) -> dict[str, float]:
+        keys = sorted(stats)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.acc.device) for k in keys])
+        if self.acc.num_processes > 1:
+            values = self.acc.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def _check_finite(self, ok: torch.Tensor, what: str) -> None:
+        """Stop every process (one all-reduce) when any sees a non-finite value, before it reaches the weights."""
+        bad = self._all_sum((~ok).float().reshape(1).to(self.acc.device))
+        if bad.item() > 0:
+            raise TrainingDiverged(
+                f"stopped at GRPO step {self.step + 1} of {self.spec.steps}: "
+                f"{what if not ok else 'a non-finite value on another process'}. "
+                f"Likely causes: learning_rate too high (now {self.spec.learning_rate}); "
+                + ("fp16 overflow (use bfloat16 or float32); " if self._fp16 else "")
+                + "a reward that returns nan/inf or huge values. "
+                + checkpoint_note(last_checkpoint(self.ckpt_dir, "step"))
+            )
+
+    @property
+    def _low_precision(self) -> bool:
+        dtype = next(self.unwrapped.parameters()).dtype
+        return self.acc.mixed_precision in ("fp16", "bf16") or dtype in (torch.float16, torch.bfloat16)
+
+    @property
+    def _fp16(self) -> bool:
+        return self.acc.mixed_precision == "fp16" or next(self.unwrapped.parameters()).dtype == torch.float16
+
+    def _log(self, metrics: dict) -> None:
+        row = {k: float(v) for k, v in metrics.items()}  # already averaged over processes
+        if self.acc.is_main_process:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": self.step, **row}) + "\n")
+            log.info(
+                "grpo step %d/%d: reward %.4f (std in groups %.3f, flat groups %.2f) len %.1f eos %.2f clip %.3f/%.3f "
+                "(%.2fs)",
+                self.step, self.spec.steps, row["reward"], row["reward_std"], row["zero_std_groups"],
+                row["response_length"], row["eos_rate"], row.get("clip_low_frac", 0.0), row.get("clip_high_frac", 0.0),
+                row["step_time"],
+            )  # fmt: skip
+        if self.acc.trackers:
+            self.acc.log(row, step=self.step)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.acc.is_main_process:
+            final = self.ckpt_dir / f"step-{self.step}"
+            tmp = self.ckpt_dir / f".step-{self.step}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(trainable_state(self.unwrapped), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}, indent=2))
+            (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            prune_checkpoints(self.ckpt_dir, self.spec.save_total_limit, "step")
+        self.acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        saved = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
+        own = dict(self.unwrapped.named_parameters())
+        missing = set(trainable_state(self.unwrapped)) - set(saved)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                own[name].copy_(tensor)
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=self.acc.device, weights_only=True)
+        )
+        self.step = int(json.loads((path / "trainer_state.json").read_text())["step"])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

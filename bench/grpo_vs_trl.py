@@ -1,0 +1,254 @@
+"""GRPO: alignlab's grpo stage against TRL 1.16's `GRPOTrainer`, same model, prompts, group size, response length,
+generation backend (transformers' generate, no vLLM) and loss.
+
+    python bench/grpo_vs_trl.py                              # tiny model, full FT and LoRA, a few minutes on 2 CPUs
+    python bench/grpo_vs_trl.py --model llama-20m --peft lora --steps 12 --repeats 3
+
+Each run is a child process (bench/_common.py); contenders alternate (A B, B A, ...), and each reports the median
+seconds per update over its updates after the warm-up ones, the share of that time spent in generate(), and its own
+peak RSS (VmHWM).
+
+The same on both: builtin:arith prompts (chat template), `prompts` prompts x `group` responses per update,
+`response_length` new tokens at most (stop at EOS), temperature 1, no top-p / top-k / repetition penalty, fp32, no
+gradient checkpointing, dropout off, AdamW at a constant learning rate, gradient clipping at 1.0, one update per
+batch (TRL: per_device_train_batch_size = prompts x group, gradient_accumulation_steps 1, num_iterations 1;
+alignlab: epochs 1, one minibatch), beta 0 (no reference pass on either), GRPO advantages (r - mean) / (std + 1e-4)
+and the per-response token mean (TRL loss_type "grpo", alignlab loss_agg sequence_mean), clip 0.2 on both sides,
+reward builtin:arith. alignlab's collapse watch is off (watch_steps null: its KL needs a reference pass).
+What differs by design: alignlab samples with one seeded random stream per response (a logits processor on the
+greedy path) and reads the old log-probs off the sampling pass; TRL samples with do_sample and, at these settings,
+uses the training forward's detached log-probs as the old ones (no extra pass on either side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+
+from _common import (
+    CACHE,
+    command_line,
+    machine,
+    median,
+    peak_rss_mb,
+    rss_mb,
+    run_child,
+    setup_worker,
+    table,
+    versions,
+    worker_main,
+    write_result,
+)
+
+CONTENDERS = {
+    "alignlab": {"kind": "alignlab"},
+    "trl": {"kind": "trl"},
+}
+
+
+def _time_generate(rec: dict) -> None:
+    """Add the wall time of every transformers generate() call to rec["generate_s"] (both sides sample with it)."""
+    from transformers import GenerationMixin
+
+    generate = GenerationMixin.generate
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            rec["generate_s"][-1] += time.perf_counter() - t0
+
+    GenerationMixin.generate = timed
+
+
+def _peft(cfg: dict) -> dict:
+    return {"method": "none"} if cfg["peft"] == "none" else {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
+
+
+def alignlab_worker(cfg: dict) -> dict:
+    setup_worker(cfg["threads"])
+    from alignlab.pipeline import run_pipeline
+    from alignlab.recipe import parse_recipe
+    from alignlab.rl.grpo import GRPOTrainer
+
+    base = rss_mb()
+    rec = {"step_s": [], "generate_s": []}
+    _time_generate(rec)
+    train_step = GRPOTrainer.train_step
+
+    def timed_step(self):
+        rec["generate_s"].append(0.0)
+        t0 = time.perf_counter()
+        out = train_step(self)
+        rec["step_s"].append(time.perf_counter() - t0)
+        return out
+
+    GRPOTrainer.train_step = timed_step
+    run_dir = CACHE / "runs" / f"grpo-alignlab-{int(time.time() * 1000)}"
+    raw = {
+        "name": "bench-grpo",
+        "seed": 0,
+        "output_dir": str(run_dir),
+        "model": {"name_or_path": cfg["model_path"]},
+        "peft": _peft(cfg),
+        "stages": [
+            {
+                "name": "grpo",
+                "type": "grpo",
+                "input": "base",
+                "dataset": {"path": "builtin:arith", "split": "sft", "size": cfg["size"]},
+                "reward_fn": "builtin:arith",
+                "steps": cfg["steps"],
+                "prompts_per_step": cfg["prompts"],
+                "num_generations": cfg["group"],
+                "max_new_tokens": cfg["response_length"],
+                "temperature": 1.0,
+                "advantage": "grpo",
+                "loss_agg": "sequence_mean",
+                "learning_rate": 1e-5,
+                "max_grad_norm": 1.0,
+                "watch_steps": None,
+                "logging_steps": 1000,
+            }
+        ],
+    }
+    run_pipeline(parse_recipe(raw), force=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), **rec}
+
+
+def trl_worker(cfg: dict) -> dict:
+    setup_worker(cfg["threads"])
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignlab.builtin.rewards import builtin_reward_fn
+    from alignlab.builtin.tasks import generate_task
+
+    base = rss_mb()
+    rec = {"step_s": [], "generate_s": []}
+    _time_generate(rec)
+    rows = generate_task("arith", "sft", cfg["size"], seed=0)  # the prompts alignlab's stage reads
+    train = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+    tok = AutoTokenizer.from_pretrained(cfg["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"])
+    peft_config = None
+    if cfg["peft"] != "none":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    arith = builtin_reward_fn("builtin:arith")
+
+    def arith_reward(prompts, completions, **kwargs):  # TRL passes chat messages; the task's reward reads them
+        return arith(prompts, completions)
+
+    args = GRPOConfig(
+        output_dir=(out_dir := tempfile.mkdtemp(dir=CACHE, prefix="grpo-trl-")),
+        max_steps=cfg["steps"],
+        per_device_train_batch_size=cfg["prompts"] * cfg["group"],
+        gradient_accumulation_steps=1,
+        num_generations=cfg["group"],
+        max_completion_length=cfg["response_length"],
+        num_iterations=1,
+        temperature=1.0,
+        beta=0.0,
+        loss_type="grpo",
+        scale_rewards="group",
+        epsilon=0.2,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=arith_reward, args=args, train_dataset=train, processing_class=tok,
+        peft_config=peft_config,
+    )  # fmt: skip
+
+    class Timer(TrainerCallback):  # on_step_begin runs before the batch's generation (inside training_step)
+        def on_step_begin(self, args, state, control, **kwargs):
+            rec["generate_s"].append(0.0)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rec["step_s"].append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), **rec}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", help="tiny | llama-20m | llama-50m | llama-100m | llama-350m")
+    ap.add_argument("--peft", default="none,lora", help="comma list of none, lora")
+    ap.add_argument("--steps", type=int, default=20, help="updates per run")
+    ap.add_argument("--warmup", type=int, default=3, help="updates not timed")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per update")
+    ap.add_argument("--group", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--response-length", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="grpo_vs_trl")
+    a = ap.parse_args()
+    models = run_child("_models.py", "prepare", {"model": a.model}, threads=a.threads)
+    cfg = dict(model_path=models["policy"], steps=a.steps, prompts=a.prompts, group=a.group,
+               response_length=a.response_length, size=max(a.prompts * a.steps, 64), threads=a.threads)  # fmt: skip
+    runs: dict[str, list] = {}
+    for peft in a.peft.split(","):
+        for rep in range(a.repeats):
+            for name in list(CONTENDERS) if rep % 2 == 0 else list(CONTENDERS)[::-1]:
+                key = f"{name}/{peft}"
+                r = run_child("grpo_vs_trl.py", CONTENDERS[name]["kind"], {**cfg, "peft": peft}, threads=a.threads,
+                              tag=f"{name}-{peft}")  # fmt: skip
+                steps, gens = r["step_s"][a.warmup :], r["generate_s"][a.warmup :]
+                r["s_per_step"] = median(steps)
+                r["generate_share"] = sum(gens) / sum(steps)
+                runs.setdefault(key, []).append(r)
+                print(f"  {key:16s} run {rep + 1}: {r['s_per_step'] * 1000:.1f} ms/step ({r['generate_share']:.0%} "
+                      f"in generate), peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)  # fmt: skip
+
+    keys = ("s_per_step", "generate_share", "peak_rss_mb")
+    med = {k: {m: median([r[m] for r in rs]) for m in keys} for k, rs in runs.items()}
+    rows, targets = [], {}
+    for peft in a.peft.split(","):
+        ours, theirs = med[f"alignlab/{peft}"], med[f"trl/{peft}"]
+        ratio = ours["s_per_step"] / theirs["s_per_step"]
+        weights = "full" if peft == "none" else "lora"
+        rows.append([weights, theirs["s_per_step"] * 1000, ours["s_per_step"] * 1000, ratio,
+                     theirs["generate_share"], ours["generate_share"], theirs["peak_rss_mb"], ours["peak_rss_mb"]])  # fmt: skip
+        targets[f"time_ratio_{weights}"] = {"value": ratio, "target": "<= 1/1.3 (own loop)", "met": ratio <= 1 / 1.3}
+    headers = ["weights", "TRL ms/step", "alignlab ms/step", "alignlab / TRL", "TRL in generate",
+               "alignlab in generate", "TRL peak RSS MiB", "alignlab peak RSS MiB"]  # fmt: skip
+    setting = (f"model {a.model} ({models['params'] / 1e6:.1f}M params), {a.prompts} prompts x {a.group} responses "
+               f"x up to {a.response_length} tokens per update, {a.steps} updates per run ({a.warmup} warm-up), "
+               f"{a.repeats} runs per contender alternating, fp32, cpu, {a.threads} thread(s); medians")  # fmt: skip
+    main_table = table(headers, rows)
+    lines = [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
+             for k, v in targets.items()]  # fmt: skip
+    print("\n" + setting + "\n\n" + main_table + "\n\n" + "\n".join(lines))
+    path = write_result(a.name, {
+        "bench": "grpo_vs_trl", "command": command_line(), "setting": setting, "machine": machine(),
+        "versions": versions(), "config": cfg, "summary": med, "targets": targets, "table": main_table, "runs": runs,
+    })  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if not worker_main({"alignlab": alignlab_worker, "trl": trl_worker}):
+        main()

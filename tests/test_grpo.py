@@ -1,0 +1,352 @@
+"""GRPO stage end to end on the built-in tiny model (one torch thread: these steps are too small for two).
+
+- learning: full-weight GRPO from the base on builtin:arith with its exact reward raises the held-out true reward
+  (greedy, 48 eval prompts) well above the base's; on the first step the ratio is 1 (the sampling pass's log-probs
+  are the training forward's) and the KL to the reference (a frozen copy of the input weights) is 0;
+- beta > 0 adds exactly beta x the k3 KL term to the loss, and nothing else (same samples, same first update);
+- after a LoRA SFT stage the reference is the SFT adapter's frozen copy (KL 0 before the first update), not the
+  raw base; the saved adapter holds no "ref";
+- resume after a crash equals the uninterrupted run (metrics and weights);
+- stop_if ends the stage with the last good checkpoint and says why, or fails when there is none;
+- skip_zero_std_groups counts flat groups and drops them from the loss's denominator; a reward_fn list logs each
+  component and sums them with their weights.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def even_first_reward(prompts, completions):
+    """1.0 for every completion when the prompt's first operand is even (a flat group), else the completion's length
+    in characters (a group with spread, unless its samples are all the same length)."""
+    return [1.0 if int(p.split()[-1].split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def operand_reward(prompts, completions):
+    """The prompt's first operand / 100: the same for a whole group, so it never makes a flat group spread."""
+    return [int(p.split()[-1].split("+")[0]) / 100 for p in prompts]
+
+
+def _grpo(**kw):
+    stage = {
+        "name": "grpo",
+        "type": "grpo",
+        "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
+        "reward_fn": "builtin:arith",
+        "steps": 2,
+        "prompts_per_step": 4,
+        "num_generations": 4,
+        "max_new_tokens": 4,
+        "learning_rate": 1.0e-3,
+        "watch_steps": None,
+    }
+    stage.update(kw)
+    return stage
+
+
+def _recipe(output_dir, stages, peft="lora"):
+    return {
+        "name": "grpo-test",
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "peft": {"method": peft, "r": 8, "alpha": 16, "dropout": 0.05},
+        "stages": stages,
+    }
+
+
+def _run(raw, resume=False):
+    from alignlab.pipeline import run_pipeline
+    from alignlab.recipe import parse_recipe
+
+    return run_pipeline(parse_recipe(raw), resume=resume)
+
+
+def _rows(stage_dir):
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(stage_dir):
+    return [r for r in _rows(stage_dir) if not r.get("final")]
+
+
+def _heldout_reward(model_dir, n=48):
+    """Mean arith reward of greedy completions of the first n held-out prompts by the full model in model_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.builtin.tasks import arith_reward, generate_task
+    from alignlab.data import prompt_text
+    from alignlab.generation import generate
+
+    prompts = [r["prompt"] for r in generate_task("arith", "eval", n, seed=1)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rollout = generate(model, AutoTokenizer.from_pretrained(model_dir), prompts, max_new_tokens=8, temperature=0.0)
+    return sum(arith_reward([prompt_text(p) for p in prompts], rollout.texts)) / n
+
+
+def test_repeated_ngram_share_hand_values():
+    from alignlab.rl.grpo import repeated_ngram_share
+
+    assert repeated_ngram_share("a b c a b c") == pytest.approx(0.25)  # abc bca cab abc: 1 - 3/4
+    assert repeated_ngram_share("go go go go go") == pytest.approx(2 / 3)  # 3 x (go go go): 1 - 1/3
+    assert repeated_ngram_share("one two") == 0.0 and repeated_ngram_share("") == 0.0  # no 3-gram
+    assert repeated_ngram_share("the cat sat on the mat") == 0.0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grouped_forward_is_the_full_forward(tiny_model_path, lora):
+    """Each group's prompt computed once, its KV cache repeated for the group's responses: the same logits as a
+    forward over every prompt + response row (measured: identical), and the same gradients up to float summation
+    order. Prompts of different lengths (left padding), responses of different lengths (right padding)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.builtin.tasks import generate_task
+    from alignlab.generation import generate
+    from alignlab.logprobs import completion_logits, token_logprobs
+    from alignlab.rl.grpo import GroupedPolicy
+
+    size = 3
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    if lora:
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    prompts = [r["prompt"] for r in generate_task("arith", "sft", 4, seed=3)]
+    prompts[1] = [{"role": "user", "content": "What is 5+5? Answer with a number."}]  # a longer prompt
+    ro = generate(model, tokenizer, [p for p in prompts for _ in range(size)], max_new_tokens=6, temperature=1.0,
+                  row_seeds=list(range(4 * size)))  # fmt: skip
+    mask = ro.completion_mask.float()
+    assert ro.prompt_mask.sum(1).unique().numel() > 1 and mask.sum(1).unique().numel() > 1  # both paddings occur
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(logits_fn):
+        logits = logits_fn()
+        loss = (token_logprobs(logits, ro.completion_ids) * mask).sum()
+        grads = torch.autograd.grad(loss, params)
+        return logits.detach(), grads
+
+    full, g_full = run(lambda: completion_logits(model, ro.input_ids, ro.attention_mask, mask.shape[1], 0.7))
+    grouped, g_grouped = run(
+        lambda: GroupedPolicy(model)(ro.prompt_ids[::size], ro.prompt_mask[::size], ro.completion_ids,
+                                     ro.completion_mask, size, 0.7)
+    )  # fmt: skip
+    real = mask.bool()
+    torch.testing.assert_close(grouped[real], full[real], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_grouped, g_full):  # measured: up to 3e-6 relative, per tensor
+        assert (a - b).norm() <= 1e-4 * b.norm(), float((a - b).norm() / b.norm())
+
+
+def test_grpo_raises_heldout_true_reward(tmp_path):
+    stage = _grpo(
+        dataset={"path": "builtin:arith", "split": "sft", "size": 512},
+        steps=16,
+        prompts_per_step=8,
+        num_generations=8,
+        max_new_tokens=6,
+        learning_rate=3.0e-4,
+        watch_steps=8,
+        watch_samples=2,
+    )
+    outputs = _run(_recipe(tmp_path / "run", [stage], peft="none"))
+    stage_dir = tmp_path / "run" / "grpo"
+    rows = _steps(stage_dir)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+
+    # Before any update: the sampling pass's log-probs are the training forward's (ratio 1), and the policy IS the
+    # reference (a frozen copy of the input weights): KL 0.
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5) and rows[0]["approx_kl"] < 1e-10
+    assert abs(rows[0]["kl"]) < 1e-6
+    assert [r["step"] for r in rows if "kl" in r] == [1, 8, 16]  # the watch measures the KL with beta 0
+    assert rows[-1]["kl"] > 0.01
+    samples = [json.loads(line) for line in (stage_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 8, 8, 16, 16]
+    assert all(s["prompt"].startswith("What is ") and isinstance(s["completion"], str) for s in samples)
+
+    out = outputs["grpo"]
+    before, after = _heldout_reward(out.base), _heldout_reward(out.path)
+    train = [round(r["reward"], 3) for r in rows]
+    print(f"held-out true reward: base {before:.3f} -> grpo {after:.3f}; train reward per step {train}")
+    assert after > before + 0.04, (before, after)  # measured 0.008 -> 0.069
+    assert sum(r["reward"] for r in rows[-4:]) / 4 > rows[0]["reward"] + 0.015  # measured 0.024 -> ~0.055
+    assert out.kind == "full" and out.metrics["first_reward"] == rows[0]["reward"]
+
+
+def test_beta_adds_the_k3_term_to_the_loss(tmp_path):
+    """Same seed, same samples. Step 1: pi = ref, so k3 and its gradient are 0 and both runs take the same update.
+    Step 2 samples the same responses again, and with token_mean the loss differs by exactly beta x (k3 summed
+    over all tokens / tokens) = beta x (mean per-response KL) / (mean response length)."""
+    beta = 0.5
+    runs = {}
+    for b in (0.0, beta):
+        stage = _grpo(beta=b, loss_agg="token_mean", watch_steps=1)  # the watch logs the KL for beta 0 too
+        _run(_recipe(tmp_path / f"beta{b}", [stage]))
+        runs[b] = _steps(tmp_path / f"beta{b}" / "grpo")
+    plain, with_kl = runs[0.0], runs[beta]
+    for key in ("reward", "response_length", "kl", "ratio"):  # the same samples and policy at both steps
+        assert [r[key] for r in plain] == pytest.approx([r[key] for r in with_kl], rel=1e-5, abs=1e-9), key
+    assert abs(plain[0]["kl"]) < 1e-6 and plain[1]["kl"] > 1e-3
+    expected = beta * with_kl[1]["kl"] / with_kl[1]["response_length"]
+    assert with_kl[0]["policy_loss"] == pytest.approx(plain[0]["policy_loss"], abs=1e-6)
+    assert with_kl[1]["policy_loss"] - plain[1]["policy_loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_reference_after_lora_sft_is_the_sft_adapter(tmp_path):
+    sft = {
+        "name": "sft",
+        "type": "sft",
+        "dataset": {"path": "builtin:arith", "split": "sft", "size": 96, "eval_size": 16},
+        "train": {"max_steps": 3, "per_device_batch_size": 32, "learning_rate": 3.0e-3, "max_length": 64},
+    }
+    outputs = _run(_recipe(tmp_path / "run", [sft, _grpo(watch_steps=1, learning_rate=1.0e-2)]))
+    rows = _steps(tmp_path / "run" / "grpo")
+    # KL 0 before the first update: the reference is the SFT adapter's frozen copy, not the base (the SFT adapter
+    # moved the model away from the base: the adapter-disabled backbone would give a KL far above 0).
+    assert abs(rows[0]["kl"]) < 1e-6
+    assert rows[1]["kl"] > 1e-4  # the policy moved and the copy did not train along
+    out = outputs["grpo"]
+    assert out.kind == "adapter" and out.base == outputs["sft"].base
+    saved = tmp_path / "run" / "grpo" / "model"
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "ref").exists()
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from alignlab.rl.grpo import GRPOTrainer
+
+    def recipe(name):  # two minibatches per epoch, two epochs: the shuffles must resume too
+        stage = _grpo(steps=4, save_steps=2, epochs=2, minibatch_size=8, clip_high=0.28, watch_steps=2)
+        return _recipe(tmp_path / name, [stage])
+
+    _run(recipe("straight"))
+
+    real_step = GRPOTrainer.train_step
+
+    def crashing_step(self):  # cut off during step 3, after the step-2 checkpoint, leaving a half-written folder
+        if self.step == 2:
+            (self.ckpt_dir / "step-3").mkdir()  # no completion marker: must be ignored
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(GRPOTrainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(recipe("resumed"))
+    monkeypatch.setattr(GRPOTrainer, "train_step", real_step)
+    _run(recipe("resumed"), resume=True)
+
+    straight, resumed = _rows(tmp_path / "straight" / "grpo"), _rows(tmp_path / "resumed" / "grpo")
+    assert [r["step"] for r in straight] == [r["step"] for r in resumed] == [1, 2, 3, 4, 4]
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key not in ("train_runtime",) and not key.endswith("step_time"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for name in ("straight", "resumed"):  # the watch's samples too: the same responses, no duplicates
+        lines = (tmp_path / name / "grpo" / "samples.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    a = load_file(str(tmp_path / "straight" / "grpo" / "model" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "grpo" / "model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _collapse_from_step(monkeypatch, step, responses_per_step):
+    """repeated_ngram_share reports 0.9 for every response from training step `step` on (0 before): a collapse on
+    cue (the measure itself is tested with hand values above)."""
+    import alignlab.rl.grpo as grpo
+
+    calls = {"n": 0}
+
+    def fake(text, n=3):
+        calls["n"] += 1
+        return 0.9 if calls["n"] > (step - 1) * responses_per_step else 0.0
+
+    monkeypatch.setattr(grpo, "repeated_ngram_share", fake)
+
+
+def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _collapse_from_step(monkeypatch, 3, 16)
+    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5})
+    outputs = _run(_recipe(tmp_path / "run", [stage]))
+    stage_dir = tmp_path / "run" / "grpo"
+    final = _rows(stage_dir)[-1]
+    # Step 3's samples (from the weights after 2 updates) collapsed; step 2's (after 1 update) did not: keep step 1.
+    assert final["final"] and final["stopped_at_step"] == 3 and final["kept_checkpoint_step"] == 1
+    assert final["stop_reason"] == (
+        "grpo stopped at step 3 of 6: the share of repeated word 3-grams in step 3's responses is 0.900, above "
+        f"stop_if.repetition = 0.5. The stage's model is the last good checkpoint, {stage_dir}/checkpoints/step-1 "
+        "(step 1), which sampled step 2's responses within the limits."
+    )
+    assert outputs["grpo"].metrics["stop_reason"] == final["stop_reason"]
+    assert [r["step"] for r in _steps(stage_dir)] == [1, 2]  # the updates that happened
+    kept = load_file(str(stage_dir / "checkpoints" / "step-1" / "trainable.safetensors"))
+    saved = load_file(str(stage_dir / "model" / "adapter_model.safetensors"))
+    later = load_file(str(stage_dir / "checkpoints" / "step-2" / "trainable.safetensors"))
+    name = next(k for k in kept if "lora_B" in k)
+    short = name.removeprefix("policy.").replace(".default", "")  # PEFT saves them without the adapter's name
+    torch.testing.assert_close(saved[short], kept[name])
+    assert not torch.equal(saved[short], later[name])
+
+
+def test_stop_if_without_a_good_checkpoint_fails(tmp_path, monkeypatch):
+    from alignlab.contract import StageFailed
+
+    _collapse_from_step(monkeypatch, 2, 16)
+    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5})
+    with pytest.raises(StageFailed) as info:
+        _run(_recipe(tmp_path / "run", [stage]))
+    assert str(info.value).startswith(
+        "stage 'grpo' (grpo): grpo stopped at step 2 of 6: the share of repeated word 3-grams in step 2's responses "
+        "is 0.900, above stop_if.repetition = 0.5. No good checkpoint to keep: the last good weights are those after "
+        "step 0, and no checkpoint at or before it is left"
+    )
+    assert not (tmp_path / "run" / "grpo" / "stage_output.json").exists()
+
+
+def test_skip_zero_std_groups_counts_and_drops_flat_groups(tmp_path):
+    """8 prompts, all in step 1. Flat groups (even first operand: reward 1 for every response) have advantage 0, so
+    they add nothing to the loss's numerator; dropping them only shrinks its denominator: with Dr. GRPO's constant
+    (token sums / (responses x max_new_tokens)) the step-1 loss (ratio 1, the same samples) becomes loss x responses /
+    kept responses. (With sequence_mean it would be 0 at ratio 1: each group's advantages sum to 0.)"""
+    from alignlab.builtin.tasks import generate_task
+
+    components = [
+        {"fn": "tests.test_grpo:even_first_reward", "weight": 1.0},
+        {"fn": "tests.test_grpo:operand_reward", "weight": 0.5},
+    ]
+    rows = {}
+    for skip in (False, True):
+        stage = _grpo(
+            dataset={"path": "builtin:arith", "split": "sft", "size": 8}, reward_fn=components, steps=1,
+            prompts_per_step=8, advantage="dr_grpo", skip_zero_std_groups=skip,
+        )  # fmt: skip
+        _run(_recipe(tmp_path / f"skip{skip}", [stage]))
+        rows[skip] = _steps(tmp_path / f"skip{skip}" / "grpo")[0]
+    kept, dropped = rows[False], rows[True]
+    prompts = [r["prompt"][-1]["content"] for r in generate_task("arith", "sft", 8, seed=0)]
+    even = sum(int(p.split()[-1].split("+")[0]) % 2 == 0 for p in prompts) / 8
+    assert 0 < even < 1
+    flat = kept["zero_std_groups"]
+    assert flat == dropped["zero_std_groups"] and even <= flat < 1  # every even group, and any odd one by chance
+    assert dropped["policy_loss"] == pytest.approx(kept["policy_loss"] / (1 - flat), rel=1e-5)
+    assert abs(kept["policy_loss"]) > 1e-4
+    # Each component is logged; the reward is their weighted sum (means are linear).
+    total = kept["reward/tests.test_grpo:even_first_reward"] + 0.5 * kept["reward/tests.test_grpo:operand_reward"]
+    assert math.isclose(kept["reward"], total, rel_tol=1e-6)
