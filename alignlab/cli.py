@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -66,6 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     rob.add_argument("--seed", type=int, default=0)
     rob.add_argument("--force", action="store_true", help="rerun cells that already finished")
 
+    for p in (run, ev, rob):
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show the libraries' warnings and progress bars (logs/ has them)",
+        )
+        p.add_argument(
+            "--threads",
+            type=_threads_arg,
+            metavar="N",
+            help="torch CPU threads: N, or auto (default: fewer only when the machine is busy; env ALIGNLAB_THREADS)",
+        )
+
     # Overrides may come before or after options (`run R --stage dpo a.b=1`): collect the stray ones.
     args, extra = parser.parse_known_args(argv)
     unknown = [
@@ -95,12 +109,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench_robustness(args)
     except (RecipeError, DataError, ModelSourceError, RunLocked) as e:  # RecipeError: a stale stage too
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except StageFailed as e:  # diverged, out of memory: the message says what to change
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     return 1
+
+
+def _error(e: BaseException) -> None:
+    """The one-line error, on the console and, once a run has set up its log, in logs/run.<rank>.log."""
+    from alignlab import console
+
+    print(f"error: {e}", file=sys.stderr)
+    console.to_file(logging.ERROR, f"error: {e}")
+
+
+def _start(args) -> None:
+    """The console (alignlab/console.py; a run's pipeline adds its log file), then torch's thread count
+    (alignlab/threads.py)."""
+    from alignlab import console
+    from alignlab.threads import apply_thread_policy
+
+    console.setup(None, main_process=os.environ.get("RANK", "0") == "0", verbose_=args.verbose)
+    apply_thread_policy(args.threads)
+
+
+def _threads_arg(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got '{text}'")
+    return text
 
 
 def _builtin(args) -> int:
@@ -138,12 +176,13 @@ def _run(args) -> int:
         except RecipeError as e:
             raise RecipeError(f"--stage {args.stage}: {e}") from None
     check_hub_sources(recipe, args.stage)  # what validate notes as "not checked offline" must be had to run
+    _start(args)  # the pipeline adds logs/run.<rank>.log (with what was logged before) once it owns the folder
     launch = launch_config_from_env()
     if launch is not None:  # under `accelerate launch`: the same checks as validate --accelerate-config
         notes += check_launch(recipe, launch)
     for note in notes:
         if note.startswith("warning:") and os.environ.get("RANK", "0") == "0":
-            print(note, file=sys.stderr)
+            logging.getLogger("alignlab").warning(note)
     outputs = run_pipeline(recipe, only=args.stage, resume=args.resume, force=args.force)
     print_summary(recipe, outputs)
     return 0
@@ -152,6 +191,7 @@ def _run(args) -> int:
 def _eval(args) -> int:
     from alignlab.evaluation.command import run_cli
 
+    _start(args)
     for md in run_cli(args.checkpoints, args.recipe, args.stage, args.reference, args.out, args.sets):
         print(f"\n{md.read_text()}\nwritten to {md.parent}")
     return 0
@@ -159,6 +199,8 @@ def _eval(args) -> int:
 
 def _bench_robustness(args) -> int:
     from alignlab.benchmarks import robustness
+
+    _start(args)
 
     def _list(text, default, cast=str):
         return tuple(cast(x) for x in text.split(",")) if text else default

@@ -10,14 +10,15 @@ run_dir/
   <stage>/recipe.yaml, started.json   the recipe and record of the stage's latest attempt
   <stage>/model/           adapter or full weights (safetensors), tokenizer
   <stage>/metrics.jsonl    one JSON object per logging step
-  logs/run.log
+  logs/run.<rank>.log       everything the console showed and more (alignlab/console.py)
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import time
 
+from alignlab import console
 from alignlab.contract import StageContext, StageFailed, StageOutput
 from alignlab.freshness import plan_run, start_stage
 from alignlab.recipe import Recipe, RecipeError, StageSpec
@@ -37,7 +38,11 @@ def run_pipeline(recipe: Recipe, only: str | None = None, resume: bool = False, 
     # On CPU, `accelerate launch --multi_gpu` needs the gloo backend chosen before anything else builds the state.
     state = PartialState(cpu=not torch.cuda.is_available())
     with run_lock(recipe.run_dir, state):  # one run per folder (alignlab/runlock.py)
-        return _run_stages(recipe, state, only, resume, force)
+        try:
+            return _run_stages(recipe, state, only, resume, force)
+        except BaseException as e:  # the error that stopped the run, with its traceback, into logs/run.<rank>.log
+            log.error("run stopped: %s: %s", type(e).__name__, e, exc_info=True, extra=console.FILE_ONLY)
+            raise
 
 
 def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bool) -> dict[str, StageOutput]:
@@ -47,7 +52,7 @@ def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bo
     if state.is_main_process:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    _setup_logging(run_dir / "logs" / f"run.{state.process_index}.log", state.is_main_process)
+    console.setup(run_dir / "logs" / f"run.{state.process_index}.log", state.is_main_process)
     # Reuse only finished stages the recipe still describes; stop on changed ones (alignlab/freshness.py).
     plan = from_main(state, plan_run, recipe, only, force)
 
@@ -67,6 +72,7 @@ def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bo
                 f"Run it first (alignlab run RECIPE --stage {src_name}) or run the whole recipe."
             )
         log.info("stage %s (%s): starting from %s", spec.name, spec.type, src_name or "the base model")
+        started = time.perf_counter()
         origin, resumes = from_main(state, start_stage, recipe, i, outputs, resume, force)
         ctx = StageContext(recipe, spec, stage_dir, outputs.get(src_name) if src_name else None, dict(outputs), resumes)
         # Every stage starts from the recipe's seed (fresh LoRA weights, score heads), on every process alike, so
@@ -85,6 +91,7 @@ def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bo
             out.save(stage_dir)
         state.wait_for_everyone()
         outputs[spec.name] = out
+        log.info("stage %s: finished in %s", spec.name, console.duration(time.perf_counter() - started))
     return outputs
 
 
@@ -105,17 +112,3 @@ def out_of_memory_message(recipe: Recipe, spec: StageSpec, e: BaseException) -> 
         knobs.append(f"use peft.method: qlora (4-bit base weights; now {recipe.peft.method})")
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"ran out of memory ({first_line}). To fit: " + "; ".join(knobs) + "."
-
-
-def _setup_logging(path: Path, main_process: bool = True) -> None:
-    """Every process logs to its own file; only the main one to the console (the others: warnings and errors)."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("alignlab")
-    root.setLevel(logging.INFO)
-    root.handlers = [h for h in root.handlers if not isinstance(h, logging.FileHandler)] + [handler]
-    if not any(type(h) is logging.StreamHandler for h in root.handlers):
-        root.addHandler(logging.StreamHandler())
-    for h in root.handlers:
-        if type(h) is logging.StreamHandler:
-            h.setLevel(logging.INFO if main_process else logging.WARNING)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from accelerate import PartialState
 
+from alignlab import console
 from alignlab.contract import StageOutput
 from alignlab.recipe import Recipe
 
@@ -23,15 +26,19 @@ SHOWN = (
 
 
 def print_summary(recipe: Recipe, outputs: dict[str, StageOutput]) -> None:
+    """Print the summary (main process), and write it to the run's log file too."""
     if not PartialState().is_main_process:
         return
-    print(f"\nalignlab: run '{recipe.name}' finished. Outputs in {recipe.run_dir.resolve()}")
+    lines = [f"\nalignlab: run '{recipe.name}' finished. Outputs in {recipe.run_dir.resolve()}"]
     for name, out in outputs.items():
         shown = ", ".join(f"{k}={out.metrics[k]:.4g}" for k in SHOWN if isinstance(out.metrics.get(k), int | float))
         where = out.path or str(recipe.run_dir / name)
-        print(f"  {name:<10} {out.type:<7} {out.kind:<8} {where}")
+        lines.append(f"  {name:<10} {out.type:<7} {out.kind:<8} {where}")
         if shown:
-            print(f"  {'':<10} {shown}")
+            lines.append(f"  {'':<10} {shown}")
     for path in (recipe.run_dir / n / "eval.md" for n in outputs):  # stages that evaluate write one
         if path.exists():
-            print(f"\n{path.read_text()}")
+            lines.append(f"\n{path.read_text()}")
+    text = "\n".join(lines)
+    print(text)
+    console.to_file(logging.INFO, text)

@@ -1,7 +1,10 @@
-"""The README's first commands are what CI runs: a newcomer's setup and test run must be the one that is tested."""
+"""The README's first commands are what CI runs: a newcomer's setup and test run must be the one that is tested.
+And the docs cannot drift from the code: generated tables are current (scripts/gen_docs.py), the names they state
+(splits, recipes, stage chains) are the code's."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -38,3 +41,118 @@ def test_constraints_pin_every_tested_dependency():
         assert name in pins, name
     for name in ("pytest", "ruff"):
         assert name in pins, name
+
+
+# ------------------------------------------------------------------------------ docs that cannot drift from the code
+
+
+def _gen_docs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_tables_match_the_code_and_the_results():
+    """Every `<!-- table:NAME -->` block is what scripts/gen_docs.py writes from the code and bench/results/*.json:
+    after a new measurement, or a change to a task, run `python scripts/gen_docs.py`."""
+    gen = _gen_docs()
+    stale = []
+    for path in gen.doc_files():
+        text = path.read_text()
+        for name, body in ((m.group("name"), m.group("body")) for m in gen.BLOCK.finditer(text)):
+            if body != gen.render_block(name).rstrip("\n") + "\n":
+                stale.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not stale, "run `python scripts/gen_docs.py`; stale: " + ", ".join(stale)
+    names = {n for p in gen.doc_files() for n in gen.blocks(p.read_text())}
+    assert {"quickstart-results", "arith-stats", "constraints-base-rate", "smollm2-quant"} <= names
+
+
+def test_kl_column_is_labelled_by_how_it_was_measured():
+    gen = _gen_docs()
+    assert gen.kl_label({"temperature": 0}) == "log-ratio on greedy outputs (nats)"
+    assert gen.kl_label({"temperature": 1}) == "KL (nats, sampled)"
+    assert gen.kl_label({"temperature": 0.7}) == "log-ratio on samples at temperature 0.7 (nats)"
+
+
+def test_quickstart_results_were_measured_with_the_shipped_recipes():
+    """bench/results/quickstart.json describes the recipes as they are: each exists, and the eval settings it was
+    measured with are those of the quickstart's eval stage now (else rerun bench/quickstart_results.py)."""
+    from alignlab.recipe import load_recipe
+
+    data = json.loads((ROOT / "bench" / "results" / "quickstart.json").read_text())
+    spec = load_recipe(ROOT / data["eval_recipe"]).stage("eval")
+    for name, res in data["results"].items():
+        assert (ROOT / res["recipe"]).exists(), name
+        e = res["eval"]
+        assert e["num_prompts"] == spec.num_prompts, name
+        assert (e["settings"]["temperature"], e["settings"]["max_new_tokens"]) == (
+            spec.temperature,
+            spec.max_new_tokens,
+        ), name
+
+
+def test_arith_card_lists_every_split_the_task_has():
+    from alignlab.builtin.tasks import get_task
+
+    card = (ROOT / "data_cards" / "arith.md").read_text()
+    block = card[card.index("| split | fields | content |") :].split("\n\n")[0]
+    splits = [line.split("|")[1].strip().strip("`") for line in block.splitlines()[2:]]
+    assert splits == list(get_task("arith").splits)
+    quickstart = (ROOT / "recipes" / "quickstart.yaml").read_text()
+    for split in re.findall(r"path: \"?builtin:arith\"?, split: (\w+)", quickstart):
+        assert split in splits, split
+
+
+def _shipped_recipes() -> list[Path]:
+    return sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def test_readme_recipe_table_lists_every_shipped_recipe():
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(recipes/[^`]+)` \|", readme, re.M)
+    for path in _shipped_recipes():
+        rel = str(path.relative_to(ROOT))
+        assert any(Path(rel).match(row) for row in rows), f"README's recipe table lacks {rel}"
+    for row in rows:
+        assert list(ROOT.glob(row)), f"README's recipe table lists {row}, which does not exist"
+
+
+def _chain(text: str, types: set[str]) -> list[str] | None:
+    """The stage types a line like `SFT (LoRA) -> Bradley-Terry reward model -> PPO against it` names, or None."""
+    if "->" not in text:
+        return None
+    pieces = [re.sub(r"\([^)]*\)", " ", p).split() for p in re.sub(r"\(->\s*(\w+)\)", r"-> \1", text).split("->")]
+    found = [pieces[0][-1]] + [w for p in pieces[1:-1] for w in p if w.lower() in types] + [pieces[-1][0]]
+    return [w.strip(",.:").lower() for w in found]
+
+
+def test_recipe_headers_and_readme_name_the_stages_the_recipes_run():
+    """`SFT -> DPO -> eval` in a recipe's first comment line, or in the README's recipe table, is the recipe's list
+    of stage types."""
+    import alignlab.stages.specs  # noqa: F401 - registers the stage types
+    from alignlab.recipe import load_recipe
+    from alignlab.stages.registry import STAGE_TYPES
+
+    types = set(STAGE_TYPES)
+    readme = (ROOT / "README.md").read_text()
+    checked = 0
+    for path in _shipped_recipes():
+        stages = [s.type for s in load_recipe(path).stages]
+        header = path.read_text().splitlines()[0]
+        rel = str(path.relative_to(ROOT))
+        row = re.search(rf"^\| `{re.escape(rel)}` \| (.*) \|$", readme, re.M)
+        for where, text in ((f"{rel} header", header), (f"README row of {rel}", row.group(1) if row else "")):
+            named = _chain(text, types)
+            if named is not None:
+                assert named == stages, f"{where} says {' -> '.join(named)}; the recipe runs {' -> '.join(stages)}"
+                checked += 1
+    assert checked >= 8
+
+
+def test_bench_readme_lists_every_bench_script():
+    readme = (ROOT / "bench" / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+\.py)` \|", readme, re.M))
+    assert listed == {p.name for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_")}

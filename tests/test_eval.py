@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignlab.contract import StageOutput, checkpoint_output
-from alignlab.evaluation.command import _out_dir
+from alignlab.evaluation.command import _out_dir, _run_dir_of
 from alignlab.evaluation.evaluator import EVAL_KEYS, SAMPLE_KEYS, ModelPair, compute_metric, tokenize_completion
 from alignlab.evaluation.report import write_results
 from alignlab.logprobs import completion_logps
@@ -380,3 +380,17 @@ def test_implicit_reward_matches_trl_on_the_dpo_stage_eval_split(tmp_path):
     assert res["preference_margin"] == pytest.approx(trl_margin, rel=1e-3, abs=1e-5)
     assert res["preference_accuracy"] == pytest.approx(outputs["dpo"].metrics["eval_rewards/accuracies"])
     assert res["kl"] != 0.0
+
+
+def test_a_stage_folder_is_not_taken_for_its_run(tmp_path):
+    """A stage folder holds a recipe.yaml too (its latest attempt's): `alignlab eval RUN/ppo --reference sft` must
+    look for `sft` in RUN, not in RUN/ppo (it then took `sft` for a hub id)."""
+    run = tmp_path / "run"
+    (run / "ppo" / "model").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: x\n")
+    (run / "ppo" / "recipe.yaml").write_text("name: x\n")
+    (run / "ppo" / "started.json").write_text("{}")
+    assert _run_dir_of(run / "ppo") == run
+    assert _run_dir_of(run / "ppo" / "model") == run
+    assert _run_dir_of(run) == run
+    assert _run_dir_of(tmp_path) is None

@@ -12,7 +12,7 @@ Splits (all rows are conversational, in the formats TRL expects):
 
 - `sft`: prompt/completion demonstrations from a sloppy demonstrator, sloppy in two ways. Its numbers: on
   problems without a carry it is right 80% of the time (else off by one); on problems WITH a carry it forgets the
-  carry 60% of the time (answers `a + b - 10`), is right 30% and off by one 10% (about 57% right overall). Its
+  carry 60% of the time (answers `a + b - 10`), is right 30% and off by one 10% (55% right overall). Its
   manners: 60% of the time it keeps talking after the number (". I hope this helps!", ...), which the reward
   halves. Both mistakes are the mode of what it does, so a model that imitates it well (greedy decoding picks the
   mode) keeps talking and gets carry problems wrong: SFT alone reaches only part of the reward.
@@ -29,10 +29,12 @@ Splits (all rows are conversational, in the formats TRL expects):
   of a pair kept, in a seeded shuffled order (n rows from ceil(n / 2) pairs).
 - `eval`: prompt + reference `answer` (a string), for reward-based evaluation.
 - `sft_eval`: the eval prompts as prompt/completion rows with CORRECT completions (for eval loss / perplexity).
+- `preference_eval`: preference pairs (as `preference`) on the eval prompts, for held-out pair accuracy.
 
 Train and eval problems are disjoint by construction: each operand pair (a, b) is assigned to the eval side iff a
-hash of "a+b" falls in 1 of 10 buckets (about 90 of the 900 pairs), independent of the seed. `sft` and
-`preference` only draw from the train side; `eval` and `sft_eval` only from the eval side.
+hash of "a+b" falls in 1 of 10 buckets (83 of the 900 pairs; `arith_stats()` computes the card's numbers),
+independent of the seed. `sft` and `preference` only draw from the train side; `eval`, `sft_eval` and
+`preference_eval` only from the eval side.
 
 Reward (`arith_reward`, in [0, 1]), from the leading integer of the completion after stripping whitespace:
 
@@ -63,6 +65,7 @@ __all__ = [
     "BUILTIN_TASKS",
     "Task",
     "arith_reward",
+    "arith_stats",
     "flipped_indices",
     "generate_task",
     "get_task",
@@ -257,6 +260,50 @@ def arith_reward(prompts: list, completions: list, **kwargs) -> list[float]:
             completion = completion[-1]["content"]
         rewards.append(_arith_score(truth, completion))
     return rewards
+
+
+def arith_stats(n: int = 20_000, seed: int = 0) -> dict:
+    """The numbers data_cards/arith.md quotes, computed from the code (scripts/gen_docs.py writes them into the
+    card; tests/test_docs.py checks it). Counts are exact; rates are over `n` rows of a split at `seed`, next to
+    the rate the demonstrator's probabilities give (`*_expected`)."""
+    train, held_out = _arith_pairs(eval_side=False), _arith_pairs(eval_side=True)
+    carry = sum(_has_carry(a, b) for a, b in train) / len(train)
+    sft = _arith_rows("sft", n, seed)
+    answers = [_assistant_text(r["completion"]) for r in sft]
+    truths = [int(x) + int(y) for x, y in (_PROMPT_RE.search(_prompt_text(r["prompt"])).groups() for r in sft)]
+    rewards = arith_reward([r["prompt"] for r in sft], answers)
+    leading = [_LEADING_INT_RE.match(a) for a in answers]
+    pairs = _arith_rows("preference", n, seed)
+    chosen = [_assistant_text(r["chosen"]) for r in pairs]
+    rejected = [_assistant_text(r["rejected"]) for r in pairs]
+    return {
+        "pairs": len(train) + len(held_out),
+        "eval_pairs": len(held_out),
+        "train_pairs": len(train),
+        "eval_buckets": ARITH_EVAL_BUCKETS,
+        "train_carry_share": carry,
+        "rows": n,
+        "seed": seed,
+        "sft_right": sum(int(m.group()) == t for m, t in zip(leading, truths)) / n,
+        "sft_right_expected": (1 - carry) * 0.8 + carry * 0.3,
+        "sft_chatter": sum(bool(a[m.end() :].strip()) for a, m in zip(answers, leading)) / n,
+        "sft_chatter_expected": ARITH_CHATTER_RATE,
+        "sft_mean_reward": sum(rewards) / n,
+        "sft_full_reward": sum(r == 1.0 for r in rewards) / n,
+        # The rejected answer is the chosen one plus chatter: the pair differs in manners only.
+        "pairs_manners_only": sum(r.startswith(c) and r != c for c, r in zip(chosen, rejected)) / n,
+        # The rejected answer keeps talking after a number (with a wrong number or the right one).
+        "pairs_rejected_chatters": sum(_chatters(r) for r in rejected) / n,
+    }
+
+
+def _assistant_text(messages: list[dict[str, str]]) -> str:
+    return messages[-1]["content"]
+
+
+def _chatters(text: str) -> bool:
+    match = _LEADING_INT_RE.match(text.strip())
+    return match is not None and bool(text.strip()[match.end() :].strip())
 
 
 def _arith_corpus(rng: random.Random, n: int) -> list[str]:

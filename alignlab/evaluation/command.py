@@ -64,8 +64,10 @@ def run_cli(
 
 
 def _run_dir_of(path: Path) -> Path | None:
+    """The run folder `path` is in (itself, or up to two levels up). A stage folder holds a recipe.yaml too (its
+    latest attempt's), so a run folder is one with a recipe.yaml that is not a stage's (no started.json)."""
     for p in [path, *list(path.parents)[:2]]:
-        if (p / "recipe.yaml").exists():
+        if (p / "recipe.yaml").exists() and not (p / "started.json").exists() and not (p / OUTPUT_FILE).exists():
             return p
     return None
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from alignlab.console import progress
 from alignlab.contract import StageOutput
 from alignlab.data import build_datasets, prompt_text
 from alignlab.generation import end_token_ids, generate
@@ -162,7 +163,9 @@ def evaluate_models(
     pol_texts, ref_texts, pol_logps, ref_logps = [], [], [], []
     # Both models stop at (and are scored up to) the same end tokens: those of either.
     end_ids = list(dict.fromkeys(end_token_ids(tokenizer, models.policy) + end_token_ids(tokenizer, models.reference)))
-    for i, batch in enumerate(_batches(prompts, spec.batch_size)):
+    n_batches = -(-len(prompts) // spec.batch_size)
+    batches = progress(_batches(prompts, spec.batch_size), total=n_batches, desc="eval: generating", unit="batch")
+    for i, batch in enumerate(batches):
         gen = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, generator_seed=recipe.seed + i)
         gen.update(end_ids=end_ids)
         pol = generate(models.policy, tokenizer, batch, **gen)

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from alignlab.checkpoints import COMPLETE_MARKER, last_checkpoint, prune_checkpoints
+from alignlab.console import duration, progress
 from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.generation import end_token_ids, generate
 from alignlab.logprobs import completion_logits, token_logprobs
@@ -206,11 +207,15 @@ class PPOTrainer:
         first_score = first_logged(self.metrics_path, "score") if ckpt is not None else None
         window, last = [], {}
         start = time.perf_counter()
+        bar = progress(
+            total=self.spec.steps, initial=self.step, desc="ppo", unit="step", main_process=self.acc.is_main_process
+        )
         while self.step < self.spec.steps:
             t0 = time.perf_counter()
             metrics = self.train_step()
             metrics["step_time"] = time.perf_counter() - t0
             self.step += 1
+            bar.update(1)
             window.append(metrics)
             if self.step % self.spec.logging_steps == 0 or self.step == self.spec.steps:
                 last = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
@@ -219,6 +224,7 @@ class PPOTrainer:
                 first_score = last["score"] if first_score is None else first_score
             if self.spec.save_steps and self.step % self.spec.save_steps == 0 and self.step < self.spec.steps:
                 self.save_checkpoint()
+        bar.close()
         summary = {f"final_{k}": v for k, v in last.items()}
         if first_score is not None:
             summary["first_score"] = first_score
@@ -411,10 +417,11 @@ class PPOTrainer:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({"step": self.step, **row}) + "\n")
+            left = duration(row["step_time"] * (self.spec.steps - self.step))  # at the last logged steps' pace
             log.info(
-                "ppo step %d/%d: score %.4f kl %.4f entropy %.3f clipfrac %.3f len %.1f eos %.2f (%.2fs)",
+                "ppo step %d/%d: score %.4f kl %.4f entropy %.3f clipfrac %.3f len %.1f eos %.2f (%.2f s/step, %s left)",
                 self.step, self.spec.steps, row["score"], row["kl"], row["entropy"], row["clipfrac"],
-                row["response_length"], row["eos_rate"], row["step_time"],
+                row["response_length"], row["eos_rate"], row["step_time"], left,
             )  # fmt: skip
         if self.acc.trackers:
             self.acc.log(row, step=self.step)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
+from alignlab.console import progress
 from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.losses import preference_loss, preference_loss_info, wdpo_penalty
@@ -152,9 +153,12 @@ class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
             model = self.ref_model or self.model
             if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: parameters not placed/gathered yet
                 model = deepspeed_reference_engine(self)
-            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            loader = self.accelerator.prepare(
+                DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            )
             chosen, rejected = [], []
-            for batch in self.accelerator.prepare(loader):
+            desc = f"reference log-probs ({name})"
+            for batch in progress(loader, desc=desc, unit="batch", main_process=self.accelerator.is_main_process):
                 logps = self.compute_ref_log_probs(model, batch)
                 c, r = self.accelerator.gather_for_metrics(logps)  # drops the padding rows of the last batch
                 chosen.append(c.cpu())

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from alignlab.checkpoints import last_checkpoint
+from alignlab.console import FILE_ONLY, progress_enabled
 from alignlab.contract import StageOutput, TrainingDiverged, append_final_metrics, checkpoint_note, keep_metrics_until
 from alignlab.models import save_stage_model
 
@@ -60,7 +61,7 @@ def trainer_args(config_cls, ctx: StageContext, train: TrainSpec, has_eval: bool
         seed=ctx.recipe.seed,
         data_seed=ctx.recipe.seed,
         gradient_checkpointing=ctx.recipe.model.gradient_checkpointing,
-        disable_tqdm=False,
+        disable_tqdm=not progress_enabled(),  # a bar only on a terminal (alignlab/console.py); metrics print either way
         dataloader_num_workers=0,
         # `accelerate launch --multi_gpu` on a machine without GPUs: keep the gloo CPU processes that the pipeline
         # set up (TrainingArguments rebuilds the distributed state, and would otherwise fall back to one process).
@@ -109,6 +110,8 @@ class JsonlMetrics(TrainerCallback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
+            # The Trainer prints the row on the console; the run's log file gets it too.
+            log.info("step %d: %s", state.global_step, json.dumps(logs, default=float), extra=FILE_ONLY)
 
 
 class GuardedTrainer:

@@ -1,0 +1,256 @@
+"""Writes the docs' measured and computed tables, so that they cannot drift from the code and the results.
+
+A generated block in a Markdown file is
+
+    <!-- table:NAME -->
+    ...                  (rewritten by this script; do not edit by hand)
+    <!-- /table -->
+
+and NAME is one of TABLES below (numbers computed from the code, or read from a bench/results/*.json file), or
+`json:STEM:KEY`: the Markdown table stored under KEY in bench/results/STEM.json (the benches write one).
+
+    python scripts/gen_docs.py           # rewrite every block of README.md, data_cards/, docs/, bench/README.md
+    python scripts/gen_docs.py --check   # change nothing; list the blocks that differ, exit 1 if any
+
+tests/test_docs.py runs the check. After a new measurement (e.g. `python bench/quickstart_results.py`), run this
+script and commit the JSON and the docs together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+DOCS = ("README.md", "data_cards/*.md", "docs/*.md", "bench/README.md")
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _result(stem: str) -> dict:
+    return json.loads((RESULTS / f"{stem}.json").read_text())
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "|".join("---" for _ in headers)
+    line = lambda cells: "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"  # noqa: E731
+    return "\n".join([line(headers), f"|{align}|"] + [line(r) for r in rows])
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+
+
+def arith_stats() -> str:
+    """data_cards/arith.md: counts and rates of `builtin:arith`, computed from alignlab/builtin/tasks.py."""
+    from alignlab.builtin.tasks import arith_stats as stats
+
+    st = stats()
+    rows = [
+        ["operand pairs (a in [0, 99], b in [1, 9])", f"{st['pairs']}"],
+        [f'held out for evaluation (`sha256("a+b")[0] % {st["eval_buckets"]} == 0`)', f"{st['eval_pairs']}"],
+        ["train side (`sft`, `preference`)", f"{st['train_pairs']}"],
+        ["train pairs that need a carry", _pct(st["train_carry_share"])],
+        [
+            "`sft`: the demonstrator's number is right",
+            f"{_pct(st['sft_right'])} (its probabilities give {_pct(st['sft_right_expected'])})",
+        ],
+        [
+            "`sft`: the demonstrator keeps talking after its number",
+            f"{_pct(st['sft_chatter'])} (set to {_pct(st['sft_chatter_expected'])})",
+        ],
+        ["`sft`: mean reward of the demonstrations", f"{st['sft_mean_reward']:.3f}"],
+        ["`sft`: demonstrations earning the full 1.0", _pct(st["sft_full_reward"])],
+        [
+            "`preference`: rejected = chosen + chatter (the pair differs in manners only)",
+            _pct(st["pairs_manners_only"]),
+        ],
+        ["`preference`: the rejected answer keeps talking after a number", _pct(st["pairs_rejected_chatters"])],
+    ]
+    note = (
+        f"\nRates over {st['rows']:,} rows of each split at seed {st['seed']}, from "
+        "`alignlab.builtin.tasks.arith_stats()`; counts are exact."
+    )
+    return _table(["quantity", "value"], rows) + "\n" + note
+
+
+def kl_label(settings: dict) -> str:
+    """What the eval's `kl` is, from the decoding it was measured with: only samples at temperature 1 make the mean
+    log-ratio a KL estimate; on greedy outputs it is the log-ratio of the policy's mode."""
+    t = settings.get("temperature")
+    if t == 0:
+        return "log-ratio on greedy outputs (nats)"
+    return "KL (nats, sampled)" if t == 1 else f"log-ratio on samples at temperature {t} (nats)"
+
+
+def quickstart_results() -> str:
+    """README.md: what the CPU recipes reach on builtin:arith, from bench/results/quickstart.json."""
+    data = _result("quickstart")
+    res = data["results"]
+    what = {
+        "quickstart": "SFT -> DPO, full FT",
+        "sft_ppo_reward_fn": "SFT -> PPO on the true reward",
+        "sft_reward_ppo": "SFT -> reward model -> PPO",
+    }
+    evals = [r["eval"] for r in res.values()]
+    settings = evals[0]["settings"]
+    if any(e["settings"] != settings or e["num_prompts"] != evals[0]["num_prompts"] for e in evals):
+        raise ValueError("quickstart.json: the recipes were evaluated with different settings; rerun the bench")
+    decoding = (
+        "greedy decoding" if settings["temperature"] == 0 else f"sampling at temperature {settings['temperature']}"
+    )
+    rows = []
+    for name, r in res.items():
+        e = r["eval"]
+        rows.append(
+            [
+                f"`{Path(r['recipe']).name}` ({what.get(name, name)}, {r['seconds'] / 60:.0f} min)",
+                f"{e['true_reward_reference']:.3f} -> {e['true_reward']:.3f}",
+                f"{e['win_rate']:.2f}",
+                f"{e['kl']:.2f}",
+                f"{e['preference_accuracy']:.3f}",
+            ]
+        )
+    m = data["machine"]
+    head = (
+        f"Measured with `python bench/quickstart_results.py` ({m['date']}, commit {data['commit']}, "
+        f"{m['cpu_count']} CPUs, torch {data['versions'].get('torch')}), each policy against its own SFT starting "
+        f"point, with the quickstart's eval stage: {evals[0]['num_prompts']} held-out prompts, {decoding}, "
+        f"up to {settings['max_new_tokens']} new tokens. Time: the recipe's stages on that (shared) machine.\n"
+    )
+    headers = ["recipe", "true reward: SFT -> aligned", "win rate vs SFT", kl_label(settings), "held-out pair accuracy"]
+    notes = []
+    for name, r in res.items():
+        if "ppo" in r:
+            p = r["ppo"]
+            notes.append(
+                f"`{name}`: PPO's EOS rate {p['first_eos_rate']:.2f} -> {p['last_eos_rate']:.2f} (first and last "
+                f"logged, {p['updates']} updates)"
+            )
+        if r.get("reward_model_eval_accuracy") is not None:
+            notes.append(f"`{name}`: the reward model's held-out pair accuracy {r['reward_model_eval_accuracy']:.3f}")
+    table = _table(headers, rows, "---|---|---:|---:|---:")
+    if settings["temperature"] != 1:
+        notes.append(
+            "the log-ratio column is the mean of log pi(y|x) - log ref(y|x) over the policy's own completions at "
+            "that decoding: how far the policy moved from the reference there, not a KL (that needs samples at "
+            "temperature 1)"
+        )
+    text = "; ".join(notes)
+    return head + "\n" + table + ("\n\n" + text[0].upper() + text[1:] + "." if notes else "")
+
+
+def constraints_base_rate() -> str:
+    """data_cards/constraints.md: SmolLM2-135M-Instruct's score per constraint kind, bench/results/
+    constraints_base_rate.json."""
+    data = _result("constraints_base_rate")
+    rep = data["report"]
+    kinds = list(rep["per_kind"].items())
+    half = (len(kinds) + 1) // 2
+    cells = [[f"`{k}`", str(v["n"]), f"{v['accuracy']:.2f}"] for k, v in kinds]
+    rows = [cells[i] + [""] + (cells[half + i] if half + i < len(cells) else ["", "", ""]) for i in range(half)]
+    table = _table(
+        ["kind", "constraints", "satisfied", "", "kind", "constraints", "satisfied"],
+        rows,
+        "---|---|---|---|---|---|---",
+    )
+    rewards = [s["reward"] for s in data["samples"]]
+    n, args = rep["n_prompts"], data["args"]
+    strict = round(rep["strict_accuracy"] * n)
+    return (
+        f"Measured on {data['date']}: the first {n} eval prompts, {args['max_new_tokens']} new tokens, transformers "
+        f"{data['versions']['transformers']}, {args['threads']} threads ({data['load_s'] + data['generate_s']:.0f} s "
+        "on a shared machine).\n\n"
+        + table
+        + f"\n\nStrict accuracy {rep['strict_accuracy']:.3f} ({strict} of {n} prompts), instruction accuracy "
+        f"{rep['instruction_accuracy']:.3f}, mean reward {rep['mean_reward']:.3f}; rewards of the {n} prompts: "
+        f"{sum(r == 0 for r in rewards)} at 0, {sum(0 < r < 1 for r in rewards)} in between, "
+        f"{sum(r == 1 for r in rewards)} at 1."
+    )
+
+
+def smollm2_quant() -> str:
+    """data_cards/smollm2-135m-instruct.md: what Q4_1 costs, bench/results/smollm2_quant.json."""
+    d = _result("smollm2_quant")
+    err = d["estimated_relative_weight_error"]
+    second = ", ".join(f"{x:.2f}" for x in d["nll_with_a_second_rounding_error"])
+    rows = [
+        [
+            f"NLL of the shipped model on a fixed {d['text_tokens']}-token English paragraph (in the script)",
+            f"{d['nll_nats_per_token']:.3f} nats/token (perplexity {d['perplexity']:.1f})",
+        ],
+        [
+            "estimated weight error of Q4_1, relative to the weights' RMS (rounding step d / sqrt(12) per block)",
+            _pct(err["Q4_1"]),
+        ],
+        ["the same for the Q8_0 embedding / output head", _pct(err["Q8_0"])],
+        [
+            "NLL after adding a second rounding error of the same size (uniform in +-d/2, "
+            f"{len(d['nll_with_a_second_rounding_error'])} seeds)",
+            f"{second} (+{d['nll_increase_mean']:.2f} on average)",
+        ],
+        [
+            f"greedy decoding, float32, batch 1, {d['threads']} threads (a shared machine)",
+            f"~{d['greedy_tokens_per_s']:.0f} tokens/s",
+        ],
+    ]
+    return _table(["", ""], rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "arith-stats": arith_stats,
+    "quickstart-results": quickstart_results,
+    "constraints-base-rate": constraints_base_rate,
+    "smollm2-quant": smollm2_quant,
+}
+
+
+def render_block(name: str) -> str:
+    if name.startswith("json:"):
+        _, stem, key = name.split(":")
+        return "\n".join(line for line in _result(stem)[key].strip().splitlines() if line.startswith("|"))
+    if name not in TABLES:
+        raise KeyError(f"unknown generated table '{name}'; known: {', '.join(TABLES)}, json:STEM:KEY")
+    return TABLES[name]()
+
+
+def render(text: str) -> str:
+    """`text` with every generated block rewritten."""
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group("name")).rstrip("\n") + "\n" + m.group(4), text)
+
+
+def doc_files() -> list[Path]:
+    return sorted({p for pattern in DOCS for p in ROOT.glob(pattern)})
+
+
+def blocks(text: str) -> list[str]:
+    return [m.group("name") for m in BLOCK.finditer(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in doc_files():
+        text = path.read_text()
+        changed = [m.group("name") for m in BLOCK.finditer(text) if render(m.group(0)) != m.group(0)]
+        if changed:
+            stale.append(f"{path.relative_to(ROOT)}: {', '.join(changed)}")
+            if not args.check:
+                path.write_text(render(text))
+    for line in stale:
+        print(("differs: " if args.check else "rewritten: ") + line)
+    return 1 if (stale and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
