@@ -42,6 +42,14 @@ def load_reward_fn(ref: str):
     return fn
 
 
+def load_reward_report(ref: str):
+    """The task report that goes with reward function `ref`, or None: built-in tasks may have one
+    (`builtin:constraints` -> alignlab.builtin.constraints.constraint_report); the evaluation adds its numbers."""
+    from alignlab.builtin.rewards import builtin_reward_report
+
+    return builtin_reward_report(ref)
+
+
 def reward_fn_scores(fn, prompts: list, completions: list[str], name: str = "reward_fn") -> list[float]:
     """`fn` on completions, called with the prompts' user texts: one float per completion."""
     values = fn([prompt_text(p) for p in prompts], list(completions))

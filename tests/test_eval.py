@@ -6,6 +6,7 @@ adapter policy sharing the reference's backbone, the eval.json keys, eval.md's t
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -156,25 +157,34 @@ def test_eval_json_has_the_documented_keys(base_vs_base):
     assert res["mean_score"] is None and res["reward_model_accuracy"] is None  # no reward model given
     assert len(res["samples"]) == 3 and all(set(s) == set(SAMPLE_KEYS) for s in res["samples"])
     assert res["samples"][0]["prompt"].startswith("What is ")
-    assert res["settings"] == {"temperature": 0.0, "max_new_tokens": 6, "beta": 0.1, "seed": 0}
+    settings = {"temperature": 0.0, "max_new_tokens": 6, "beta": 0.1, "seed": 0, "kl_temperature": 1.0}
+    assert {k: res["settings"][k] for k in settings} == settings
+    # Every measured number carries its stderr and 95% interval; with policy == reference every paired difference
+    # is exactly 0 with a zero-width interval.
+    assert res["true_reward_diff"] == 0 and res["true_reward_diff_ci"] == [0, 0]
+    lo, hi = res["true_reward_ci"]
+    assert lo <= res["true_reward"] <= hi and res["true_reward_stderr"] > 0
+    assert res["kl"] == 0 and res["kl_exact"] == 0 and res["kl_ci"] == [0, 0]
+    assert len(res["per_prompt"]["true_reward"]) == N and res["per_prompt"]["win"] == [0.5] * N
 
 
 def test_eval_md_is_a_table(base_vs_base):
     _, stage_dir = base_vs_base
     md = (stage_dir / "eval.md").read_text()
-    assert "| metric | policy | reference |" in md
-    assert "| win rate vs reference (by reward fn) | 0.5 |  |" in md
+    header = "| metric | policy | reference | policy - reference |"
+    assert "| win rate vs reference (by reward fn) | 0.5 [0.5, 0.5] |  |  |" in md
     assert "### Samples" in md and md.count("| What is ") == 3
     lines = md.splitlines()
-    table = lines[lines.index("| metric | policy | reference |") :]
+    table = lines[lines.index(header) :]
     table = table[: table.index("")]
-    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table]  # unescaped pipes separate cells
-    assert len(table) == 2 + 6 and {len(c) for c in cells} == {3}  # header, rule, 6 measured metrics
-    assert [c.strip() for c in cells[4]] == [
-        "KL(policy \\|\\| reference), nats (log-ratio on the policy's outputs)",
-        "0",
-        "",
-    ]
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]  # unescaped pipes split
+    # header, rule, 10 measured metrics: reward, win rate, KL twice, repetition, distinct-2, length, preference
+    # accuracy and margin, perplexity
+    assert len(table) == 2 + 10 and {len(c) for c in cells} == {4}
+    assert cells[4] == ["KL(policy \\|\\| reference), nats (k1, samples at T=1)", "0 [0, 0]", "", ""]
+    reward = cells[2]
+    assert reward[0] == "true reward (mean)" and reward[1] == reward[2] and reward[3] == "0 [0, 0]"
+    assert re.fullmatch(r"[0-9.]+ \[-?[0-9.]+, [0-9.]+\]", reward[1]), reward  # normal: may cross 0
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +279,15 @@ def test_cli_evaluates_several_checkpoints(tmp_path, adapter_dir, reward_model_d
     adapted = json.loads((tmp_path / "out" / "adapter" / "eval.json").read_text())
     assert adapted["policy"].startswith("adapter (adapter:") and adapted["reference"].startswith("base")
     assert math.isfinite(adapted["kl"]) and abs(adapted["kl"]) > 1e-3
+    assert adapted["kl_exact"] > 0  # a sum of per-token KLs: positive when the models differ
+    # The two checkpoints on the same prompts: their paired difference (adapter - base) per prompt.
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert comparison["baseline"] == "base" and list(comparison["against"]) == ["adapter"]
+    diff = comparison["against"]["adapter"]["true_reward"]
+    assert diff["value"] == pytest.approx(adapted["true_reward"] - base["true_reward"]) and diff["n"] == N
+    per_prompt = [a - b for a, b in zip(adapted["per_prompt"]["true_reward"], base["per_prompt"]["true_reward"])]
+    assert diff["stderr"] == pytest.approx(statistics.stdev(per_prompt) / math.sqrt(N))
+    assert (tmp_path / "out" / "comparison.md").read_text().startswith("## Paired comparison with base")
 
     # Reward-model accuracy, by hand: each conversation scored alone.
     from transformers import AutoModelForSequenceClassification
