@@ -399,3 +399,39 @@ def test_implicit_reward_matches_trl_on_the_dpo_stage_eval_split(tmp_path):
     assert res["preference_margin"] == pytest.approx(trl_margin, rel=1e-3, abs=1e-5)
     assert res["preference_accuracy"] == pytest.approx(outputs["dpo"].metrics["eval_rewards/accuracies"])
     assert res["kl"] != 0.0
+
+
+def test_constraint_task_report_with_intervals(tmp_path):
+    """With `reward_fn: builtin:constraints` eval.json adds strict and instruction accuracy with intervals, their
+    paired difference and the accuracy per kind, computed by constraint_report on the same completions."""
+    from alignlab.builtin.constraints import constraint_report
+    from alignlab.evaluation.evaluator import evaluate_models
+    from alignlab.evaluation.stats import wilson_interval
+
+    recipe = _recipe(
+        tmp_path,
+        dataset={"path": "builtin:constraints", "split": "eval", "size": 16},
+        reward_fn="builtin:constraints",
+        preference_dataset=None,
+        sft_dataset=None,
+        nll_dataset={"path": "builtin:prose", "split": "text", "size": 2},
+        num_prompts=16,
+        num_samples_shown=16,
+    )
+    res = evaluate_models(recipe, recipe.stages[0], None, None)
+    prompts = [s["prompt"] for s in res["samples"]]
+    report = constraint_report(prompts, [s["policy"] for s in res["samples"]])
+    k = round(report["strict_accuracy"] * 16)
+    assert res["strict_accuracy"] == report["strict_accuracy"] and res["strict_accuracy_ci"] == list(
+        wilson_interval(k, 16)
+    )
+    assert res["instruction_accuracy"] == pytest.approx(report["instruction_accuracy"])
+    assert res["strict_accuracy_diff"] == 0 and res["strict_accuracy_reference"] == res["strict_accuracy"]
+    assert set(res["per_kind"]) == set(report["per_kind"]) and len(res["per_kind"]) == 16  # one prompt per kind
+    for kind, entry in res["per_kind"].items():
+        assert entry["n"] == report["per_kind"][kind]["n"] and entry["policy"] == report["per_kind"][kind]["accuracy"]
+        assert entry["policy_ci"] == list(wilson_interval(round(entry["policy"] * entry["n"]), entry["n"]))
+    # The held-out text: every token scored, the same model on both sides.
+    assert res["nll"] == res["nll_reference"] > 0 and res["nll_change"] == 0 and res["nll_tokens"] > 100
+    md = (write_results(res, tmp_path / "out")[1]).read_text()
+    assert "### Per constraint kind" in md and "| strict accuracy (all constraints met) |" in md
