@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     rob.add_argument("--flip-rates", help="comma-separated, default: 0,0.2,0.4")
     rob.add_argument("--out", default="runs/bench-robustness", help="run directory (rerun to resume)")
     rob.add_argument("--seed", type=int, default=0)
+    rob.add_argument(
+        "--seeds", type=int, default=1, help="run the bench at N seeds (seed, seed+1, ...): mean and spread per cell"
+    )
     rob.add_argument("--force", action="store_true", help="rerun cells that already finished")
 
     for p in (run, ev, rob):
@@ -213,7 +216,7 @@ def _bench_robustness(args) -> int:
         args.seed,
         args.overrides,
     )
-    _, md = robustness.run_bench(recipe, force=args.force)
+    _, md = robustness.run_bench(recipe, force=args.force, seeds=args.seeds)
     if os.environ.get("RANK", "0") == "0":
         print(f"\n{md.read_text()}\nwritten to {md.parent}")
     return 0

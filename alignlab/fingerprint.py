@@ -11,6 +11,8 @@ A stage's *parts* are a flat mapping of readable keys to JSON values, everything
   input, reward_model, reference   the earlier stage it starts from / scores with: its name, fingerprint and the
                            attempt (one training run, by start time) that made it, so retraining that stage, even
                            with the same settings, makes this one stale too
+  <dataset>.from_stage     the same for the stage whose data a `stage:NAME` dataset reads (and <dataset>.content
+                           digests that data file)
   reward_fn.source         sha256 of the source file of the module `reward_fn` lives in
 The fingerprint is the sha256 of the parts' canonical JSON. Nested recipe sections become dotted keys, so a
 message can say `train.learning_rate: 0.001 -> 0.002`; free-form mappings (train.extra, dataset.columns, a loss's
@@ -131,6 +133,9 @@ def _source_digest(ds: DatasetSpec, recipe: Recipe, held_out: bool) -> str:
             return "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         if src.kind == "local":
             return "sha256:" + _files_digest([Path(f) for f in src.files], Path(src.location))
+        if src.kind == "stage":  # an earlier stage's data: what it holds when read (its attempt: <key>.from_stage)
+            f = Path(src.files[0])
+            return "sha256:" + _files_digest([f], f.parent) if f.exists() else f"not written yet: {f}"
     except DataError as e:
         return f"unreadable: {e}"
     split = (ds.eval_split or ds.split) if held_out else ds.split

@@ -141,8 +141,9 @@ def write_run_recipe(recipe: Recipe, running: str) -> None:
 
 def stage_references(recipe: Recipe, index: int) -> dict[str, str | None]:
     """The input and the other stage references of stage `index` (its record's `references`: reward_model,
-    reference, ...) that name an earlier stage (None: the base model)."""
-    from alignlab.stages.registry import input_stage_name, stage_record
+    reference, ...) that name an earlier stage (None: the base model), and the stages whose data its `stage:NAME`
+    datasets read (`dataset.from_stage`)."""
+    from alignlab.stages.registry import dataset_stage_refs, input_stage_name, stage_record
 
     spec, names = recipe.stages[index], {s.name for s in recipe.stages}
     refs = {"input": input_stage_name(recipe, index)}
@@ -150,6 +151,9 @@ def stage_references(recipe: Recipe, index: int) -> dict[str, str | None]:
         value = getattr(spec, key, None)
         if value == "base" or value in names:
             refs[key] = None if value == "base" else value
+    for key, name in dataset_stage_refs(spec).items():  # data written by an earlier stage (stage:NAME)
+        if name in names:
+            refs[f"{key}.from_stage"] = name
     return refs
 
 

@@ -19,9 +19,14 @@ SHOWN = (
     "eval_accuracy",
     "true_reward",
     "true_reward_reference",
+    "strict_accuracy",
+    "strict_accuracy_reference",
     "win_rate",
     "kl",
     "mean_score",
+    "rows",
+    "row_rate",
+    "mean_best_score",
 )
 
 

@@ -61,6 +61,14 @@ def load_reward_fn(ref: str):
     return fn
 
 
+def load_reward_report(ref: str):
+    """The task report that goes with reward function `ref`, or None: built-in tasks may have one
+    (`builtin:constraints` -> alignlab.builtin.constraints.constraint_report); the evaluation adds its numbers."""
+    from alignlab.builtin.rewards import builtin_reward_report
+
+    return builtin_reward_report(ref)
+
+
 def reward_fn_scores(fn, prompts: list, completions: list[str], name: str | None = None) -> list[float]:
     """`fn` on completions, called with the prompts' user texts: one float per completion. Raises RewardFnError,
     naming the function and the completion, when it raises or returns anything but one finite number per

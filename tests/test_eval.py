@@ -6,6 +6,7 @@ adapter policy sharing the reference's backbone, the eval.json keys, eval.md's t
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -156,25 +157,34 @@ def test_eval_json_has_the_documented_keys(base_vs_base):
     assert res["mean_score"] is None and res["reward_model_accuracy"] is None  # no reward model given
     assert len(res["samples"]) == 3 and all(set(s) == set(SAMPLE_KEYS) for s in res["samples"])
     assert res["samples"][0]["prompt"].startswith("What is ")
-    assert res["settings"] == {"temperature": 0.0, "max_new_tokens": 6, "beta": 0.1, "seed": 0}
+    settings = {"temperature": 0.0, "max_new_tokens": 6, "beta": 0.1, "seed": 0, "kl_temperature": 1.0}
+    assert {k: res["settings"][k] for k in settings} == settings
+    # Every measured number carries its stderr and 95% interval; with policy == reference every paired difference
+    # is exactly 0 with a zero-width interval.
+    assert res["true_reward_diff"] == 0 and res["true_reward_diff_ci"] == [0, 0]
+    lo, hi = res["true_reward_ci"]
+    assert lo <= res["true_reward"] <= hi and res["true_reward_stderr"] > 0
+    assert res["kl"] == 0 and res["kl_exact"] == 0 and res["kl_ci"] == [0, 0]
+    assert len(res["per_prompt"]["true_reward"]) == N and res["per_prompt"]["win"] == [0.5] * N
 
 
 def test_eval_md_is_a_table(base_vs_base):
     _, stage_dir = base_vs_base
     md = (stage_dir / "eval.md").read_text()
-    assert "| metric | policy | reference |" in md
-    assert "| win rate vs reference (by reward fn) | 0.5 |  |" in md
+    header = "| metric | policy | reference | policy - reference |"
+    assert "| win rate vs reference (by reward fn) | 0.5 [0.5, 0.5] |  |  |" in md
     assert "### Samples" in md and md.count("| What is ") == 3
     lines = md.splitlines()
-    table = lines[lines.index("| metric | policy | reference |") :]
+    table = lines[lines.index(header) :]
     table = table[: table.index("")]
-    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table]  # unescaped pipes separate cells
-    assert len(table) == 2 + 6 and {len(c) for c in cells} == {3}  # header, rule, 6 measured metrics
-    assert [c.strip() for c in cells[4]] == [
-        "KL(policy \\|\\| reference), nats (log-ratio on the policy's outputs)",
-        "0",
-        "",
-    ]
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]  # unescaped pipes split
+    # header, rule, 10 measured metrics: reward, win rate, KL twice, repetition, distinct-2, length, preference
+    # accuracy and margin, perplexity
+    assert len(table) == 2 + 10 and {len(c) for c in cells} == {4}
+    assert cells[4] == ["KL(policy \\|\\| reference), nats (k1, samples at T=1)", "0 [0, 0]", "", ""]
+    reward = cells[2]
+    assert reward[0] == "true reward (mean)" and reward[1] == reward[2] and reward[3] == "0 [0, 0]"
+    assert re.fullmatch(r"[0-9.]+ \[-?[0-9.]+, [0-9.]+\]", reward[1]), reward  # normal: may cross 0
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +279,15 @@ def test_cli_evaluates_several_checkpoints(tmp_path, adapter_dir, reward_model_d
     adapted = json.loads((tmp_path / "out" / "adapter" / "eval.json").read_text())
     assert adapted["policy"].startswith("adapter (adapter:") and adapted["reference"].startswith("base")
     assert math.isfinite(adapted["kl"]) and abs(adapted["kl"]) > 1e-3
+    assert adapted["kl_exact"] > 0  # a sum of per-token KLs: positive when the models differ
+    # The two checkpoints on the same prompts: their paired difference (adapter - base) per prompt.
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert comparison["baseline"] == "base" and list(comparison["against"]) == ["adapter"]
+    diff = comparison["against"]["adapter"]["true_reward"]
+    assert diff["value"] == pytest.approx(adapted["true_reward"] - base["true_reward"]) and diff["n"] == N
+    per_prompt = [a - b for a, b in zip(adapted["per_prompt"]["true_reward"], base["per_prompt"]["true_reward"])]
+    assert diff["stderr"] == pytest.approx(statistics.stdev(per_prompt) / math.sqrt(N))
+    assert (tmp_path / "out" / "comparison.md").read_text().startswith("## Paired comparison with base")
 
     # Reward-model accuracy, by hand: each conversation scored alone.
     from transformers import AutoModelForSequenceClassification
@@ -394,3 +413,39 @@ def test_a_stage_folder_is_not_taken_for_its_run(tmp_path):
     assert _run_dir_of(run / "ppo" / "model") == run
     assert _run_dir_of(run) == run
     assert _run_dir_of(tmp_path) is None
+
+
+def test_constraint_task_report_with_intervals(tmp_path):
+    """With `reward_fn: builtin:constraints` eval.json adds strict and instruction accuracy with intervals, their
+    paired difference and the accuracy per kind, computed by constraint_report on the same completions."""
+    from alignlab.builtin.constraints import constraint_report
+    from alignlab.evaluation.evaluator import evaluate_models
+    from alignlab.evaluation.stats import wilson_interval
+
+    recipe = _recipe(
+        tmp_path,
+        dataset={"path": "builtin:constraints", "split": "eval", "size": 16},
+        reward_fn="builtin:constraints",
+        preference_dataset=None,
+        sft_dataset=None,
+        nll_dataset={"path": "builtin:prose", "split": "text", "size": 2},
+        num_prompts=16,
+        num_samples_shown=16,
+    )
+    res = evaluate_models(recipe, recipe.stages[0], None, None)
+    prompts = [s["prompt"] for s in res["samples"]]
+    report = constraint_report(prompts, [s["policy"] for s in res["samples"]])
+    k = round(report["strict_accuracy"] * 16)
+    assert res["strict_accuracy"] == report["strict_accuracy"] and res["strict_accuracy_ci"] == list(
+        wilson_interval(k, 16)
+    )
+    assert res["instruction_accuracy"] == pytest.approx(report["instruction_accuracy"])
+    assert res["strict_accuracy_diff"] == 0 and res["strict_accuracy_reference"] == res["strict_accuracy"]
+    assert set(res["per_kind"]) == set(report["per_kind"]) and len(res["per_kind"]) == 16  # one prompt per kind
+    for kind, entry in res["per_kind"].items():
+        assert entry["n"] == report["per_kind"][kind]["n"] and entry["policy"] == report["per_kind"][kind]["accuracy"]
+        assert entry["policy_ci"] == list(wilson_interval(round(entry["policy"] * entry["n"]), entry["n"]))
+    # The held-out text: every token scored, the same model on both sides.
+    assert res["nll"] == res["nll_reference"] > 0 and res["nll_change"] == 0 and res["nll_tokens"] > 100
+    md = (write_results(res, tmp_path / "out")[1]).read_text()
+    assert "### Per constraint kind" in md and "| strict accuracy (all constraints met) |" in md

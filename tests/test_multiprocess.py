@@ -2,7 +2,8 @@
 process computes at the same GLOBAL batch (1 process x 8 vs 2 processes x 4).
 
 One recipe chains all six stage types: SFT (LoRA) -> DPO with KLDPO (its batch mean is gathered over processes)
-and precomputed reference log-probs; a reward model; PPO with a programmatic reward; GRPO; eval. It runs once in this
+and precomputed reference log-probs; a reward model; PPO with a programmatic reward; GRPO; eval; generate (sampled
+preference pairs from the PPO model). It runs once in this
 process and once under two processes. Dropout is 0 and each PPO rollout batch is one minibatch, the settings under
 which the two runs are the same computation. They differ only by float summation order (gradients averaged over
 processes, batches padded to other lengths). Measured, largest over the steps: SFT loss identical, DPO (KLDPO) loss
@@ -91,6 +92,16 @@ def _recipe(output_dir, batch):
                 "dataset": {"path": "builtin:arith", "split": "eval", "size": 8},
                 "num_prompts": 8,
                 "max_new_tokens": 6,
+            },
+            {
+                "name": "pairs",
+                "type": "generate",
+                "input": "ppo",
+                "dataset": {"path": "builtin:arith", "split": "eval", "size": 10},
+                "reward_fn": "alignlab.builtin.tasks:arith_reward",
+                "num_samples": 3,
+                "max_new_tokens": 4,
+                "batch_size": 3,  # 4 prompt groups: process 0 samples groups 0 and 2, process 1 groups 1 and 3
             },
         ],
     }
@@ -219,3 +230,12 @@ def test_eval_matches_one_process(runs):
         assert ev1[key] is not None and ev2[key] == pytest.approx(ev1[key], rel=1e-4, abs=1e-6), key
     outputs = {n: json.loads((two / n / "stage_output.json").read_text()) for n in ("reward", "ppo", "eval")}
     assert outputs["reward"]["head"] == "sequence_classification" and outputs["ppo"]["kind"] == "adapter"
+
+
+def test_generate_writes_the_one_process_dataset(runs):
+    """Each process samples its share of the prompt groups, every sample from its own random stream: the data
+    written (and every sample with its score) equals one process's, byte for byte."""
+    one, two, _ = runs
+    for name in ("data/train.jsonl", "samples.jsonl", "generation.json"):
+        assert (two / "pairs" / name).read_text() == (one / "pairs" / name).read_text(), name
+    assert len((one / "pairs" / "samples.jsonl").read_text().splitlines()) == 10

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from alignlab.benchmarks.robustness import LOSS_PARAMS, build_recipe, table
+from alignlab.benchmarks.robustness import LOSS_PARAMS, build_recipe, over_seeds, seed_recipes, table
 from alignlab.cli import main
 from alignlab.recipe import RecipeError
 
@@ -62,6 +62,33 @@ def test_table_layout():
         "| dpo | 0.500 | 0.250 |",
         "| rdpo | 0.750 |  |",
     ]
+
+
+def test_seeds_run_the_whole_bench_once_per_seed(tmp_path):
+    recipe = build_recipe("small", losses=("dpo",), flip_rates=(0.0,), output_dir=str(tmp_path / "b"), seed=3)
+    assert seed_recipes(recipe, 1) == [recipe]  # the default: the bench as it was, in --out itself
+    runs = seed_recipes(recipe, 3)
+    assert [r.seed for r in runs] == [3, 4, 5]
+    assert [r.run_dir for r in runs] == [tmp_path / "b" / f"seed-{s}" for s in (3, 4, 5)]
+    assert all([s.name for s in r.stages] == [s.name for s in recipe.stages] for r in runs)
+    with pytest.raises(RecipeError, match="--seeds must be at least 1"):
+        seed_recipes(recipe, 0)
+
+
+def test_cells_over_seeds_report_mean_and_spread():
+    """true_reward 0.2, 0.3, 0.4 over three seeds: mean 0.3, sample std 0.1, every value kept in seed order."""
+    per_seed = [
+        [{"loss": "dpo", "flip_rate": 0.2, "true_reward": v, "kl": 1.0, "true_reward_sft": 0.1}]
+        for v in (0.2, 0.3, 0.4)
+    ]
+    (row,) = over_seeds(per_seed)
+    assert row["true_reward"] == pytest.approx(0.3) and row["true_reward_std"] == pytest.approx(0.1)
+    assert row["true_reward_values"] == [0.2, 0.3, 0.4] and (row["true_reward_min"], row["true_reward_max"]) == (
+        0.2,
+        0.4,
+    )
+    assert row["kl_std"] == 0.0 and row["preference_accuracy"] is None and row["seeds"] == 3
+    assert table([row], "true_reward").splitlines()[-1] == "| dpo | 0.300 ± 0.100 |"
 
 
 @pytest.mark.slow

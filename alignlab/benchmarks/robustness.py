@@ -8,6 +8,13 @@ held-out pairs whose labels are NOT flipped. The whole grid is one ordinary alig
 rerun by hand with `alignlab run <out>/recipe.yaml --stage <name> --force`.
 
 Writes `<out>/robustness.json` (one row per cell), `<out>/robustness.md` (tables) and `<out>/robustness.png`.
+
+`--seeds N` (default 1) runs the whole bench N times, with recipe seeds seed, seed + 1, ..., each in
+`<out>/seed-<s>/` (its own recipe and run: LoRA initialisation, data order, the generated pairs and which labels
+flip all change with the seed). Each cell of robustness.json then holds the mean over seeds as its value, with
+`<key>_std` (sample standard deviation over seeds), `<key>_min`, `<key>_max` and `<key>_values` (every seed's,
+in seed order: nothing is picked), and the tables show mean +- std. One seed says nothing about how much of a
+difference between two losses is noise; the spread over seeds does.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import copy
 import json
 from pathlib import Path
 
+from alignlab.evaluation.stats import spread
 from alignlab.losses.catalog import preference_loss_info
 from alignlab.recipe import Recipe, RecipeError, apply_override, parse_recipe
 
@@ -155,22 +163,46 @@ def collect(recipe: Recipe) -> list[dict]:
 
 
 def table(rows: list[dict], key: str) -> str:
+    """One row per loss, one column per flip rate; `mean +- std` when the rows hold several seeds."""
     flips = sorted({r["flip_rate"] for r in rows})
     losses = list(dict.fromkeys(r["loss"] for r in rows))
-    cell = {(r["loss"], r["flip_rate"]): r[key] for r in rows}
+    cell = {(r["loss"], r["flip_rate"]): r for r in rows}
     lines = ["| loss | " + " | ".join(f"flip {f:g}" for f in flips) + " |", "|---|" + "---:|" * len(flips)]
     for loss in losses:
-        vals = [cell.get((loss, f)) for f in flips]
-        lines.append(f"| {loss} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
+        vals = [_cell(cell.get((loss, f)), key) for f in flips]
+        lines.append(f"| {loss} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], recipe: Recipe) -> str:
+def _cell(row: dict | None, key: str) -> str:
+    if row is None or row.get(key) is None:
+        return ""
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.3f}" if std is None or std != std else f"{row[key]:.3f} ± {std:.3f}"
+
+
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """Cells of several seeds' runs (the same grid) -> one row per cell: the mean over seeds as the value, and
+    `<key>_std`, `_min`, `_max`, `_values` (alignlab.evaluation.stats.spread)."""
+    out = []
+    for cells in zip(*per_seed):
+        row = {"loss": cells[0]["loss"], "flip_rate": cells[0]["flip_rate"], "seeds": len(cells)}
+        for key in (*RESULT_KEYS, "true_reward_sft"):
+            s = spread([c.get(key) for c in cells])
+            row[key] = s["mean"] if s["n"] else None
+            row.update({f"{key}_{k}": s[k] for k in ("std", "min", "max", "values")})
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict], recipe: Recipe, seeds: list[int] | None = None) -> str:
     sft = next((r["true_reward_sft"] for r in rows if r["true_reward_sft"] is not None), None)
+    seeds = seeds or [recipe.seed]
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
     parts = [
         f"# Robustness bench: {recipe.name}",
         "",
-        f"Model `{recipe.model.name_or_path}`, PEFT `{recipe.peft.method}`, seed {recipe.seed}. Every cell starts "
+        f"Model `{recipe.model.name_or_path}`, PEFT `{recipe.peft.method}`, {which}. Every cell starts "
         "from the same SFT checkpoint; label flips are seeded and applied to the DPO training pairs only.",
         "",
         f"## True reward of greedy completions on held-out prompts (SFT start: {sft:.3f})"
@@ -188,16 +220,22 @@ def markdown(rows: list[dict], recipe: Recipe) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """True reward and held-out accuracy against the flip rate, one line per loss (matplotlib's object API, as in
-    alignlab.plots: the user's backend is left alone)."""
+    """True reward and held-out accuracy against the flip rate, one line per loss, with +- one standard deviation
+    over seeds when there are several (matplotlib's object API, as in alignlab.plots: the user's backend is left
+    alone)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, key, title in zip(axes, ("true_reward", "preference_accuracy"), ("true reward", "held-out accuracy")):
         for loss in dict.fromkeys(r["loss"] for r in rows):
-            pts = sorted((r["flip_rate"], r[key]) for r in rows if r["loss"] == loss and r[key] is not None)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=loss)
+            pts = sorted(
+                (r["flip_rate"], r[key], r.get(f"{key}_std") or 0.0)
+                for r in rows
+                if r["loss"] == loss and r[key] is not None
+            )
+            xs, ys, err = [p[0] for p in pts], [p[1] for p in pts], [p[2] if p[2] == p[2] else 0.0 for p in pts]
+            ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, label=loss)
         ax.set_xlabel("label flip rate")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -207,17 +245,39 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def run_bench(recipe: Recipe, force: bool = False) -> tuple[list[dict], Path]:
-    """Run (or finish) the bench recipe; write robustness.{json,md,png} into its run dir. Returns rows, md path."""
+def seed_recipes(recipe: Recipe, seeds: int) -> list[Recipe]:
+    """The bench at `seeds` consecutive recipe seeds, each in <out>/seed-<s>; one seed: the recipe itself."""
+    if seeds < 1:
+        raise RecipeError(f"--seeds must be at least 1 (got {seeds})")
+    if seeds == 1:
+        return [recipe]
+    raw = recipe.model_dump(mode="json", serialize_as_any=True)
+    out = []
+    for k in range(seeds):
+        seed = recipe.seed + k
+        out.append(parse_recipe({**raw, "seed": seed, "output_dir": str(recipe.run_dir / f"seed-{seed}")}))
+    return out
+
+
+def run_bench(recipe: Recipe, force: bool = False, seeds: int = 1) -> tuple[list[dict], Path]:
+    """Run (or finish) the bench recipe, at `seeds` seeds; write robustness.{json,md,png} into its run dir.
+    Returns rows, md path."""
+    from accelerate import PartialState
+
     from alignlab.pipeline import run_pipeline
 
     out = recipe.run_dir
-    run_pipeline(recipe, force=force)
-    rows = collect(recipe)
-    from accelerate import PartialState
-
+    runs = seed_recipes(recipe, seeds)
+    per_seed = []
+    for r in runs:
+        run_pipeline(r, force=force)
+        per_seed.append(collect(r))
+    rows = per_seed[0] if seeds == 1 else over_seeds(per_seed)
     if PartialState().is_main_process:
-        (out / "robustness.json").write_text(json.dumps({"recipe": recipe.name, "rows": rows}, indent=2))
-        (out / "robustness.md").write_text(markdown(rows, recipe))
+        doc = {"recipe": recipe.name, "seeds": [r.seed for r in runs], "rows": rows}
+        if seeds > 1:
+            doc["per_seed"] = {str(r.seed): cells for r, cells in zip(runs, per_seed)}
+        (out / "robustness.json").write_text(json.dumps(doc, indent=2))
+        (out / "robustness.md").write_text(markdown(rows, recipe, [r.seed for r in runs]))
         plot(rows, out / "robustness.png")
     return rows, out / "robustness.md"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from alignlab.builtin.tasks import BUILTIN_TASKS
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {name: task.reward for name, task in BUILTIN_TASKS.items()}
+BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {n: t.reward for n, t in BUILTIN_TASKS.items() if t.reward}
 
 
 def builtin_reward_fn(ref: str) -> Callable[..., list[float]]:
@@ -23,3 +23,12 @@ def builtin_reward_fn(ref: str) -> Callable[..., list[float]]:
         known = ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_REWARDS))
         raise ValueError(f"unknown built-in reward function '{ref}'; known: {known} (or write package.module:function)")
     return BUILTIN_REWARDS[name]
+
+
+def builtin_reward_report(ref: str) -> Callable[..., dict] | None:
+    """The evaluation report of the built-in task behind reward `builtin:NAME` (or its module:function path), if it
+    has one (builtin:constraints: strict and per-kind accuracy); None otherwise."""
+    for name, task in BUILTIN_TASKS.items():
+        if ref in (BUILTIN_PREFIX + name, task.reward_path):
+            return task.report
+    return None

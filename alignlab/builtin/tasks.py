@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignlab.builtin import constraints as _constraints
+from alignlab.builtin import prose as _prose
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -326,16 +327,18 @@ class Task:
     """A built-in task: how to generate its splits and how to score completions.
 
     rows(split, n, seed) -> rows without label noise; reward_path is what a recipe writes to use the reward
-    (`builtin:NAME` works too); splits: the splits `rows` knows.
+    (`builtin:NAME` works too); splits: the splits `rows` knows; report(prompts, completions) -> a dict of the
+    task's own evaluation numbers (strict_accuracy, instruction_accuracy, per_kind), for tasks that have one.
     """
 
     name: str
     description: str
     rows: Callable[[str, int, int], list[dict]]
-    reward: Callable[..., list[float]]
-    reward_path: str
+    reward: Callable[..., list[float]] | None  # None: a dataset to measure on, with no reward (builtin:prose)
+    reward_path: str | None
     corpus: Callable[[random.Random, int], list[str]]
     splits: tuple[str, ...] = SPLITS
+    report: Callable[[list, list], dict] | None = None
 
 
 BUILTIN_TASKS: dict[str, Task] = {
@@ -355,6 +358,16 @@ BUILTIN_TASKS: dict[str, Task] = {
         reward_path="alignlab.builtin.constraints:constraints_reward",
         corpus=_constraints._corpus,
         splits=_constraints.CONSTRAINTS_SPLITS,
+        report=_constraints.constraint_report,
+    ),
+    "prose": Task(
+        name="prose",
+        description="a fixed held-out English text (24 paragraphs) for NLL per token: capability loss",
+        rows=_prose.prose_rows,
+        reward=None,
+        reward_path=None,
+        corpus=_prose._corpus,
+        splits=_prose.PROSE_SPLITS,
     ),
 }
 

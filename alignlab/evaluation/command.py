@@ -3,12 +3,14 @@ against a reference, with an eval stage's settings, outside a pipeline."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from alignlab.contract import OUTPUT_FILE, StageOutput, checkpoint_output, run_outputs
 from alignlab.evaluation.evaluator import evaluate_models
 from alignlab.evaluation.report import write_results
+from alignlab.evaluation.stats import paired_difference
 from alignlab.recipe import RecipeError
 
 
@@ -50,7 +52,7 @@ def run_cli(
     spec = recipe.stages[-1]
 
     ref_name = reference or spec.reference
-    written = []
+    written, results = [], []
     for ckpt in checkpoints:
         policy = checkpoint_output(ckpt)
         ckpt_run = _run_dir_of(Path(ckpt)) or run_dir
@@ -60,7 +62,65 @@ def run_cli(
         target = _out_dir(ckpt, policy, out, many=len(checkpoints) > 1)
         curves = _curves(ckpt_run) if ckpt_run else None
         written.append(write_results(res, target, curves)[1])
+        results.append((target.name, res))
+    if len(results) > 1:
+        written.append(write_comparison(results, Path(out) if out else Path("eval-comparison")))
     return written
+
+
+# Per-prompt numbers of the policy that two checkpoints evaluated on the same prompts can be paired on.
+COMPARED = ("true_reward", "strict_accuracy", "mean_score", "repetition", "distinct_2", "response_length", "kl")
+
+
+def compare(first: dict, other: dict) -> dict:
+    """Paired differences other - first of the policy's per-prompt numbers (alignlab.evaluation.stats): the two
+    evaluations must cover the same prompts in the same order (settings.prompts_sha256)."""
+    if first["settings"].get("prompts_sha256") != other["settings"].get("prompts_sha256"):
+        raise RecipeError(
+            f"cannot pair {first['policy']} with {other['policy']}: they were evaluated on different prompts"
+        )
+    a, b = first["per_prompt"], other["per_prompt"]
+    out = {"num_prompts": other["num_prompts"]}
+    for key in COMPARED:
+        if key in a and key in b:
+            out[key] = paired_difference(b[key], a[key])
+    return out
+
+
+def write_comparison(results: list[tuple[str, dict]], out_dir: Path) -> Path:
+    """comparison.json and comparison.md: every checkpoint after the first against the first, on the same
+    prompts (paired differences with 95% intervals). Returns the .md path."""
+    from alignlab.evaluation.report import finite
+
+    (name0, first), rows = results[0], []
+    table = {name: compare(first, res) for name, res in results[1:]}
+    lines = [
+        f"## Paired comparison with {name0} ({first['policy']})",
+        "",
+        f"{first['num_prompts']} prompts, the same for every checkpoint; each value is checkpoint - {name0}, "
+        "averaged over prompts, with its 95% interval.",
+        "",
+        "| checkpoint | " + " | ".join(k for k in COMPARED if any(k in t for t in table.values())) + " |",
+    ]
+    keys = [k for k in COMPARED if any(k in t for t in table.values())]
+    lines.append("|---|" + "---:|" * len(keys))
+    for name, diffs in table.items():
+        cells = [_diff_cell(diffs.get(k)) for k in keys]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += rows
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps(finite({"baseline": name0, "against": table}), indent=2))
+    (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    return out_dir / "comparison.md"
+
+
+def _diff_cell(d: dict | None) -> str:
+    if d is None:
+        return ""
+    lo, hi = d["ci"]
+    if lo is None or hi is None or lo != lo or hi != hi:  # nan: one prompt
+        return f"{d['value']:+.4g}"
+    return f"{d['value']:+.4g} [{lo:+.3g}, {hi:+.3g}]"
 
 
 def _run_dir_of(path: Path) -> Path | None:

@@ -30,7 +30,9 @@ class StageType:
     # spec attribute holding a DatasetSpec -> the data formats it accepts, preferred first when auto-detecting
     datasets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     trl_config: str | None = None  # TRL config class (trl.<name>) whose fields train.extra may set
-    writes_model: bool = True  # False: the stage measures (eval) and hands no model on
+    writes_model: bool = True  # False: the stage measures (eval) or writes data (generate), and hands no model on
+    # the data format of the dataset the stage writes (read later as `dataset: {path: "stage:NAME"}`); None: none
+    writes_data: Callable[[Any], str] | None = None
     # spec attribute that may name an earlier stage -> the type that stage must have (None: any model-writing stage)
     references: dict[str, str | None] = field(default_factory=dict)
     memory_knobs: Callable[[Any], list[str]] = lambda spec: []  # "lower X (now N)" advice for out-of-memory errors
@@ -93,11 +95,31 @@ def stage_references(spec: StageSpec) -> dict[str, str]:
     return refs
 
 
+STAGE_DATA = "stage:"  # a dataset path `stage:NAME`: the data an earlier stage NAME wrote (alignlab/data)
+
+
+def dataset_stage_refs(spec: StageSpec) -> dict[str, str]:
+    """{"dataset": NAME, "dataset.eval_path": NAME, ...}: the stage's datasets read from an earlier stage's data
+    (`path` or `eval_path` = stage:NAME)."""
+    out = {}
+    for key in stage_record(spec.type).datasets:
+        ds = getattr(spec, key, None)
+        for attr, suffix in (("path", ""), ("eval_path", ".eval_path")):
+            value = getattr(ds, attr, None) if ds is not None else None
+            if isinstance(value, str) and value.startswith(STAGE_DATA):
+                out[key + suffix] = value[len(STAGE_DATA) :]
+    return out
+
+
 def check_chain(recipe: Recipe) -> None:
-    """Every stage reference points at an EARLIER stage of a fitting type."""
+    """Every stage reference points at an EARLIER stage of a fitting type; every `stage:NAME` dataset at an earlier
+    stage that writes data in a format the reading stage accepts."""
     names = {s.name for s in recipe.stages}
     seen: dict[str, str] = {}
+    specs: dict[str, StageSpec] = {}
     for i, spec in enumerate(recipe.stages):
+        _check_data_refs(spec, i, names, specs)
+        specs[spec.name] = spec
         record = stage_record(spec.type)
         for key, ref in stage_references(spec).items():
             wanted = record.references.get(key)
@@ -120,5 +142,33 @@ def check_chain(recipe: Recipe) -> None:
         seen[spec.name] = spec.type
 
 
+def _check_data_refs(spec: StageSpec, index: int, names: set[str], earlier: dict[str, StageSpec]) -> None:
+    record = stage_record(spec.type)
+    writers = sorted(t for t, r in STAGE_TYPES.items() if r.writes_data)
+    for key, ref in dataset_stage_refs(spec).items():
+        where = f"stages[{index}] ({spec.name}).{key if key.endswith('eval_path') else key + '.path'}"
+        source = earlier.get(ref)
+        if source is None:
+            why = "comes later in the recipe" if ref in names else "is not a stage of this recipe"
+            data_stages = [n for n, s in earlier.items() if stage_record(s.type).writes_data]
+            raise RecipeError(
+                f"{where} = '{STAGE_DATA}{ref}', but stage '{ref}' {why}. A '{STAGE_DATA}NAME' dataset is the data an "
+                f"EARLIER stage wrote ({' or '.join(writers)} stages): {', '.join(data_stages) or 'none before it'}."
+            )
+        writes = stage_record(source.type).writes_data
+        if writes is None:
+            raise RecipeError(
+                f"{where} = '{STAGE_DATA}{ref}', but '{ref}' is {_a(source.type)} stage, which writes no dataset; "
+                f"'{STAGE_DATA}NAME' reads the data of {' or '.join(_a(w) for w in writers)} stage"
+            )
+        fmt = writes(source)
+        accepted = record.datasets[key.split(".")[0]]
+        if fmt not in accepted:
+            raise RecipeError(
+                f"{where} = '{STAGE_DATA}{ref}': stage '{ref}' writes {fmt} data, which {_a(spec.type)} stage's "
+                f"{key.split('.')[0]} cannot read (it reads {' or '.join(accepted)})"
+            )
+
+
 def _a(word: str) -> str:
-    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+    return f"an {word}" if word[:1] in "aeiou" or word == "sft" else f"a {word}"  # "an sft": ess-eff-tee

@@ -408,6 +408,62 @@ class GRPOSpec(StageSpec):
         return self
 
 
+GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # output -> data format it writes
+
+
+@stage_type(
+    "generate",
+    runner="alignlab.stages.generate",
+    datasets={"dataset": PROMPTS},
+    writes_model=False,
+    writes_data=lambda spec: GENERATED_FORMATS[spec.output],
+    references={"reward_model": "reward"},
+    needs_whole_model="the generate stage samples with the whole (unwrapped) model",
+    memory_knobs=lambda spec: [
+        f"lower batch_size (now {spec.batch_size}: prompts per generate call, x num_samples rows)",
+        f"lower max_new_tokens (now {spec.max_new_tokens})",
+    ],
+)
+class GenerateSpec(StageSpec):
+    """Sample `num_samples` completions per prompt from the input model, score them with `reward_fn` or
+    `reward_model`, and write a dataset a later stage reads as `dataset: {path: "stage:NAME"}`: preference pairs
+    (best vs worst per prompt; ties dropped) or best-of-N SFT data (rejection sampling)."""
+
+    type: Literal["generate"] = "generate"
+    dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
+    reward_fn: str | None = Field(None, description="module:function or builtin:TASK, one float per completion")
+    reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
+    output: Literal["preference", "sft"] = Field(
+        "preference",
+        description="preference: (prompt, chosen = best, rejected = worst) per prompt whose scores differ; sft: "
+        "(prompt, completion = best of num_samples)",
+    )
+    num_samples: int = Field(4, ge=1, description="Completions sampled per prompt")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the model's own distribution)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_margin: float = Field(
+        0.0, ge=0, description="preference: keep a pair only when best - worst score exceeds this (ties always drop)"
+    )
+    min_score: float | None = Field(None, description="sft: keep a prompt only when its best score reaches this")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (x num_samples rows)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError(
+                "a generate stage needs exactly one of reward_model (an earlier reward stage's name or a path) "
+                "or reward_fn (module:function or builtin:TASK) to score its samples"
+            )
+        if self.output == "preference" and self.num_samples < 2:
+            raise ValueError(f"output: preference needs num_samples >= 2 to form a pair (now {self.num_samples})")
+        if self.output != "sft" and self.min_score is not None:
+            raise ValueError("min_score applies to output: sft (best-of-N); for pairs use min_margin")
+        if self.output != "preference" and self.min_margin > 0:
+            raise ValueError("min_margin applies to output: preference; for best-of-N use min_score")
+        return self
+
+
 def check_eval_has_two_models(recipe, index: int) -> str | None:
     """An eval stage compares its input (the policy) with its reference. When `input: previous` finds no training
     stage before it, or the very stage named as reference, both are the same model and every comparison is empty
@@ -428,7 +484,12 @@ def check_eval_has_two_models(recipe, index: int) -> str | None:
 @stage_type(
     "eval",
     runner="alignlab.stages.eval",
-    datasets={"dataset": PROMPTS, "preference_dataset": PAIRS, "sft_dataset": CHAT_OR_TEXT},
+    datasets={
+        "dataset": PROMPTS,
+        "preference_dataset": PAIRS,
+        "sft_dataset": CHAT_OR_TEXT,
+        "nll_dataset": CHAT_OR_TEXT,
+    },
     writes_model=False,
     references={"reward_model": "reward", "reference": None},
     memory_knobs=lambda spec: [
@@ -445,12 +506,19 @@ class EvalSpec(StageSpec):
     dataset: DatasetSpec = Field(description="Prompts (with answers when the task has a reward function)")
     preference_dataset: DatasetSpec | None = None
     sft_dataset: DatasetSpec | None = Field(None, description="Held-out SFT data for perplexity")
+    nll_dataset: DatasetSpec | None = Field(
+        None,
+        description="A fixed held-out text (text, chat or prompt/completion rows; e.g. builtin:prose) whose NLL per "
+        "token the policy and the reference get: capability loss shows as a rise (nll_change)",
+    )
     reference: str = Field("base", description="base, or the name of an earlier stage")
     reward_fn: str | None = Field(None, description="module:function, the task's true reward (as in the PPO stage)")
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     beta: float = Field(0.1, gt=0, description="beta of the implicit DPO reward")
     num_prompts: int = Field(200, gt=0, description="The first num_prompts prompts of `dataset`")
     max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy; the KL estimate is unbiased only at 1")
+    temperature: float = Field(
+        0.0, ge=0, description="0 = greedy. The KL is always measured on responses sampled at temperature 1"
+    )
     num_samples_shown: int = Field(5, ge=0)
     batch_size: int = Field(32, gt=0)
