@@ -185,6 +185,16 @@ def test_grpo_raises_heldout_true_reward(tmp_path):
     assert out.kind == "full" and out.metrics["first_reward"] == rows[0]["reward"]
 
 
+def test_recomputed_old_logprobs_give_ratio_one(tmp_path):
+    """recompute_logprobs: the sampling policy's log-probs come from the training forward's own arithmetic (whole
+    groups, shared prompts), so the first pass's ratio is 1 to float precision. One epoch, one minibatch: the
+    logged ratio is that pass's."""
+    _run(_recipe(tmp_path / "run", [_grpo(steps=1, recompute_logprobs=True)]))
+    row = _steps(tmp_path / "run" / "grpo")[0]
+    assert row["ratio"] == pytest.approx(1.0, abs=1e-6) and row["approx_kl"] < 1e-12
+    assert row["clip_low_frac"] == row["clip_high_frac"] == 0.0
+
+
 def test_beta_adds_the_k3_term_to_the_loss(tmp_path):
     """Same seed, same samples. Step 1: pi = ref, so k3 and its gradient are 0 and both runs take the same update.
     Step 2 samples the same responses again, and with token_mean the loss differs by exactly beta x (k3 summed

@@ -272,13 +272,14 @@ class GRPOTrainer:
         rows = torch.arange(len(prompts), device=device).split(spec.forward_batch_size or self._minibatch)
         if recorder is not None:  # off the sampling pass: step t's logits are those of response token t
             logprobs, entropy = (x.to(device) for x in recorder.finish(response))
-        else:  # the training forward's arithmetic, a group at a time
+        else:  # the training forward's arithmetic, on whole groups
             logprobs, entropy = [], []
-            for g in range(spec.prompts_per_step):
-                idx = slice(g * size, (g + 1) * size)
+            per_chunk = max(1, (spec.forward_batch_size or self._minibatch) // size)
+            for g in range(0, spec.prompts_per_step, per_chunk):
+                groups, idx = slice(g, g + per_chunk), slice(g * size, (g + per_chunk) * size)
                 with self.acc.autocast():
                     logits = self.unwrapped(
-                        prompt_ids[g : g + 1], prompt_mask[g : g + 1], response[idx], mask[idx], size, spec.temperature
+                        prompt_ids[groups], prompt_mask[groups], response[idx], mask[idx], size, spec.temperature
                     )
                 logprobs.append(token_logprobs(logits, response[idx]))
                 entropy.append(entropy_from_logits(logits))
