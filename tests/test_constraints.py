@@ -239,8 +239,12 @@ def test_generation_is_deterministic_and_eval_is_fixed():
     full = generate_task("constraints", "eval", C.EVAL_SIZE, seed=0)
     assert generate_task("constraints", "eval", 40, seed=7) == full[:40]  # seed ignored, prefix of the fixed list
     assert generate_task("constraints", "eval", C.EVAL_SIZE + 5)[C.EVAL_SIZE :] == full[:5]  # then it repeats
-    with pytest.raises(ValueError, match="unknown split 'sft' for task 'constraints'; known splits: train, eval"):
-        generate_task("constraints", "sft", 1)
+    with pytest.raises(
+        ValueError,
+        match="unknown split 'test' for task 'constraints'; known splits: train, eval, sft, sft_eval, preference, "
+        "preference_eval",
+    ):
+        generate_task("constraints", "test", 1)
     # arith keeps its own splits.
     with pytest.raises(ValueError, match="known splits: sft, preference, eval"):
         generate_task("arith", "train", 1)
@@ -338,3 +342,45 @@ def test_registering_the_task_leaves_the_builtin_tokenizer_corpus_unchanged():
 
     assert "constraints" in BUILTIN_TASKS
     assert task_corpus(0, 50) == BUILTIN_TASKS["arith"].corpus(C.random.Random("corpus/0"), 50)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Demonstrations and preference pairs (alignlab/builtin/constraint_demos.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_demonstrations_satisfy_every_constraint_and_rejected_answers_do_not():
+    """Every `sft` / `sft_eval` completion earns reward 1; every pair's chosen earns 1 and its rejected less; rows
+    keep the prompt columns, and held-out rows come from eval prompts only (their topics are all eval topics)."""
+    from alignlab.builtin.constraint_demos import DEMO_SPLITS
+
+    rows = {split: generate_task("constraints", split, 300) for split in DEMO_SPLITS}
+    for split in ("sft", "sft_eval"):
+        texts = [r["completion"][0]["content"] for r in rows[split]]
+        assert C.constraints_reward([_text(r) for r in rows[split]], texts) == [1.0] * 300
+    for split in ("preference", "preference_eval"):
+        prompts = [_text(r) for r in rows[split]]
+        assert C.constraints_reward(prompts, [r["chosen"][0]["content"] for r in rows[split]]) == [1.0] * 300
+        assert max(C.constraints_reward(prompts, [r["rejected"][0]["content"] for r in rows[split]])) < 1.0
+    eval_topics = set(C._topics(eval_side=True))
+    assert {r["topic"] for r in rows["sft_eval"] + rows["preference_eval"]} <= eval_topics
+    assert not {r["topic"] for r in rows["sft"] + rows["preference"]} & eval_topics
+    assert set(rows["sft"][0]) == {"prompt", "constraints", "kinds", "primary_kind", "topic", "completion"}
+    assert generate_task("constraints", "sft", 100) == rows["sft"][:100]  # deterministic, prefixes agree
+
+
+def test_demonstrations_cover_almost_every_prompt_and_every_kind():
+    """The layout search finds a demonstration for all but a few prompts (measured: 15 of the first 2,000 train
+    prompts, 11 of the 480 eval prompts, mostly a long answer in exactly one sentence) and for every kind; every
+    word and letter a prompt may ban leaves at least 4 topic sentences to build from."""
+    from alignlab.builtin.constraint_demos import _SENTENCES, demonstrate
+
+    prompts = generate_task("constraints", "train", 2000)
+    missing = [r for r in prompts if demonstrate(r) is None]
+    assert len(missing) <= 20
+    done = Counter(k for r in prompts if demonstrate(r) is not None for k in r["kinds"])
+    assert set(done) == set(C.KINDS) and min(done.values()) > 100
+    for letter in C.AVOID_LETTERS:
+        assert sum(letter not in s.format(t="").lower() for s in _SENTENCES) >= 4, letter
+    for word in C.AVOID_WORDS:
+        assert sum(not C.has_word(s.format(t=""), word) for s in _SENTENCES) >= 4, word

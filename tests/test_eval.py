@@ -229,6 +229,30 @@ def test_completion_logps_do_not_depend_on_padding(tiny):
     assert counts.tolist() == [len(a[0]) - a[1], len(b[0]) - b[1]]
 
 
+def test_completion_logps_bound_the_logits_they_hold(tiny):
+    """Scoring holds at most MAX_LOGITS logits per forward (rows x scored positions x vocabulary) and computes only
+    the positions from the first completion token on, with the same log-probs as one unbounded forward. Here the
+    bound is set to 2 rows' worth of the 4 examples' 1 + longest-completion positions: 2 forwards of 2 rows."""
+    model, tok, _ = tiny
+    examples = [
+        tokenize_completion(tok, user(q), a)
+        for q, a in [("What is 47+8?", "55"), ("What is 3+4?", "7, surely"), ("Hi", "Hello there"), ("2+2?", "4")]
+    ]
+    full, counts = completion_logps(model, examples, tok.pad_token_id)  # the default bound: one forward
+    width = max(len(ids) for ids, _ in examples)
+    start = min(n for _, n in examples)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        chunked, _ = completion_logps(model, examples, tok.pad_token_id, max_logits=2 * (width - start + 1) * vocab)
+    finally:
+        hook.remove()
+    assert shapes == [(2, width - start + 1, vocab)] * 2
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-6)
+    assert counts.tolist() == [len(ids) - n for ids, n in examples]
+
+
 def test_adapter_policy_shares_the_reference_backbone(tiny, adapter_dir, tmp_path):
     model, tok, _ = tiny
     recipe = _recipe(tmp_path)

@@ -133,3 +133,47 @@ def test_missing_target_module_lists_the_real_ones(tiny_model_path):
         from transformers import AutoModelForCausalLM
 
         check_target_modules(recipe, AutoModelForCausalLM.from_pretrained(tiny_model_path))
+
+
+@pytest.mark.slow
+def test_qlora_stages_keep_float32_adapters(write_recipe, tmp_path):
+    """TRL's trainers cast a quantized model's trainable weights to bf16 (after taking DPO's "ref" copy of the SFT
+    adapter in float32). alignlab puts the float32 weights back (alignlab.stages.trl_glue.keep_trainable_float32), so:
+    the DPO policy continuing the SFT adapter equals its reference at step 1 (loss exactly ln 2: h = 0 for every
+    pair, which a bf16-rounded policy is not), the saved adapters are float32, and the reward model's trainable
+    score head meets float32 hidden states (in bf16 the run fails: "expected m1 and m2 to have the same dtype")."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from alignlab.cli import main
+
+    train = {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 1e-2, "max_length": 48, "logging_steps": 1}
+    data = {"path": "builtin:arith", "size": 8, "eval_size": 4}
+    recipe = {
+        "name": "qlora-stages",
+        "seed": 0,
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "peft": {"method": "qlora", "r": 4, "alpha": 8, "dropout": 0.0, "quantization": {"compute_dtype": "float32"}},
+        "stages": [
+            {"name": "sft", "type": "sft", "dataset": {**data, "split": "sft"}, "train": train},
+            {"name": "dpo", "type": "dpo", "dataset": {**data, "split": "preference"}, "train": train},
+            {
+                "name": "rm",
+                "type": "reward",
+                "input": "base",
+                "dataset": {**data, "split": "preference"},
+                "train": train,
+            },
+        ],
+    }
+    assert main(["run", str(write_recipe(recipe))]) == 0
+    run = tmp_path / "run"
+    first = json.loads((run / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6, abs=0)
+    for stage in ("sft", "dpo", "rm"):
+        tensors = load_file(run / stage / "model" / "adapter_model.safetensors")
+        assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}, stage
+    assert "eval_accuracy" in json.loads((run / "rm" / "stage_output.json").read_text())["metrics"]

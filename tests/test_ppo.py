@@ -137,10 +137,13 @@ def test_lora_reference_is_the_frozen_sft_adapter(tmp_path, recompute):
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "ref").exists()
 
 
-def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch, compute_dtype):
     """QLoRA from the base: 4-bit NF4 backbone, reference = the same backbone with the adapter disabled (KL exactly
     0 before the first update), and only the LoRA weights and the value head train; the quantized base is never
-    touched and the output is a plain PEFT adapter beside the value head."""
+    touched and the output is a plain PEFT adapter beside the value head. With QLoRA's default bfloat16 compute the
+    quantized layers compute in bf16, where cached decoding drifts from a full forward: by default the rollout's
+    log-probs then come from a full forward too (recompute_logprobs), else the KL at pi = ref is not 0."""
     import bitsandbytes as bnb
 
     from alignlab.builtin import resolve_model_name
@@ -167,11 +170,13 @@ def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch):
         ppo={"epochs": 2, "minibatch_size": 8, "learning_rate": 1.0e-3, "kl_coef": KL_COEF},
     )
     raw = _recipe(tmp_path / "run", [ppo], peft="qlora")
-    raw["peft"]["quantization"] = {"compute_dtype": "float32"}
+    raw["peft"]["quantization"] = {"compute_dtype": compute_dtype}
     outputs = _run(raw)
 
     rows = [r for r in _metrics(tmp_path / "run" / "ppo" / "metrics.jsonl") if not r.get("final")]
     assert abs(rows[0]["kl"]) < 1e-6  # policy = reference (adapter disabled) before the first update
+    if compute_dtype == "bfloat16":  # both log-probs from the same full forward (the zero adapter adds exact zeros)
+        assert rows[0]["kl"] == 0.0  # off the bf16 sampling pass: -2.4e-7 here, 0.0089 on SmolLM2 (8 tokens)
     assert abs(rows[1]["kl"]) > 1e-4  # the adapter moved the policy
     assert seen["trainable"] and all("lora_" in n or n.startswith("value_head.") for n in seen["trainable"])
     assert {"value_head.weight", "value_head.bias"} <= seen["trainable"]

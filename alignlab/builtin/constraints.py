@@ -161,7 +161,8 @@ def _has_letter(text: str) -> bool:
     return any(ch.isalpha() for ch in text)
 
 
-def _has_word(text: str, word: str) -> bool:
+def has_word(text: str, word: str) -> bool:
+    """Whether `word` appears whole in `text`, in any case."""
     return re.search(rf"\b{re.escape(word)}\b", text, re.I) is not None
 
 
@@ -288,13 +289,13 @@ KIND_LIST: tuple[Kind, ...] = (
         "include_keyword",
         ('Include the keyword "{word}" in your response.', 'Make sure to use the word "{word}".'),
         lambda rng: {"word": _choice(rng, KEYWORDS)},
-        lambda text, p: _has_word(text, p["word"]),
+        lambda text, p: has_word(text, p["word"]),
     ),
     Kind(
         "exclude_word",
         ('Do not use the word "{word}" anywhere in your response.', 'Avoid the word "{word}".'),
         lambda rng: {"word": _choice(rng, AVOID_WORDS)},
-        lambda text, p: not _has_word(text, p["word"]),
+        lambda text, p: not has_word(text, p["word"]),
     ),
     Kind(
         "include_letter",
@@ -437,7 +438,7 @@ def _params_conflict(a: dict, b: dict) -> bool:
             return True
         if x["kind"] == "avoid_letter" and any(x["letter"] in t.lower() for t, _ in needed):
             return True
-        if x["kind"] == "exclude_word" and any(_has_word(t, x["word"]) for t, _ in needed):
+        if x["kind"] == "exclude_word" and any(has_word(t, x["word"]) for t, _ in needed):
             return True
         # One sentence cannot also hold a closing phrase that is a sentence of its own.
         if x["kind"] == "sentence_count" and x["relation"] != "at least" and x["n"] < 2:
@@ -452,7 +453,7 @@ def _fits_request(c: dict, request: str) -> bool:
     if c["kind"] == "avoid_letter":
         return c["letter"] not in request.lower()
     if c["kind"] == "exclude_word":
-        return not _has_word(request, c["word"])
+        return not has_word(request, c["word"])
     return True
 
 

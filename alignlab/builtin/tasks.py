@@ -44,7 +44,8 @@ Reward (`arith_reward`, in [0, 1]), from the leading integer of the completion a
     any text after the integer               the above times 0.5       (e.g. "55 apples" -> 0.5)
 
 A second task, `constraints` (instructions with verifiable constraints, for real small instruct models), lives in
-alignlab.builtin.constraints and is registered here.
+alignlab.builtin.constraints (its demonstration and preference splits in alignlab.builtin.constraint_demos) and is
+registered here.
 
 This module imports only the standard library.
 """
@@ -59,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignlab.builtin import constraint_demos as _constraint_demos
 from alignlab.builtin import constraints as _constraints
 from alignlab.builtin import prose as _prose
 
@@ -353,11 +355,11 @@ BUILTIN_TASKS: dict[str, Task] = {
     "constraints": Task(
         name="constraints",
         description="short requests with 1-3 verifiable constraints (IFEval-style); reward = fraction satisfied",
-        rows=_constraints.constraints_rows,
+        rows=_constraint_demos.rows,
         reward=_constraints.constraints_reward,
         reward_path="alignlab.builtin.constraints:constraints_reward",
         corpus=_constraints._corpus,
-        splits=_constraints.CONSTRAINTS_SPLITS,
+        splits=_constraint_demos.SPLITS,
         report=_constraints.constraint_report,
     ),
     "prose": Task(

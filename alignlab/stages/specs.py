@@ -183,8 +183,9 @@ class RolloutSpec(Strict):
         None,
         description="false: the policy's log-probs, values and entropy come from the sampling pass itself; "
         "true: from one more forward over prompt + response (the PPO epochs' exact arithmetic, so the first ratio "
-        "is exactly 1). Default (null): true under mixed precision (accelerate bf16/fp16) or a float16/bfloat16 "
-        "model, where cached decoding drifts from a full forward; false otherwise",
+        "is exactly 1). Default (null): true under mixed precision (accelerate bf16/fp16), a float16/bfloat16 "
+        "model or a quantized base computing in bf16/fp16 (QLoRA's default compute_dtype), where cached decoding "
+        "drifts from a full forward; false otherwise",
     )
 
     @field_validator("top_p")

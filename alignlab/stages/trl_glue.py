@@ -124,7 +124,13 @@ class GuardedTrainer:
     model is saved right after it): Trainer resumed from one would train a step past max_steps.
     Finite loss: a nan or inf loss on any process stops training before the optimizer applies it, so no checkpoint
     holds its weights. (A TrainerCallback never sees the per-step loss: only logged averages, every logging_steps.)
+    Float32 adapters on a quantized base: see `keep_trainable_float32`.
     """
+
+    def __init__(self, *args, model=None, **kwargs):
+        before = trainable_float32(model)
+        super().__init__(*args, model=model, **kwargs)
+        keep_trainable_float32(self, before)
 
     def _save_checkpoint(self, model, trial):
         if self.state.global_step >= self.state.max_steps:
@@ -168,6 +174,36 @@ class GuardedTrainer:
                 + checkpoint_note(last_checkpoint(Path(a.output_dir)))
             )
         return loss
+
+
+def trainable_float32(model) -> dict:
+    """{name: a copy} of a quantized model's trainable float32 weights (the adapters: small), else {}."""
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if not quantized:
+        return {}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float32}
+
+
+def keep_trainable_float32(trainer, before: dict) -> None:
+    """Undo TRL's cast of a quantized model's trainable weights to bfloat16 (SFT, DPO and Reward trainers, TRL 1.16,
+    after the QLoRA paper's bf16 adapters) in unsharded runs: alignlab puts back the float32 weights (`before`, from
+    `trainable_float32` ahead of TRL's __init__), values included.
+
+    In bf16 they break three ways. (1) An AdamW step moves a weight by about the learning rate, and bf16 keeps 8
+    significant bits: a LoRA A weight of 0.02 (SmolLM2's are uniform in +-1/sqrt(576) = +-0.042) does not move
+    under an update below half its bf16 spacing, 2^-14 = 6e-5, so DPO at lr 5e-6 leaves the A matrices frozen, silently.
+    (2) DPO's reference, continuing an SFT adapter, is a copy of it ("ref") that TRL takes before the cast: the policy
+    is its bf16 rounding, so policy and reference differ at step 0 (SmolLM2 after a LoRA SFT: 0.1 nats per
+    completion) and the first DPO loss is not ln 2. Casting back to float32 is not enough: the rounding stays.
+    (3) A trainable score head (the reward model's, in `modules_to_save`) in bf16 meets float32 hidden states:
+    without autocast (CPU, float32 training) the matmul fails with "expected m1 and m2 to have the same dtype".
+    Under FSDP or DeepSpeed the cast is left alone (sharded parameters must share one dtype)."""
+    if not before or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for name, param in model.named_parameters():
+        if name in before and param.dtype != torch.float32:
+            param.data = before[name]
 
 
 def train_and_save(
