@@ -473,3 +473,21 @@ def test_constraint_task_report_with_intervals(tmp_path):
     assert res["nll"] == res["nll_reference"] > 0 and res["nll_change"] == 0 and res["nll_tokens"] > 100
     md = (write_results(res, tmp_path / "out")[1]).read_text()
     assert "### Per constraint kind" in md and "| strict accuracy (all constraints met) |" in md
+
+
+def test_eval_without_an_eval_stage_defaults_to_the_tasks_held_out_prompts():
+    """issue 19: `alignlab eval RUN_DIR` on a run whose recipe has no eval stage stopped with "missing required key
+    'stages[2].dataset'". A run that trains on a built-in task is evaluated on that task's held-out prompts with its
+    exact reward; any other run gets a message naming the --set to give."""
+    from alignlab.evaluation.command import default_eval_stage, run_cli
+
+    arith = {"stages": [{"type": "sft", "dataset": {"path": "builtin:arith", "split": "sft"}}, {"type": "dpo"}]}
+    assert default_eval_stage(arith) == {
+        "name": "eval",
+        "type": "eval",
+        "dataset": {"path": "builtin:arith", "split": "eval"},
+        "reward_fn": "builtin:arith",
+    }
+    assert "dataset" not in default_eval_stage({"stages": [{"type": "sft", "dataset": {"path": "data.jsonl"}}]})
+    with pytest.raises(RecipeError, match=r"no eval stage .* --set dataset.path=PROMPTS.jsonl"):
+        run_cli(["Qwen/some-model"])

@@ -26,7 +26,8 @@ def run_cli(
 
     Settings are the keys of an eval stage (alignlab/stages/specs.py:EvalSpec): the recipe's eval stage (`stage`,
     else its first one), with `sets` (`key=value`, e.g. `num_prompts=50`, `dataset.path=data.jsonl`) applied on top;
-    when the recipe has no eval stage, `sets` must give at least `dataset.path`. The recipe is `recipe_path`, else
+    when the recipe has no eval stage, the held-out split of the built-in task its stages train on (with that task's
+    reward), else `sets` must give at least `dataset.path` (default_eval_stage). The recipe is `recipe_path`, else
     the recipe.yaml of the run the first checkpoint belongs to, else a minimal one over the checkpoint's base.
     The reference is `reference` (base, a stage of that run, or any checkpoint form), else the stage's own.
     """
@@ -44,9 +45,15 @@ def run_cli(
     evals = [s for s in raw.get("stages", []) if s.get("type") == "eval" and stage in (None, s.get("name"))]
     if stage is not None and not evals:
         raise RecipeError(f"{source}: no eval stage named '{stage}'")
-    stage_raw = dict(evals[0]) if evals else {"name": "eval", "type": "eval"}
+    stage_raw = dict(evals[0]) if evals else default_eval_stage(raw)
     for kv in sets or []:
         apply_override(stage_raw, kv)
+    if "dataset" not in stage_raw:
+        raise RecipeError(
+            f"{source or 'the checkpoint'} has no eval stage and trains on no built-in task, so there are no prompts to "
+            f"evaluate on: give them with --set dataset.path=PROMPTS.jsonl (a `prompt` column; add --set "
+            f"reward_fn=module:function for a true reward), or pass --recipe with an eval stage."
+        )
     raw["stages"] = [s for s in raw.get("stages", []) if s.get("type") != "eval"] + [stage_raw]
     recipe = parse_recipe(raw, source=source)
     spec = recipe.stages[-1]
@@ -121,6 +128,20 @@ def _diff_cell(d: dict | None) -> str:
     if lo is None or hi is None or lo != lo or hi != hi:  # nan: one prompt
         return f"{d['value']:+.4g}"
     return f"{d['value']:+.4g} [{lo:+.3g}, {hi:+.3g}]"
+
+
+def default_eval_stage(raw: dict) -> dict:
+    """Eval-stage settings for a recipe that has none: when its stages train on a built-in task (builtin:arith,
+    builtin:constraints), that task's held-out `eval` prompts scored by its exact reward; else no dataset (the caller
+    asks for --set dataset.path)."""
+    from alignlab.builtin.tasks import BUILTIN_TASKS
+
+    for spec in raw.get("stages", []):
+        path = str((spec.get("dataset") or {}).get("path", "")) if isinstance(spec, dict) else ""
+        task = BUILTIN_TASKS.get(path.removeprefix("builtin:")) if path.startswith("builtin:") else None
+        if task is not None and task.reward is not None and "eval" in task.splits:
+            return {"name": "eval", "type": "eval", "dataset": {"path": path, "split": "eval"}, "reward_fn": path}
+    return {"name": "eval", "type": "eval"}
 
 
 def _run_dir_of(path: Path) -> Path | None:
