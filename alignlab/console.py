@@ -126,7 +126,11 @@ def setup(log_path: Path | str | None = None, main_process: bool = True, verbose
     ours.propagate = True
     for h in [h for h in ours.handlers if isinstance(h, logging.StreamHandler)]:  # handlers of older setups
         ours.removeHandler(h)
-    logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings": the file, the console only if verbose
+    # warnings.warn -> logger "py.warnings": the file, the console only if verbose. Off then on: captureWarnings(True)
+    # is a no-op when an earlier call is still recorded, even if something (a warnings.catch_warnings block, e.g.
+    # pytest's per-test one) has since put its own showwarning back.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     _quiet_libraries(verbose())
 
 

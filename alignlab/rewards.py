@@ -69,10 +69,13 @@ def load_reward_report(ref: str):
     return builtin_reward_report(ref)
 
 
-def reward_fn_scores(fn, prompts: list, completions: list[str], name: str | None = None) -> list[float]:
+def reward_fn_scores(
+    fn, prompts: list, completions: list[str], name: str | None = None, allow_nonfinite: bool = False
+) -> list[float]:
     """`fn` on completions, called with the prompts' user texts: one float per completion. Raises RewardFnError,
     naming the function and the completion, when it raises or returns anything but one finite number per
-    completion (a NaN or a None would reach the loss as NaN)."""
+    completion (a NaN or a None would reach the loss as NaN). `allow_nonfinite`: nan / inf pass through, for a
+    training loop whose own guard stops at them with the step and the last good checkpoint (PPO, GRPO)."""
     name = name or f"reward_fn {getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
     texts = [prompt_text(p) for p in prompts]
     completions = list(completions)
@@ -105,7 +108,7 @@ def reward_fn_scores(fn, prompts: list, completions: list[str], name: str | None
             score = float(v)
         except (TypeError, ValueError):
             score = None
-        if score is None or not math.isfinite(score):
+        if score is None or not (math.isfinite(score) or allow_nonfinite):
             raise RewardFnError(
                 f"{name} returned {_short(v)} for completion {j} ({_short(completions[j])} after prompt "
                 f"{_short(texts[j])}); scores must be finite numbers. Return e.g. 0.0 for a completion it cannot score."
@@ -188,7 +191,7 @@ def reward_fn_scorer(ref: str):
 
     fn = load_reward_fn(ref)
     return lambda prompts, completions: torch.tensor(
-        reward_fn_scores(fn, prompts, completions, name=f"reward_fn {ref}"), dtype=torch.float32
+        reward_fn_scores(fn, prompts, completions, name=f"reward_fn {ref}", allow_nonfinite=True), dtype=torch.float32
     )
 
 

@@ -16,9 +16,10 @@ REWARD_CALLS = {"n": 0}
 
 
 def nan_on_third_call(prompts, completions):
-    """A reward function that breaks at PPO step 3 (its third call): nan for every completion."""
+    """A reward function that breaks at PPO step 3: nan for every completion of its third call in training (its
+    fourth in all: validation tries it once first, alignlab.rewards.check_reward_fn)."""
     REWARD_CALLS["n"] += 1
-    return [math.nan if REWARD_CALLS["n"] == 3 else float(len(c)) for c in completions]
+    return [math.nan if REWARD_CALLS["n"] == 4 else float(len(c)) for c in completions]
 
 
 def _write(tmp_path, stage, peft="lora"):
