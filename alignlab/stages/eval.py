@@ -4,9 +4,11 @@
 
 Policy: the stage's input (by default the previous stage's model; `input: base` for the base model).
 Reference: `reference: base` (the recipe's base model, the default) or the name of an earlier stage. Measures the
-task's true reward (`reward_fn`), a reward model's score (`reward_model`), the win rate against the reference, the
-KL to it, DPO's implicit-reward accuracy on held-out pairs (`preference_dataset`) and perplexity on held-out SFT
-data (`sft_dataset`); what each number is exactly, and the eval.json keys: alignlab/evaluation/__init__.py.
+task's true reward (`reward_fn`; with builtin:constraints also strict and per-kind accuracy), a reward model's
+score (`reward_model`), the win rate against the reference, the KL to it (on samples at temperature 1), repetition
+and length of both models' answers, DPO's implicit-reward accuracy on held-out pairs (`preference_dataset`),
+perplexity on held-out SFT data (`sft_dataset`) and NLL on a fixed held-out text (`nll_dataset`), each with a 95%
+interval; what each number is exactly, and the eval.json keys: alignlab/evaluation/__init__.py.
 
 Writes <run>/<stage>/eval.json, eval.md (printed at the end of `alignlab run`) and plots/*.png of the earlier
 stages' training curves. Runs on the main process only; other processes wait.
