@@ -111,7 +111,8 @@ def test_builtin_unpaired_split_is_the_preference_pairs():
 def test_kto_after_lora_sft_starts_at_its_reference_and_learns(write_recipe, tmp_path):
     """SFT (LoRA, one big step so the adapter is far from the base) -> KTO continuing the adapter. First eval
     (step 0): eval_loss = 0.5 and margins = 0 exactly (reference = the SFT adapter, frozen). On held-out prompts
-    the desirable completions' implied reward then rises above the undesirable ones'. Measured (6 steps):
+    the desirable completions' implied reward then rises above the undesirable ones', and the step-3 checkpoint is
+    written the atomic way. Measured (6 steps):
     eval_loss 0.5 -> 0.433, eval_rewards/margins 0 -> 0.567."""
     recipe = {
         "name": "kto-stage",
@@ -137,6 +138,7 @@ def test_kto_after_lora_sft_starts_at_its_reference_and_learns(write_recipe, tmp
                     "learning_rate": 3e-3,
                     "max_length": 48,
                     "logging_steps": 1,
+                    "save_steps": 3,
                     "extra": {"eval_on_start": True},
                 },
             },
@@ -152,3 +154,5 @@ def test_kto_after_lora_sft_starts_at_its_reference_and_learns(write_recipe, tmp
     assert last["eval_rewards/margins"] > 0.2
     assert last["eval_loss"] < 0.48
     assert not (tmp_path / "run" / "kto" / "model" / "ref").exists()  # the frozen copy is not part of the output
+    # GuardedTrainer's atomic checkpoint, through KTOTrainer's own _save_checkpoint (which adds a model card)
+    assert (tmp_path / "run" / "kto" / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists()
