@@ -144,13 +144,17 @@ def test_generate_keys_are_checked(keys, message):
         parse_recipe(_raw([{**GEN, **keys}]))
 
 
-def test_validate_accepts_stage_data_and_notes_it(write_recipe):
+def test_validate_accepts_stage_data(write_recipe):
+    """The data does not exist before the run: validate checks the reference and the format (check_chain), and the
+    rest of the generate stage (its reward function), without a note about the data."""
     from alignlab.validate import validate_recipe
 
     _, notes = validate_recipe(write_recipe(_raw([GEN_FN, DPO])))
-    assert "stages[1] (dpo).dataset: dataset 'stage:pairs' is written by stage 'pairs' during the run" in notes[-1]
+    assert not any("stage:pairs" in n for n in notes)
     with pytest.raises(RecipeError, match="stages\\[0\\] \\(pairs\\).reward_fn: unknown built-in reward function"):
         validate_recipe(write_recipe(_raw([{**GEN, "reward_fn": "builtin:chess"}, DPO])))
+    with pytest.raises(RecipeError, match="stage 'pairs' writes prompt_completion data"):
+        validate_recipe(write_recipe(_raw([{**GEN_FN, "output": "sft"}, DPO])))
 
 
 def test_reading_a_stage_that_has_not_finished_says_so(tmp_path):

@@ -26,6 +26,7 @@ def test_wilson_stays_inside_0_1_where_the_normal_interval_collapses():
     """0 of 10: the normal interval is [0, 0]; Wilson's is [0, z^2 / (n + z^2)] = [0, 3.8415 / 13.8415] = [0, 0.2775]."""
     assert stats.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
     assert stats.wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    assert stats.wilson_interval(0, 24)[0] == 0.0 and stats.wilson_interval(24, 24)[1] == 1.0  # exactly, no 1e-17
     assert stats.rate([0] * 10)["stderr"] == 0.0
     with pytest.raises(ValueError, match="rate\\(\\) takes 0/1 outcomes"):
         stats.rate([1, 0.5, 0])
