@@ -151,5 +151,6 @@ def test_shipped_recipes_are_found():
 def test_every_shipped_recipe_validates(path, tiny_model_path):
     recipe, notes = validate_recipe(path)  # tiny_model_path: the builtin is built, so model checks run too
     assert recipe.stages
-    # Offline, hub models and datasets are reported as not checked, never as errors.
-    assert all("not checked offline" in n for n in notes)
+    # Offline, hub models and datasets are reported as not checked, never as errors; so is a fetched builtin
+    # (builtin:smollm2-135m-instruct) before its first fetch, as in a fresh checkout.
+    assert all("not checked offline" in n or "is not built yet (alignlab builtin" in n for n in notes)

@@ -3,17 +3,19 @@
 A demonstration answers a prompt's request about its topic in short plain sentences (`_SENTENCES`), laid out so
 that every constraint of the prompt holds: the start phrase opens it, the end phrase closes it, a sentence brings
 the keyword or the rare letter, the words and letters to avoid are left out, and the form (bullets, JSON object,
-title, paragraphs, postscript, case) is applied last. The layout is searched, not derived: `_compose` draws a
-candidate (how many sentences, which ones, which openers) with a seeded `random.Random`, and
-`check_constraint` keeps the first one that satisfies every constraint; a prompt where 400 draws fail gets no
-demonstration (about 1 in 150: mostly a long answer in one sentence, e.g. at least 30 words in exactly 1 sentence).
+title, paragraphs, postscript, case) is applied last. The sentences come in one fixed order (a script: greedy
+answers of a model trained on randomly picked sentences loop), so a layout is how many of them, which opener and
+separators; it is searched, not derived: `_compose` draws a candidate with a seeded `random.Random`, and
+`check_constraint` keeps the first one that satisfies every constraint. A prompt where 400 draws fail gets no
+demonstration (16 of the first 2,000 train prompts: mostly a long answer in one sentence, e.g. at least 30 words in
+exactly 1 sentence; 5 of the 480 eval prompts).
 
 Splits (rows of `constraints_rows(split, n, seed)`, all with the prompt columns of the train / eval splits):
 - `sft`: prompt + `completion` (an assistant message), from train prompts (train topics and combinations);
   `sft_eval` the same from eval prompts.
 - `preference`: prompt + `chosen` (a demonstration, reward 1) + `rejected` (a near miss: the same kind of answer
   satisfying every constraint but one, reward (k - 1) / k for k constraints; prompts where no layout misses exactly
-  one are skipped), from train prompts; `preference_eval` from eval prompts. The pair differs in the one
+  one are skipped: 172 of the first 2,000), from train prompts; `preference_eval` from eval prompts. The pair differs in the one
   instruction, not in style: against plain prose as the rejected side, DPO learns "not prose" (SmolLM2 then
   strews titles, bullets and dividers over every answer).
 
@@ -149,11 +151,13 @@ def _compose(cs: list[dict], topic: str, rng: random.Random) -> str:
     if "include_letter" in by:
         options = [s for s in _LETTER_SENTENCES[by["include_letter"]["letter"]] if ok(s)]
         extras.append(rng.choice(options or list(_LETTER_SENTENCES[by["include_letter"]["letter"]])))
-    n_body = rng.randint(1, 4)
+    # The sentences in their fixed order (only how many is drawn): a model trained on demonstrations that pick
+    # sentences at random learns a wide distribution over them, and its greedy answers loop ("Good habits help a
+    # lot. Good habits help a lot. ..."); a fixed script is predictable, and ends.
+    n_body = rng.randint(0 if extras else 1, 4)
     if "bullets" in by or "paragraphs" in by:
-        n_body = max(n_body, by.get("bullets", by.get("paragraphs", {})).get("n", 1))
-    body = rng.sample(pool, min(n_body, len(pool))) + extras
-    rng.shuffle(body)
+        n_body = max(n_body, by.get("bullets", by.get("paragraphs", {})).get("n", 1) - len(extras))
+    body = pool[:n_body] + extras
 
     if "json_keys" in by:
         keys = by["json_keys"]["keys"]
