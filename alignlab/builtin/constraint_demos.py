@@ -3,17 +3,21 @@
 A demonstration answers a prompt's request about its topic in short plain sentences (`_SENTENCES`), laid out so
 that every constraint of the prompt holds: the start phrase opens it, the end phrase closes it, a sentence brings
 the keyword or the rare letter, the words and letters to avoid are left out, and the form (bullets, JSON object,
-title, paragraphs, postscript, case) is applied last. The layout is searched, not derived: `_compose` draws a
-candidate (how many sentences, which ones, which openers) with a seeded `random.Random`, and
-`check_constraint` keeps the first one that satisfies every constraint; a prompt where 400 draws fail gets no
-demonstration (about 1 in 150: mostly a long answer in one sentence, e.g. at least 30 words in exactly 1 sentence).
+title, paragraphs, postscript, case) is applied last. The sentences come in one fixed order (a script: greedy
+answers of a model trained on randomly picked sentences loop), so a layout is how many of them, which opener and
+separators; it is searched, not derived: `_compose` draws a candidate with a seeded `random.Random`, and
+`check_constraint` keeps the first one that satisfies every constraint. A prompt where 400 draws fail gets no
+demonstration (16 of the first 2,000 train prompts: mostly a long answer in one sentence, e.g. at least 30 words in
+exactly 1 sentence; 5 of the 480 eval prompts).
 
 Splits (rows of `constraints_rows(split, n, seed)`, all with the prompt columns of the train / eval splits):
 - `sft`: prompt + `completion` (an assistant message), from train prompts (train topics and combinations);
   `sft_eval` the same from eval prompts.
-- `preference`: prompt + `chosen` (a demonstration, reward 1) + `rejected` (the same request answered in
-  plain sentences that ignore the constraints, reward < 1: rows where the plain answer happens to satisfy every
-  constraint are skipped), from train prompts; `preference_eval` from eval prompts.
+- `preference`: prompt + `chosen` (a demonstration, reward 1) + `rejected` (a near miss: the same kind of answer
+  satisfying every constraint but one, reward (k - 1) / k for k constraints; prompts where no layout misses exactly
+  one are skipped: 172 of the first 2,000), from train prompts; `preference_eval` from eval prompts. The pair differs in the one
+  instruction, not in style: against plain prose as the rejected side, DPO learns "not prose" (SmolLM2 then
+  strews titles, bullets and dividers over every answer).
 
 What the demonstrations are not: good prose. They are short, generic and sometimes stilted ("The word
 "journey" fits here."); they teach the formats and the instructions, not the topic. SFT on them moves the model
@@ -147,11 +151,13 @@ def _compose(cs: list[dict], topic: str, rng: random.Random) -> str:
     if "include_letter" in by:
         options = [s for s in _LETTER_SENTENCES[by["include_letter"]["letter"]] if ok(s)]
         extras.append(rng.choice(options or list(_LETTER_SENTENCES[by["include_letter"]["letter"]])))
-    n_body = rng.randint(1, 4)
+    # The sentences in their fixed order (only how many is drawn): a model trained on demonstrations that pick
+    # sentences at random learns a wide distribution over them, and its greedy answers loop ("Good habits help a
+    # lot. Good habits help a lot. ..."); a fixed script is predictable, and ends.
+    n_body = rng.randint(0 if extras else 1, 4)
     if "bullets" in by or "paragraphs" in by:
-        n_body = max(n_body, by.get("bullets", by.get("paragraphs", {})).get("n", 1))
-    body = rng.sample(pool, min(n_body, len(pool))) + extras
-    rng.shuffle(body)
+        n_body = max(n_body, by.get("bullets", by.get("paragraphs", {})).get("n", 1) - len(extras))
+    body = pool[:n_body] + extras
 
     if "json_keys" in by:
         keys = by["json_keys"]["keys"]
@@ -201,11 +207,19 @@ def demonstrate(row: dict, seed: int = 0, attempts: int = 400) -> str | None:
     return None
 
 
-def plain_answer(row: dict, seed: int = 0) -> str:
-    """The request answered in 3-5 plain sentences, ignoring the constraints (a preference pair's rejected side)."""
-    rng = random.Random(f"constraints/plain/{seed}/{row['prompt'][0]['content']}")
-    pool = [s.format(t=row["topic"]) for s in _SENTENCES]
-    return " ".join(s[0].upper() + s[1:] for s in rng.sample(pool, rng.randint(3, 5)))
+def near_miss(row: dict, seed: int = 0, attempts: int = 400) -> str | None:
+    """A response to `row` in the demonstrations' style that satisfies every constraint but one (a preference
+    pair's rejected side): the pair then differs in that one instruction, not in style. The constraint to miss is
+    drawn (seeded) among those a layout search can miss; None when none can be."""
+    cs = json.loads(row["constraints"])
+    rng = random.Random(f"constraints/miss/{seed}/{row['prompt'][0]['content']}")
+    for i in rng.sample(range(len(cs)), len(cs)):
+        others = cs[:i] + cs[i + 1 :]
+        for _ in range(attempts // len(cs)):
+            text = _compose(others, row["topic"], rng)
+            if not check_constraint(text, cs[i]) and all(check_constraint(text, c) for c in others):
+                return text
+    return None
 
 
 def rows(split: str, n: int, seed: int) -> list[dict]:
@@ -236,9 +250,9 @@ def _demo_rows(split: str, prompts: list[dict], seed: int) -> list[dict]:
         if split.startswith("sft"):
             out.append({**row, "completion": [{"role": "assistant", "content": demo}]})
             continue
-        plain = plain_answer(row, seed)
-        if all(check_constraint(plain, c) for c in json.loads(row["constraints"])):
-            continue  # no preference: the plain answer already satisfies every constraint
-        chosen, rejected = ([{"role": "assistant", "content": t}] for t in (demo, plain))
+        miss = near_miss(row, seed)
+        if miss is None:
+            continue
+        chosen, rejected = ([{"role": "assistant", "content": t}] for t in (demo, miss))
         out.append({**row, "chosen": chosen, "rejected": rejected})
     return out
