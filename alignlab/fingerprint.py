@@ -156,11 +156,16 @@ def model_digest(recipe: Recipe, name_or_path: str) -> str:
 
 
 def reward_fn_digest(ref: str) -> str:
-    """sha256 of the source of the module `module:function` lives in (what decides the rewards)."""
-    module = ref.split(":", 1)[0]
+    """sha256 of the source of the module `module:function` lives in (what decides the rewards); for `builtin:TASK`,
+    of the module the task's reward function is defined in (alignlab.builtin.constraints, ...)."""
     try:
-        source = inspect.getsource(importlib.import_module(module))
-    except (ImportError, OSError, TypeError) as e:
+        if ref.startswith("builtin:"):
+            from alignlab.builtin.rewards import builtin_reward_fn
+
+            source = inspect.getsource(inspect.getmodule(builtin_reward_fn(ref)))
+        else:
+            source = inspect.getsource(importlib.import_module(ref.split(":", 1)[0]))
+    except (ImportError, OSError, TypeError, ValueError) as e:
         return f"unreadable: {e}"
     return "sha256:" + hashlib.sha256(source.encode()).hexdigest()
 

@@ -205,11 +205,96 @@ def smollm2_quant() -> str:
     return _table(["", ""], rows)
 
 
+SMOLLM2_WHAT = {
+    "sft_dpo": "SFT on demonstrations -> DPO on near misses",
+    "generate_dpo": "DPO on its own samples, best vs worst",
+    "ppo": "PPO, the checker as reward",
+    "grpo": "GRPO, the checker as reward",
+}
+
+
+def _ci(ci: list[float] | None, sign: str = "") -> str:
+    return f"[{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]" if ci else ""
+
+
+def smollm2_results() -> str:
+    """README.md: what the SmolLM2 recipes reach on builtin:constraints' held-out prompts, bench/results/smollm2.json
+    (one row per recipe and seed, every seed shown; the base model's row once, checked equal in every run)."""
+    res = _result("smollm2")["results"]
+    runs = sorted(res.values(), key=lambda r: (list(SMOLLM2_WHAT).index(_recipe_key(r["recipe"])), r["seed"]))
+    evals = [r["eval"] for r in runs]
+    base = evals[0]
+    for r, e in zip(runs, evals):
+        if e["settings"] != base["settings"] or e["num_prompts"] != base["num_prompts"]:
+            raise ValueError(f"smollm2.json: {r['recipe']} seed {r['seed']} was evaluated with other settings")
+        if (e["strict_accuracy_reference"], e["true_reward_reference"]) != (
+            base["strict_accuracy_reference"],
+            base["true_reward_reference"],
+        ):
+            raise ValueError(f"smollm2.json: the base model scored differently in {r['recipe']} seed {r['seed']}")
+    n = base["num_prompts"]
+    rows = [
+        [
+            "base SmolLM2-135M-Instruct",
+            "",
+            f"{base['strict_accuracy_reference']:.3f} {_ci(base['strict_accuracy_reference_ci'])}",
+            "",
+            f"{base['true_reward_reference']:.3f}",
+            "",
+            "0",
+            f"{base['repetition_reference']:.3f}",
+            "",
+            "",
+        ]
+    ]
+    for r, e in zip(runs, evals):
+        rows.append(
+            [
+                f"`{Path(r['recipe']).name}` ({SMOLLM2_WHAT[_recipe_key(r['recipe'])]})",
+                str(r["seed"]),
+                f"{e['strict_accuracy']:.3f} {_ci(e['strict_accuracy_ci'])}",
+                f"{e['strict_accuracy_diff']:+.3f} {_ci(e['strict_accuracy_diff_ci'], '+')}",
+                f"{e['true_reward']:.3f}",
+                f"{e['true_reward_diff']:+.3f} {_ci(e['true_reward_diff_ci'], '+')}",
+                f"{e['kl']:.2f}",
+                f"{e['repetition']:.3f}",
+                f"{e['nll_change']:+.1%}" if e.get("nll_change") is not None else "",
+                f"{r['seconds'] / 60:.0f} min" if r["seconds"] else "",
+            ]
+        )
+    s = base["settings"]
+    first, dates = runs[0], [r["date"] for r in runs]
+    head = (
+        f"Measured with `python bench/smollm2_results.py` ({' to '.join(sorted({min(dates), max(dates)}))}, {first['machine']['cpu_count']} shared CPUs, torch "
+        f"{first['versions'].get('torch')}): {n} held-out prompts of `builtin:constraints` (10 per constraint kind; "
+        f"held-out topics and combinations), greedy answers of up to {s['max_new_tokens']} new tokens, each policy "
+        "against the base model on the same prompts (differences paired per prompt); 95% intervals.\n"
+    )
+    headers = [
+        "model (recipe)",
+        "seed",
+        "strict accuracy",
+        "vs base",
+        "mean reward",
+        "vs base",
+        "KL (nats, sampled)",
+        "repeated 3-grams",
+        "NLL change",
+        "time",
+    ]
+    return head + "\n" + _table(headers, rows, "---|---:|---|---|---:|---|---:|---:|---:|---:")
+
+
+def _recipe_key(recipe: str) -> str:
+    return Path(recipe).stem.removeprefix("smollm2_").removesuffix("_lora")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "arith-stats": arith_stats,
     "quickstart-results": quickstart_results,
     "constraints-base-rate": constraints_base_rate,
     "smollm2-quant": smollm2_quant,
+    "smollm2-results": smollm2_results,
 }
 
 

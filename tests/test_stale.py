@@ -281,3 +281,18 @@ def test_reference_logps_cache_follows_max_length_and_force_never_reads_it(tmp_p
     assert fresh.name == cut.name and torch.equal(
         load_file(str(fresh))["ref_rejected_logps"], truncated["ref_rejected_logps"]
     )
+
+
+def test_a_builtin_reward_is_fingerprinted_by_its_checker_source():
+    """`reward_fn: builtin:constraints` recorded "unreadable: No module named 'builtin'" (it was read as module
+    `builtin`), so a change of the checker never made a PPO/GRPO/generate stage stale. Its digest is the source of
+    the module the reward function lives in."""
+    import hashlib
+    import inspect
+
+    import alignlab.builtin.constraints as checker
+    from alignlab.fingerprint import reward_fn_digest
+
+    expected = "sha256:" + hashlib.sha256(inspect.getsource(checker).encode()).hexdigest()
+    assert reward_fn_digest("builtin:constraints") == expected
+    assert reward_fn_digest("builtin:nope").startswith("unreadable: unknown built-in reward function 'builtin:nope'")
