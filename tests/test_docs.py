@@ -67,7 +67,7 @@ def test_generated_tables_match_the_code_and_the_results():
                 stale.append(f"{path.relative_to(ROOT)}: {name}")
     assert not stale, "run `python scripts/gen_docs.py`; stale: " + ", ".join(stale)
     names = {n for p in gen.doc_files() for n in gen.blocks(p.read_text())}
-    assert {"quickstart-results", "arith-stats", "constraints-base-rate", "smollm2-quant"} <= names
+    assert {"quickstart-results", "arith-stats", "constraints-base-rate", "smollm2-quant", "smollm2-results"} <= names
 
 
 def test_kl_column_is_labelled_by_how_it_was_measured():
@@ -92,6 +92,22 @@ def test_quickstart_results_were_measured_with_the_shipped_recipes():
             spec.temperature,
             spec.max_new_tokens,
         ), name
+
+
+def test_smollm2_results_were_measured_with_the_shipped_recipes():
+    """bench/results/smollm2.json describes the SmolLM2 recipes as they are: each exists, and its eval stage evaluates
+    what the measurement did (prompts, tokens, decoding), so the README's rows compare with each other."""
+    from alignlab.recipe import load_recipe
+
+    data = json.loads((ROOT / "bench" / "results" / "smollm2.json").read_text())
+    assert data["results"]
+    for name, res in data["results"].items():
+        spec = load_recipe(ROOT / res["recipe"]).stage("eval")
+        e = res["eval"]
+        assert (e["num_prompts"], spec.dataset.path, spec.dataset.split) == (160, "builtin:constraints", "eval"), name
+        assert (spec.num_prompts, spec.reference) == (160, "base"), name
+        assert e["settings"]["max_new_tokens"] == spec.max_new_tokens, name
+        assert e["settings"]["temperature"] == spec.temperature == 0.0, name
 
 
 def test_arith_card_lists_every_split_the_task_has():
