@@ -30,7 +30,8 @@ depends only on (seed, its index in the run): P processes sample what one proces
 Each process scales its loss by its share of the global denominator (responses or tokens, after dropping groups),
 so the gradient DDP averages is the one-process gradient when each step is one minibatch. Metrics are averaged
 over processes. Resume: checkpoints/step-N (trainable weights, optimizer state, step; written to a temporary folder,
-marked complete, renamed) and the seeded streams make a resumed run the uninterrupted one.
+marked complete, renamed) and the seeded streams make a resumed run the uninterrupted one. The loop, the prompt
+stream, checkpoints, the NaN guard and the process arithmetic are shared with PPO: alignlab/rl/loop.py.
 
 stop_if: a limit passed on step s's samples says the weights after s - 1 updates have collapsed; those after s - 2
 updates produced step s - 1's samples, which passed. The stage ends with the newest complete checkpoint at step
@@ -291,12 +292,7 @@ class GRPOTrainer(RLTrainer):
                 # denominator (responses or tokens kept), so the average is the loss over every process's rows.
                 share = self._share(aggregation_count(mask, self.agg, weights))
                 loss = loss * share
-                self._check_finite(torch.isfinite(loss), "the GRPO loss is nan or inf")
-                self.acc.backward(loss)
-                if spec.max_grad_norm > 0:
-                    self.acc.clip_grad_norm_(self.params, spec.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._update(loss, spec.max_grad_norm)
                 tokens = self._share((mask * weights[:, None]).sum())  # metrics are token means: global ones
                 step_stats = {"policy_loss": loss.detach(), **{k: v * tokens for k, v in stats.items() if k != "kl"}}
                 for k, v in step_stats.items():

@@ -196,6 +196,16 @@ class RLTrainer:
                 + checkpoint_note(last_checkpoint(self.ckpt_dir, "step"))
             )
 
+    def _update(self, loss: torch.Tensor, max_grad_norm: float) -> None:
+        """One optimizer step on a minibatch's `loss` (already weighed by this process's share): the NaN guard first,
+        so a non-finite loss never reaches the weights, then backward, clipping (max_grad_norm > 0) and AdamW."""
+        self._check_finite(torch.isfinite(loss), f"the {self.name.upper()} loss is nan or inf")
+        self.acc.backward(loss)
+        if max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.params, max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     @property
     def _fp16(self) -> bool:
         return self.acc.mixed_precision == "fp16" or next(self.unwrapped.parameters()).dtype == torch.float16

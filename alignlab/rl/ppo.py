@@ -26,7 +26,8 @@ every sampled response has its own random stream, seeded by (seed, its index in 
 exactly what an uninterrupted one would. Dropout is set to 0 everywhere in the policy, for rollouts and updates
 alike (PPO's ratio needs the same function twice). Checkpoints (`save_steps`): checkpoints/step-N holds the
 trainable weights (adapter or full, and the value head), optimizer state, KL controller and step; written to a
-temporary folder, marked complete, then renamed.
+temporary folder, marked complete, then renamed. The loop, the prompt stream, checkpoints, the NaN guard and the
+process arithmetic are shared with GRPO: alignlab/rl/loop.py.
 
 Several processes (`accelerate launch`): `rollout.batch_size` and `ppo.minibatch_size` are per process. Process p
 takes the p-th slice of each step's prompts; advantages are whitened, token-mean losses normalised and metrics
@@ -264,12 +265,7 @@ class PPOTrainer(RLTrainer):
                 # weighs its token mean by its share of the minibatch's tokens (1 in a single process).
                 share = self._share(mask.sum())
                 loss = (pg + hp.vf_coef * vf) * share
-                self._check_finite(torch.isfinite(loss), "the PPO loss is nan or inf")
-                self.acc.backward(loss)
-                if hp.max_grad_norm > 0:
-                    self.acc.clip_grad_norm_(self.params, hp.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._update(loss, hp.max_grad_norm)
                 step_stats = {
                     "policy_loss": pg.detach() * share,
                     "value_loss": vf.detach() * share,
