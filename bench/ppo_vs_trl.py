@@ -124,6 +124,7 @@ def alignlab_worker(cfg: dict) -> dict:
 
     import alignlab.rl.ppo as pt
     import alignlab.stages.ppo as sp
+    import alignlab.stages.rl_glue as glue
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
 
@@ -137,9 +138,9 @@ def alignlab_worker(cfg: dict) -> dict:
 
     gen = ph.wrap(pt.generate, "generate")
     pt.generate = generate
-    ref, scorer = sp.reference_logprobs, sp.reward_model_scorer
+    ref, scorer = sp.reference_logprobs, glue.reward_model_scorer
     sp.reference_logprobs = lambda *a, **k: ph.wrap(ref(*a, **k), "ref_forward")
-    sp.reward_model_scorer = lambda *a, **k: ph.wrap(scorer(*a, **k), "reward_forward")
+    glue.reward_model_scorer = lambda *a, **k: ph.wrap(scorer(*a, **k), "reward_forward")
     pt.PPOTrainer.make_rollout = ph.wrap(pt.PPOTrainer.make_rollout, "rollout")
     pt.PPOTrainer.optimize = ph.wrap(pt.PPOTrainer.optimize, "ppo_epochs")
     train_step = pt.PPOTrainer.train_step

@@ -30,7 +30,8 @@ depends only on (seed, its index in the run): P processes sample what one proces
 Each process scales its loss by its share of the global denominator (responses or tokens, after dropping groups),
 so the gradient DDP averages is the one-process gradient when each step is one minibatch. Metrics are averaged
 over processes. Resume: checkpoints/step-N (trainable weights, optimizer state, step; written to a temporary folder,
-marked complete, renamed) and the seeded streams make a resumed run the uninterrupted one.
+marked complete, renamed) and the seeded streams make a resumed run the uninterrupted one. The loop, the prompt
+stream, checkpoints, the NaN guard and the process arithmetic are shared with PPO: alignlab/rl/loop.py.
 
 stop_if: a limit passed on step s's samples says the weights after s - 1 updates have collapsed; those after s - 2
 updates produced step s - 1's samples, which passed. The stage ends with the newest complete checkpoint at step
@@ -42,28 +43,22 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from alignlab.checkpoints import COMPLETE_MARKER, complete_checkpoints, last_checkpoint, prune_checkpoints, step_of
-from alignlab.contract import StageFailed, TrainingDiverged, checkpoint_note, keep_metrics_until
+from alignlab.checkpoints import complete_checkpoints, step_of
+from alignlab.contract import StageFailed
 from alignlab.data import prompt_text
-from alignlab.generation import end_token_ids, generate
+from alignlab.generation import generate
 from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
-from alignlab.rl.ppo import SamplingRecorder, disable_dropout, first_logged, step_seed, trainable_state
+from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn
 
 log = logging.getLogger("alignlab")
-ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion texts) -> [B] float scores
-Reference = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (input_ids, attention_mask, C) -> [B, C]
 
 
 @dataclass
@@ -135,9 +130,12 @@ def repeated_ngram_share(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-class GRPOTrainer:
-    """Runs `spec.steps` updates. `reference`: (input_ids, attention_mask, C) -> [B, C] reference log-probs, or None
-    when nothing asks for them (beta 0, no watch, no stop_if.kl)."""
+class GRPOTrainer(RLTrainer):
+    """Runs `spec.steps` updates (the loop, checkpoints and process arithmetic: alignlab/rl/loop.py). `reference`:
+    (input_ids, attention_mask, C) -> [B, C] reference log-probs, or None when nothing asks for them (beta 0, no
+    watch, no stop_if.kl)."""
+
+    name, headline, lr_key = "grpo", "reward", "learning_rate"
 
     def __init__(
         self,
@@ -152,19 +150,15 @@ class GRPOTrainer:
         seed: int,
         stage_dir: Path,
     ):
-        self.acc, self.tokenizer, self.prompts, self.rewards = accelerator, tokenizer, prompts, rewards
-        self.reference, self.spec, self.seed, self.stage_dir = reference, spec, seed, Path(stage_dir)
+        super().__init__(
+            accelerator=accelerator, policy=policy, tokenizer=tokenizer, prompts=prompts, reference=reference,
+            spec=spec, seed=seed, stage_dir=stage_dir,
+        )  # fmt: skip
+        self.rewards = rewards
         self.agg = spec.aggregation
-        self.end_ids = end_token_ids(tokenizer, policy)
-        disable_dropout(policy)
-        self.params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(GroupedPolicy(policy), optimizer)
-        self.step = 0
-        self._perms: dict[int, torch.Tensor] = {}
-        self.metrics_path = self.stage_dir / "metrics.jsonl"
+        self._prepare(GroupedPolicy(policy), lr=spec.learning_rate, weight_decay=spec.weight_decay)
         self.samples_path = self.stage_dir / "samples.jsonl"
-        self.ckpt_dir = self.stage_dir / "checkpoints"
+        self.logs.append(self.samples_path)
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
 
     @property
@@ -176,50 +170,14 @@ class GRPOTrainer:
         """The policy model itself (what generates, and what the stage saves)."""
         return self.unwrapped.policy
 
-    # ------------------------------------------------------------------------------------------------ loop
-
-    def train(self, resume: bool = False) -> dict:
-        ckpt = last_checkpoint(self.ckpt_dir, "step") if resume else None
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-            log.info("grpo: resumed from %s (step %d)", ckpt, self.step)
-        if self.acc.is_main_process:
-            keep_metrics_until(self.metrics_path, self.step)
-            keep_metrics_until(self.samples_path, self.step)
-        self.acc.wait_for_everyone()
+    def _resumed(self) -> None:
         if self.metrics_path.exists():
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
             self.kl_trend = [(r["step"], r["kl"]) for r in rows if "kl" in r]
-        first_reward = first_logged(self.metrics_path, "reward") if ckpt is not None else None
-        window: list[dict] = []
-        last: dict = {}
-        stop: dict = {}
-        start = time.perf_counter()
-        while self.step < self.spec.steps:
-            t0 = time.perf_counter()
-            metrics, reason = self.train_step()
-            if reason is not None:
-                stop = self._stop(reason)
-                break
-            metrics["step_time"] = time.perf_counter() - t0
-            self.step += 1
-            window.append(metrics)
-            if self.step % self.spec.logging_steps == 0 or self.step == self.spec.steps:
-                last = {k: _mean([m[k] for m in window if k in m]) for k in dict.fromkeys(k for m in window for k in m)}
-                self._log(last)
-                window = []
-                first_reward = last["reward"] if first_reward is None else first_reward
-            if self.spec.save_steps and self.step % self.spec.save_steps == 0 and self.step < self.spec.steps:
-                self.save_checkpoint()
-        summary = {f"final_{k}": v for k, v in last.items()}
-        if first_reward is not None:
-            summary["first_reward"] = first_reward
-        summary["train_runtime"] = time.perf_counter() - start
-        summary.update(stop)
-        return summary
 
-    def train_step(self) -> tuple[dict[str, float], str | None]:
-        """One step: sample and score the groups, watch, then (unless a stop_if limit is passed) update."""
+    def train_step(self) -> dict[str, float]:
+        """One step: sample and score the groups, watch, then update; a passed stop_if limit ends the run here, before
+        the update (EndRun, with _stop's summary entries)."""
         step = self.step + 1  # 1-based, as logged
         watch = self.spec.watch_steps is not None and (step == 1 or step % self.spec.watch_steps == 0)
         batch, stats, texts, prompts, rewards = self.make_groups(watch)
@@ -228,16 +186,15 @@ class GRPOTrainer:
             self._watch(step, stats, texts, prompts, rewards, show=watch)
         reason = self._stop_reason(stats)
         if reason is not None:
-            return stats, reason
+            raise EndRun(self._stop(reason))
         stats.update(self._mean_over_processes(self.optimize(batch, torch.Generator().manual_seed(self._seed()))))
-        return stats, None
+        return stats
 
     @torch.no_grad()
     def make_groups(self, watch: bool):
         spec, device = self.spec, self.acc.device
         size = spec.num_generations
-        first = (self.step * self.acc.num_processes + self.acc.process_index) * spec.prompts_per_step
-        stream = range(first, first + spec.prompts_per_step)  # this process's prompts in the run's stream
+        stream = self._stream(spec.prompts_per_step)  # this process's prompts in the run's stream
         prompts = [self.prompts[self._prompt_index(k)] for k in stream for _ in range(size)]
         row_seeds = [self.seed * 1_000_003 + k * size + j for k in stream for j in range(size)]
         recompute = spec.recompute_logprobs if spec.recompute_logprobs is not None else self._low_precision
@@ -335,12 +292,7 @@ class GRPOTrainer:
                 # denominator (responses or tokens kept), so the average is the loss over every process's rows.
                 share = self._share(aggregation_count(mask, self.agg, weights))
                 loss = loss * share
-                self._check_finite(torch.isfinite(loss), "the GRPO loss is nan or inf")
-                self.acc.backward(loss)
-                if spec.max_grad_norm > 0:
-                    self.acc.clip_grad_norm_(self.params, spec.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._update(loss, spec.max_grad_norm)
                 tokens = self._share((mask * weights[:, None]).sum())  # metrics are token means: global ones
                 step_stats = {"policy_loss": loss.detach(), **{k: v * tokens for k, v in stats.items() if k != "kl"}}
                 for k, v in step_stats.items():
@@ -415,108 +367,16 @@ class GRPOTrainer:
     def _minibatch(self) -> int:
         return self.spec.minibatch_size or self.spec.responses_per_step
 
-    def _seed(self) -> int:
-        return step_seed(self.seed, self.step, self.acc.process_index)
-
-    def _prompt_index(self, k: int) -> int:
-        """Prompt of position k in the run's stream: one seeded permutation per pass over the data, so the choice
-        depends only on (seed, k), not on what ran before or on the number of processes."""
-        data_pass, pos = divmod(k, len(self.prompts))
-        if data_pass not in self._perms:
-            generator = torch.Generator().manual_seed(self.seed + data_pass)
-            self._perms = {data_pass: torch.randperm(len(self.prompts), generator=generator)}
-        return int(self._perms[data_pass][pos])
-
-    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
-
-    def _share(self, local: torch.Tensor) -> torch.Tensor:
-        """processes x this process's count / every process's: 1 in one process. A mean over this process's rows
-        times this, averaged over processes, is the mean over every process's rows."""
-        local = torch.as_tensor(local, dtype=torch.float32, device=self.acc.device)
-        return local * self.acc.num_processes / self._all_sum(local).clamp_min(1e-8)
-
-    def _mean_over_processes(self, stats: dict) -> dict[str, float]:
-        keys = sorted(stats)
-        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.acc.device) for k in keys])
-        if self.acc.num_processes > 1:
-            values = self.acc.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist()))
-
-    def _check_finite(self, ok: torch.Tensor, what: str) -> None:
-        """Stop every process (one all-reduce) when any sees a non-finite value, before it reaches the weights."""
-        bad = self._all_sum((~ok).float().reshape(1).to(self.acc.device))
-        if bad.item() > 0:
-            raise TrainingDiverged(
-                f"stopped at GRPO step {self.step + 1} of {self.spec.steps}: "
-                f"{what if not ok else 'a non-finite value on another process'}. "
-                f"Likely causes: learning_rate too high (now {self.spec.learning_rate}); "
-                + ("fp16 overflow (use bfloat16 or float32); " if self._fp16 else "")
-                + "a reward that returns nan/inf or huge values. "
-                + checkpoint_note(last_checkpoint(self.ckpt_dir, "step"))
-            )
-
     @property
     def _low_precision(self) -> bool:
         dtype = next(self.unwrapped.parameters()).dtype
         return self.acc.mixed_precision in ("fp16", "bf16") or dtype in (torch.float16, torch.bfloat16)
 
-    @property
-    def _fp16(self) -> bool:
-        return self.acc.mixed_precision == "fp16" or next(self.unwrapped.parameters()).dtype == torch.float16
-
-    def _log(self, metrics: dict) -> None:
-        row = {k: float(v) for k, v in metrics.items()}  # already averaged over processes
-        if self.acc.is_main_process:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": self.step, **row}) + "\n")
-            log.info(
-                "grpo step %d/%d: reward %.4f (std in groups %.3f, flat groups %.2f) len %.1f eos %.2f clip %.3f/%.3f "
-                "(%.2fs)",
-                self.step, self.spec.steps, row["reward"], row["reward_std"], row["zero_std_groups"],
-                row["response_length"], row["eos_rate"], row.get("clip_low_frac", 0.0), row.get("clip_high_frac", 0.0),
-                row["step_time"],
-            )  # fmt: skip
-        if self.acc.trackers:
-            self.acc.log(row, step=self.step)
-
-    # ----------------------------------------------------------------------------------------- checkpoints
-
-    def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
-
-        if self.acc.is_main_process:
-            final = self.ckpt_dir / f"step-{self.step}"
-            tmp = self.ckpt_dir / f".step-{self.step}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(trainable_state(self.unwrapped), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}, indent=2))
-            (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            prune_checkpoints(self.ckpt_dir, self.spec.save_total_limit, "step")
-        self.acc.wait_for_everyone()
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        saved = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
-        own = dict(self.unwrapped.named_parameters())
-        missing = set(trainable_state(self.unwrapped)) - set(saved)
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                own[name].copy_(tensor)
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=self.acc.device, weights_only=True)
-        )
-        self.step = int(json.loads((path / "trainer_state.json").read_text())["step"])
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    def _log_line(self, row: dict[str, float]) -> None:
+        log.info(
+            "grpo step %d/%d: reward %.4f (std in groups %.3f, flat groups %.2f) len %.1f eos %.2f clip %.3f/%.3f "
+            "(%.2fs)",
+            self.step, self.spec.steps, row["reward"], row["reward_std"], row["zero_std_groups"],
+            row["response_length"], row["eos_rate"], row.get("clip_low_frac", 0.0), row.get("clip_high_frac", 0.0),
+            row["step_time"],
+        )  # fmt: skip

@@ -26,7 +26,8 @@ every sampled response has its own random stream, seeded by (seed, its index in 
 exactly what an uninterrupted one would. Dropout is set to 0 everywhere in the policy, for rollouts and updates
 alike (PPO's ratio needs the same function twice). Checkpoints (`save_steps`): checkpoints/step-N holds the
 trainable weights (adapter or full, and the value head), optimizer state, KL controller and step; written to a
-temporary folder, marked complete, then renamed.
+temporary folder, marked complete, then renamed. The loop, the prompt stream, checkpoints, the NaN guard and the
+process arithmetic are shared with GRPO: alignlab/rl/loop.py.
 
 Several processes (`accelerate launch`): `rollout.batch_size` and `ppo.minibatch_size` are per process. Process p
 takes the p-th slice of each step's prompts; advantages are whitened, token-mean losses normalised and metrics
@@ -37,11 +38,7 @@ minibatches is drawn per process: same distribution, not the same numbers).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -50,10 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignlab.checkpoints import COMPLETE_MARKER, last_checkpoint, prune_checkpoints
-from alignlab.console import duration, progress
-from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
-from alignlab.generation import end_token_ids, generate
+from alignlab.console import duration
+from alignlab.generation import generate
 from alignlab.logprobs import completion_logits, token_logprobs
 from alignlab.losses import (
     AdaptiveKLController,
@@ -66,9 +61,9 @@ from alignlab.losses import (
     policy_loss,
     value_loss,
 )
+from alignlab.rl.loop import RLTrainer, SamplingRecorder, ScoreFn
 
 log = logging.getLogger("alignlab")
-ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion texts) -> [B] float scores
 
 
 class PolicyWithValueHead(nn.Module):
@@ -116,32 +111,6 @@ class PolicyWithValueHead(nn.Module):
         return logits, values
 
 
-class SamplingRecorder:
-    """Observer of generate()'s raw logits (alignlab.generation.generate(observe=...)): per decoding step, the
-    log-prob of the sampled token and the entropy under logits / temperature, as the forward in the PPO epochs
-    computes them, without storing [B, C, V] logits. A step's token shows up as the last input id of the next
-    step; `finish` reads the last one off the response."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.logprobs: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []
-        self._last: torch.Tensor | None = None  # [B, V] log-softmax of the previous step
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
-        if self._last is not None:
-            self.logprobs.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        logits = scores.float() / self.temperature
-        self.entropy.append(entropy_from_logits(logits))
-        self._last = torch.log_softmax(logits, dim=-1)
-
-    def finish(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """response [B, C] -> (log-probs [B, C], entropy [B, C])."""
-        self.logprobs.append(self._last.gather(-1, response[:, -1:].to(self._last.device)).squeeze(-1))
-        self._last = None
-        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropy, dim=1)
-
-
 @dataclass
 class RolloutBatch:
     input_ids: torch.Tensor  # [B, P + C] prompt (left-padded) + response (right-padded)
@@ -154,9 +123,12 @@ class RolloutBatch:
     returns: torch.Tensor  # [B, C]
 
 
-class PPOTrainer:
-    """Runs `steps` PPO updates. `reference`: a callable (input_ids, attention_mask, C) -> [B, C] reference
-    log-probs (adapter disabled, the frozen "ref" adapter, or a frozen model: the stage decides)."""
+class PPOTrainer(RLTrainer):
+    """Runs `steps` PPO updates (the loop, checkpoints and process arithmetic: alignlab/rl/loop.py). `reference`: a
+    callable (input_ids, attention_mask, C) -> [B, C] reference log-probs (adapter disabled, the frozen "ref"
+    adapter, or a frozen model: the stage decides)."""
+
+    name, headline, lr_key = "ppo", "score", "ppo.learning_rate"
 
     def __init__(
         self,
@@ -171,72 +143,28 @@ class PPOTrainer:
         seed: int,
         stage_dir: Path,
     ):
-        self.acc, self.tokenizer, self.prompts, self.score_fn = accelerator, tokenizer, prompts, score_fn
-        self.reference, self.spec, self.seed, self.stage_dir = reference, spec, seed, Path(stage_dir)
+        super().__init__(
+            accelerator=accelerator, policy=model.policy, tokenizer=tokenizer, prompts=prompts, reference=reference,
+            spec=spec, seed=seed, stage_dir=stage_dir,
+        )  # fmt: skip
+        self.score_fn = score_fn
         self.ro, self.hp = spec.rollout, spec.ppo
-        self.end_ids = end_token_ids(tokenizer, model.policy)  # what ends a response: sampling, mask, eos_rate
-        disable_dropout(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.params = params
+        self._prepare(model, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True)
         self.kl_ctl = (
             AdaptiveKLController(self.hp.kl_coef, self.hp.kl_target, self.hp.kl_horizon)
             if self.hp.kl_target is not None
             else FixedKLController(self.hp.kl_coef)
         )
-        self.step = 0
-        self._perms: dict[int, torch.Tensor] = {}
-        self.metrics_path = self.stage_dir / "metrics.jsonl"
-        self.ckpt_dir = self.stage_dir / "checkpoints"
 
     @property
     def unwrapped(self) -> PolicyWithValueHead:
         return self.acc.unwrap_model(self.model)
 
-    # ------------------------------------------------------------------------------------------------ loop
-
-    def train(self, resume: bool = False) -> dict:
-        ckpt = last_checkpoint(self.ckpt_dir, "step") if resume else None
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-            log.info("ppo: resumed from %s (step %d)", ckpt, self.step)
-        if self.acc.is_main_process:
-            keep_metrics_until(self.metrics_path, self.step)
-        self.acc.wait_for_everyone()
-        first_score = first_logged(self.metrics_path, "score") if ckpt is not None else None
-        window, last = [], {}
-        start = time.perf_counter()
-        bar = progress(
-            total=self.spec.steps, initial=self.step, desc="ppo", unit="step", main_process=self.acc.is_main_process
-        )
-        while self.step < self.spec.steps:
-            t0 = time.perf_counter()
-            metrics = self.train_step()
-            metrics["step_time"] = time.perf_counter() - t0
-            self.step += 1
-            bar.update(1)
-            window.append(metrics)
-            if self.step % self.spec.logging_steps == 0 or self.step == self.spec.steps:
-                last = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                self._log(last)
-                window = []
-                first_score = last["score"] if first_score is None else first_score
-            if self.spec.save_steps and self.step % self.spec.save_steps == 0 and self.step < self.spec.steps:
-                self.save_checkpoint()
-        bar.close()
-        summary = {f"final_{k}": v for k, v in last.items()}
-        if first_score is not None:
-            summary["first_score"] = first_score
-        summary["train_runtime"] = time.perf_counter() - start
-        return summary
-
     def train_step(self) -> dict[str, float]:
-        seed = step_seed(self.seed, self.step, self.acc.process_index)
-        samples = self._sample_indices(self.step)
+        samples = self._stream(self.ro.batch_size)
         prompts = [self.prompts[self._prompt_index(k)] for k in samples]
         batch, stats = self.make_rollout(prompts, row_seeds=[self.seed * 1_000_003 + k for k in samples])
-        stats.update(self.optimize(batch, torch.Generator().manual_seed(seed)))
+        stats.update(self.optimize(batch, torch.Generator().manual_seed(self._seed())))
         stats = self._mean_over_processes(stats)
         self.kl_ctl.update(stats["kl"], n_steps=self.ro.batch_size * self.acc.num_processes)
         return stats
@@ -305,7 +233,7 @@ class PPOTrainer:
             advantages = masked_whiten(advantages, mask, all_sum=self._all_sum)
 
         batch = RolloutBatch(input_ids, attention_mask, response, mask, logprobs, values, advantages, returns)
-        share = self._token_share(mask)  # token means below: averaged over processes, they are global token means
+        share = self._share(mask.sum())  # token means below: averaged over processes, they are global token means
         stats = {
             "score": scores.mean(),
             "kl": kl.sum(dim=1).mean(),  # per response: sum over its tokens
@@ -335,14 +263,9 @@ class PPOTrainer:
                 )
                 # Token means over the global minibatch: DDP averages the processes' gradients, so each process
                 # weighs its token mean by its share of the minibatch's tokens (1 in a single process).
-                share = self._token_share(mask)
+                share = self._share(mask.sum())
                 loss = (pg + hp.vf_coef * vf) * share
-                self._check_finite(torch.isfinite(loss), "the PPO loss is nan or inf")
-                self.acc.backward(loss)
-                if hp.max_grad_norm > 0:
-                    self.acc.clip_grad_norm_(self.params, hp.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._update(loss, hp.max_grad_norm)
                 step_stats = {
                     "policy_loss": pg.detach() * share,
                     "value_loss": vf.detach() * share,
@@ -354,52 +277,6 @@ class PPOTrainer:
                     totals[k] = totals.get(k, 0.0) + v
                 count += 1
         return {k: v / count for k, v in totals.items()}
-
-    def _sample_indices(self, step: int) -> range:
-        """Indices in the run's stream of samples of this process's responses at `step`: process p takes the p-th
-        slice of the step's global batch."""
-        b = self.ro.batch_size
-        first = (step * self.acc.num_processes + self.acc.process_index) * b
-        return range(first, first + b)
-
-    def _prompt_index(self, k: int) -> int:
-        """Prompt of sample k: position k of the stream made of one seeded permutation per pass over the data, so
-        the choice depends only on (seed, k), not on what ran before."""
-        data_pass, pos = divmod(k, len(self.prompts))
-        if data_pass not in self._perms:
-            generator = torch.Generator().manual_seed(self.seed + data_pass)
-            self._perms = {data_pass: torch.randperm(len(self.prompts), generator=generator)}
-        return int(self._perms[data_pass][pos])
-
-    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
-
-    def _token_share(self, mask: torch.Tensor) -> torch.Tensor:
-        """processes x this process's real tokens / every process's: 1 in a single process. A token mean times
-        this, averaged over processes, is the token mean over all of them."""
-        n = mask.sum()
-        return n * self.acc.num_processes / self._all_sum(n).clamp_min(1.0)
-
-    def _mean_over_processes(self, stats: dict) -> dict[str, float]:
-        """Per-process means of equal-sized batches -> means over every process (one all-reduce)."""
-        keys = sorted(stats)
-        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.acc.device) for k in keys])
-        if self.acc.num_processes > 1:
-            values = self.acc.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist()))
-
-    def _check_finite(self, ok: torch.Tensor, what: str) -> None:
-        """Stop every process (one all-reduce) when any sees a non-finite value, before it reaches the weights."""
-        bad = self._all_sum((~ok).float().reshape(1))
-        if bad.item() > 0:
-            raise TrainingDiverged(
-                f"stopped at PPO step {self.step + 1} of {self.spec.steps}: "
-                f"{what if not ok else 'a non-finite value on another process'}. "
-                f"Likely causes: ppo.learning_rate too high (now {self.hp.learning_rate}); "
-                + ("fp16 overflow (use bfloat16 or float32); " if self._fp16 else "")
-                + "a reward that returns nan/inf or huge values. "
-                + checkpoint_note(last_checkpoint(self.ckpt_dir, "step"))
-            )
 
     @property
     def _low_precision(self) -> bool:
@@ -415,63 +292,19 @@ class PPOTrainer:
             or quantized_compute_dtype(self.unwrapped.policy) in half
         )
 
-    @property
-    def _fp16(self) -> bool:
-        return self.acc.mixed_precision == "fp16" or next(self.unwrapped.parameters()).dtype == torch.float16
+    def _log_line(self, row: dict[str, float]) -> None:
+        left = duration(row["step_time"] * (self.spec.steps - self.step))  # at the last logged steps' pace
+        log.info(
+            "ppo step %d/%d: score %.4f kl %.4f entropy %.3f clipfrac %.3f len %.1f eos %.2f (%.2f s/step, %s left)",
+            self.step, self.spec.steps, row["score"], row["kl"], row["entropy"], row["clipfrac"],
+            row["response_length"], row["eos_rate"], row["step_time"], left,
+        )  # fmt: skip
 
-    def _log(self, metrics: dict) -> None:
-        row = {k: float(v) for k, v in metrics.items()}  # already averaged over processes
-        if self.acc.is_main_process:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": self.step, **row}) + "\n")
-            left = duration(row["step_time"] * (self.spec.steps - self.step))  # at the last logged steps' pace
-            log.info(
-                "ppo step %d/%d: score %.4f kl %.4f entropy %.3f clipfrac %.3f len %.1f eos %.2f (%.2f s/step, %s left)",
-                self.step, self.spec.steps, row["score"], row["kl"], row["entropy"], row["clipfrac"],
-                row["response_length"], row["eos_rate"], row["step_time"], left,
-            )  # fmt: skip
-        if self.acc.trackers:
-            self.acc.log(row, step=self.step)
+    def _extra_state(self) -> dict:
+        return {"kl_controller": self.kl_ctl.state_dict()}
 
-    # ----------------------------------------------------------------------------------------- checkpoints
-
-    def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
-
-        if self.acc.is_main_process:
-            final = self.ckpt_dir / f"step-{self.step}"
-            tmp = self.ckpt_dir / f".step-{self.step}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(trainable_state(self.unwrapped), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {"step": self.step, "kl_controller": self.kl_ctl.state_dict()}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            prune_checkpoints(self.ckpt_dir, self.spec.save_total_limit, "step")
-        self.acc.wait_for_everyone()
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        saved = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
-        own = dict(self.unwrapped.named_parameters())
-        missing = set(trainable_state(self.unwrapped)) - set(saved)
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                own[name].copy_(tensor)
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=self.acc.device, weights_only=True)
-        )
-        state = json.loads((path / "trainer_state.json").read_text())
+    def _load_extra_state(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.step = int(state["step"])
 
 
 def quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
@@ -485,25 +318,3 @@ def quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
         return torch.float16
     dtype = getattr(q, "bnb_4bit_compute_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def first_logged(path: Path, key: str) -> float | None:
-    """`key` of the first metrics row (what a resumed run reports as its first score)."""
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[0].get(key) if rows else None
-
-
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
-def step_seed(seed: int, step: int, process_index: int) -> int:
-    return (seed * 1_000_003 + step) * 1024 + process_index

@@ -13,7 +13,7 @@ import torch
 
 from alignlab.logprobs import completion_logits, token_logprobs
 from alignlab.models import REF_ADAPTER, load_causal_lm
-from alignlab.rl.ppo import disable_dropout
+from alignlab.rl.loop import disable_dropout
 
 
 def reference_logprobs(recipe, policy, input_path: str, temperature: float, device):

@@ -33,64 +33,35 @@ checkpoints/step-N every `save_steps` (`--resume` continues from the newest comp
 
 from __future__ import annotations
 
-import json
-
-from accelerate import Accelerator
-from transformers import set_seed
-
-from alignlab.contract import StageContext, StageOutput
-from alignlab.data import build_datasets
-from alignlab.models import (
-    REF_ADAPTER,
-    check_target_modules,
-    load_stage_model,
-    load_tokenizer,
-    merge_adapter,
-    save_model_atomic,
-)
-from alignlab.recipe import RecipeError
-from alignlab.rewards import load_reward_model, reward_fn_scorer, reward_model_scorer
+from alignlab.contract import StageContext
+from alignlab.rewards import reward_fn_scorer
 from alignlab.rl.grpo import GRPOTrainer, RewardComponent
 from alignlab.rl.reference import reference_logprobs
 from alignlab.schema import RewardFnSpec
-from alignlab.stages.trl_glue import available_trackers
+from alignlab.stages import rl_glue
 
 
 def run(ctx: StageContext):
     spec, recipe = ctx.spec, ctx.recipe
-    trackers = available_trackers(spec.report_to)
-    accelerator = Accelerator(log_with=None if trackers == "none" else trackers, project_dir=str(ctx.stage_dir))
-    if trackers != "none":
-        accelerator.init_trackers(f"{recipe.name}-{spec.name}")
-    set_seed(recipe.seed)
+    accelerator = rl_glue.start(ctx)
 
     # Policy and reference (one backbone under PEFT)
-    if ctx.input is not None and ctx.input.head != "causal_lm":
-        raise RecipeError(
-            f"stage '{spec.name}' (grpo) would start from '{ctx.input.stage}', a reward model (no language-model "
-            f"head). Set `input:` to the stage whose policy GRPO trains, e.g. `input: sft`, and name the reward "
-            f"model with `reward_model: {ctx.input.stage}`."
-        )
-    policy, base = load_stage_model(recipe, ctx.input, ref_adapter=True)
-    check_target_modules(recipe, policy)
-    if recipe.model.gradient_checkpointing and hasattr(policy, "peft_config"):
-        policy.enable_input_require_grads()
-    tokenizer = load_tokenizer(recipe, base)
+    policy, base, tokenizer = rl_glue.load_policy(
+        ctx,
+        "Set `input:` to the stage whose policy GRPO trains, e.g. `input: sft`, and name the reward model with "
+        "`reward_model: {input}`.",
+    )
     wants_reference = spec.beta > 0 or spec.watch_steps is not None or (spec.stop_if and spec.stop_if.kl)
     reference = (
         reference_logprobs(recipe, policy, base, spec.temperature, accelerator.device) if wants_reference else None
     )
+    prompts = rl_glue.load_prompts(ctx, tokenizer)
 
-    # Prompts and reward components
-    train_ds, _ = build_datasets(spec.dataset, recipe, "grpo", tokenizer.chat_template is not None, with_eval=False)
-    prompts = list(train_ds["prompt"])
+    # Reward components
     fns = [RewardFnSpec(fn=spec.reward_fn)] if isinstance(spec.reward_fn, str) else spec.reward_fn or []
     rewards = [RewardComponent(c.fn, c.weight, reward_fn_scorer(c.fn)) for c in fns]
     if spec.reward_model is not None:
-        source = ctx.outputs.get(spec.reward_model, spec.reward_model)
-        reward_model, reward_tokenizer = load_reward_model(recipe, source)
-        reward_model.to(accelerator.device)
-        scorer = reward_model_scorer(reward_model, reward_tokenizer, spec.forward_batch_size or 32)
+        _, scorer = rl_glue.load_reward_scorer(ctx, accelerator.device, spec.forward_batch_size or 32)
         rewards.append(RewardComponent("reward_model", spec.reward_model_weight, scorer))
 
     # Train (resuming from the newest complete checkpoint when asked)
@@ -108,25 +79,4 @@ def run(ctx: StageContext):
     metrics = trainer.train(resume=ctx.resume)
 
     # Save, report
-    model = trainer.policy
-    is_peft = hasattr(model, "peft_config")
-    out = StageOutput(
-        stage=spec.name,
-        type=spec.type,
-        path=str(ctx.stage_dir / "model"),
-        kind="adapter" if is_peft else "full",
-        base=base,
-        metrics=metrics,
-    )
-    if accelerator.is_main_process:
-        if is_peft and REF_ADAPTER in model.peft_config:
-            model.delete_adapter(REF_ADAPTER)  # the frozen reference copy is not part of the output
-        save_model_atomic(model, tokenizer, ctx.stage_dir / "model")
-        if spec.merge and is_peft:
-            out.merged_path = merge_adapter(recipe, out, ctx.stage_dir / "merged")
-        with (ctx.stage_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": trainer.step, "final": True, **metrics}, default=float) + "\n")
-    accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:  # not end_training(): it would also end the process group
-        tracker.finish()
-    return out
+    return rl_glue.finish(ctx, accelerator, trainer.policy, tokenizer, base, trainer.step, metrics)

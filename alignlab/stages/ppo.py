@@ -21,60 +21,33 @@ from __future__ import annotations
 import logging
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
-from transformers import set_seed
 
-from alignlab.contract import StageContext, StageOutput, append_final_metrics
-from alignlab.data import build_datasets
-from alignlab.models import (
-    check_target_modules,
-    load_stage_model,
-    load_tokenizer,
-    save_stage_model,
-)
-from alignlab.recipe import RecipeError
-from alignlab.rewards import load_reward_model, reward_fn_scorer, reward_model_scorer
+from alignlab.contract import StageContext
+from alignlab.rewards import reward_fn_scorer
 from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer
 from alignlab.rl.reference import reference_logprobs
-from alignlab.stages.trl_glue import available_trackers
+from alignlab.stages import rl_glue
 
 log = logging.getLogger("alignlab")
 
 
 def run(ctx: StageContext):
     spec, recipe = ctx.spec, ctx.recipe
-    trackers = available_trackers(spec.report_to)
-    accelerator = Accelerator(log_with=None if trackers == "none" else trackers, project_dir=str(ctx.stage_dir))
-    if trackers != "none":
-        accelerator.init_trackers(f"{recipe.name}-{spec.name}")
-    set_seed(recipe.seed)
+    accelerator = rl_glue.start(ctx)
 
     # Policy and reference (one backbone under PEFT)
-    if ctx.input is not None and ctx.input.head != "causal_lm":
-        raise RecipeError(
-            f"stage '{spec.name}' (ppo) would start from '{ctx.input.stage}', a reward model (no language-model "
-            f"head). Set `input:` to the stage whose policy PPO trains, e.g. `input: sft`."
-        )
-    policy, base = load_stage_model(recipe, ctx.input, ref_adapter=True)
-    check_target_modules(recipe, policy)
-    if recipe.model.gradient_checkpointing and hasattr(policy, "peft_config"):
-        policy.enable_input_require_grads()
-    tokenizer = load_tokenizer(recipe, base)
+    policy, base, tokenizer = rl_glue.load_policy(
+        ctx, "Set `input:` to the stage whose policy PPO trains, e.g. `input: sft`."
+    )
     reference = reference_logprobs(recipe, policy, base, spec.rollout.temperature, accelerator.device)
-
-    # Prompts
-    train_ds, _ = build_datasets(spec.dataset, recipe, "ppo", tokenizer.chat_template is not None, with_eval=False)
-    prompts = list(train_ds["prompt"])
+    prompts = rl_glue.load_prompts(ctx, tokenizer)
 
     # Reward, and the value head (from the reward model's score head when it fits)
     model = PolicyWithValueHead(policy, policy.get_output_embeddings().in_features)
     if spec.reward_model is not None:
-        source = ctx.outputs.get(spec.reward_model, spec.reward_model)
-        reward_model, reward_tokenizer = load_reward_model(recipe, source)
-        reward_model.to(accelerator.device)
-        score_fn = reward_model_scorer(reward_model, reward_tokenizer, spec.forward_batch_size)
+        reward_model, score_fn = rl_glue.load_reward_scorer(ctx, accelerator.device, spec.forward_batch_size)
         init_value_head(model.value_head, reward_model)
     else:
         score_fn = reward_fn_scorer(spec.reward_fn)
@@ -93,26 +66,12 @@ def run(ctx: StageContext):
     )
     metrics = trainer.train(resume=ctx.resume)
 
-    # Save, report
+    # Save (the value head beside the model), report
     model = trainer.unwrapped
-    is_peft = hasattr(model.policy, "peft_config")
-    out = StageOutput(
-        stage=spec.name,
-        type=spec.type,
-        path=str(ctx.stage_dir / "model"),
-        kind="adapter" if is_peft else "full",
-        base=base,
-        metrics=metrics,
-    )
     if accelerator.is_main_process:
-        save_stage_model(recipe, spec, model.policy, tokenizer, out, ctx.stage_dir)
         value_state = {k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}
         save_file(value_state, str(ctx.stage_dir / "value_head.safetensors"))
-        append_final_metrics(ctx.stage_dir, trainer.step, metrics)
-    accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:  # not end_training(): it would also end the process group
-        tracker.finish()
-    return out
+    return rl_glue.finish(ctx, accelerator, model.policy, tokenizer, base, trainer.step, metrics)
 
 
 def init_value_head(value_head: nn.Linear, reward_model) -> None:
