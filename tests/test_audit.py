@@ -129,7 +129,6 @@ def test_too_few_pairs_names_the_count_and_the_fix(write_recipe, tiny_model_path
 def test_audit_writes_its_files_and_sees_injected_flips(write_recipe, tiny_model_path, tmp_path, capsys):
     """80 pairs, 2 folds, 4 epochs of a reward model per fold: with 40% of the labels flipped the estimated flip rate
     is higher than with none, and the flipped rows are more suspect than the others."""
-    from alignlab.builtin import flipped_indices  # noqa: F401  (the data layer picks its own rows: read them below)
     from alignlab.data import build_datasets
     from alignlab.recipe import load_recipe
 
@@ -148,7 +147,9 @@ def test_audit_writes_its_files_and_sees_injected_flips(write_recipe, tiny_model
         assert "suggested eps for cdpo / rdpo" in (out / "audit.md").read_text()
         assert len((out / "cleaned.jsonl").read_text().splitlines()) == 70
         estimates[rate] = res
-    assert estimates[0.4]["flip_rate"] > estimates[0.0]["flip_rate"] + 0.1
+    assert estimates[0.4]["flip_rate"] > estimates[0.0]["flip_rate"] + 0.1, {
+        r: e["flip_rate"] for r, e in estimates.items()
+    }
     # Which rows were flipped: compare with the data built without flips.
     r = load_recipe(_recipe(write_recipe, tiny_model_path, size=80, flip_rate=0.4))
     spec = r.stage("dpo").dataset
@@ -157,3 +158,59 @@ def test_audit_writes_its_files_and_sees_injected_flips(write_recipe, tiny_model
     flipped = np.array([a != b for a, b in zip(clean["chosen"], noisy["chosen"])])
     suspicion = np.array([p["suspicion"] for p in estimates[0.4]["pairs"]])
     assert suspicion[flipped].mean() > suspicion[~flipped].mean()
+
+
+def _pairs_file(tmp_path, margins=None) -> str:
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", **({"margin": m} if margins else {})}
+        for i, m in enumerate(margins or [0.0] * 20)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_near_tie_flips_pick_the_smallest_margins(tmp_path):
+    """20 pairs, margins 0 (even rows) and 5 (odd rows), flip_rate 0.5: weights exp(-0 / 0.1) = 1 and exp(-50); the
+    10 flips are exactly the 10 near-ties (a margin-5 row would need log(u) / e^-50 > the largest of ten log(u) / 1)."""
+    from alignlab.data import build_datasets
+    from alignlab.schema import DatasetSpec
+
+    path = _pairs_file(tmp_path, [0.0 if i % 2 == 0 else 5.0 for i in range(20)])
+    spec = DatasetSpec(path=path, flip_rate=0.5, flip_mode="near_tie")
+    ds, _ = build_datasets(spec, None, "dpo", chat=False, with_eval=False)
+    flipped = [i for i, row in enumerate(ds) if row["chosen"].startswith("bad")]
+    assert flipped == list(range(0, 20, 2))
+
+
+def test_near_tie_on_arith_flips_close_pairs_more_often():
+    """builtin:arith, 400 pairs, 20% near-tie flips: exactly 80 flipped, and their true reward margins are smaller on
+    average than the unflipped pairs' (uniform flips would give equal means)."""
+    from alignlab.builtin.tasks import arith_reward
+    from alignlab.data import build_datasets
+    from alignlab.schema import DatasetSpec
+
+    spec = DatasetSpec(path="builtin:arith", split="preference", size=400, flip_rate=0.2, flip_mode="near_tie")
+    noisy, _ = build_datasets(spec, None, "dpo", chat=False, with_eval=False)
+    clean, _ = build_datasets(spec.model_copy(update={"flip_rate": 0.0}), None, "dpo", chat=False, with_eval=False)
+    flipped = np.array([a != b for a, b in zip(clean["chosen"], noisy["chosen"])])
+    d = np.array(arith_reward(clean["prompt"], clean["chosen"])) - np.array(
+        arith_reward(clean["prompt"], clean["rejected"])
+    )
+    assert flipped.sum() == 80
+    assert d[flipped].mean() < d[~flipped].mean() - 0.2
+
+
+def test_near_tie_needs_a_true_margin(tmp_path):
+    from alignlab.data import DataError, build_datasets
+    from alignlab.schema import DatasetSpec
+
+    path = _pairs_file(tmp_path)
+    spec = DatasetSpec(path=path, flip_rate=0.2, flip_mode="near_tie")
+    with pytest.raises(DataError) as e:
+        build_datasets(spec, None, "dpo", chat=False, with_eval=False)
+    assert str(e.value) == (
+        f"{path}: flip_mode near_tie flips pairs more often the closer their true rewards, so it needs each pair's "
+        f"true reward margin: a `margin` column (columns: {{margin: YOUR_COLUMN}}), or a builtin task with a reward "
+        f"(builtin:arith, builtin:constraints). Use flip_mode: uniform for this dataset."
+    )

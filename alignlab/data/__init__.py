@@ -108,6 +108,8 @@ def check_dataset(
     ds = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat=False, formats=formats)
     if spec.flip_rate > 0 and "chosen" not in ds.column_names:
         raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
+    if spec.flip_rate > 0 and spec.flip_mode == "near_tie":
+        near_tie_weights(ds, spec, recipe, where)  # a true reward margin for every pair, or the error that says so
     if tokenizer is not None:
         check_chat_template(ds, tokenizer, where)
         if assistant_masks:
