@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 CHI2_95 = 3.841458820694124  # the 95% quantile of chi-square with 1 degree of freedom
-GRID = 0.005  # the profile likelihood's grid over eps in [0, 1/2]
+GRID = 0.01  # the profile likelihood's grid over eps in [0, 1/2]
 MIN_SIGMA = 1e-3  # in units of the margins' RMS: no component collapses onto one point
 
 
@@ -164,16 +164,18 @@ def _best_of(x, g, starts, rng):
 
 
 def _profile(x, start) -> tuple[np.ndarray, np.ndarray, list]:
-    """l_p(eps) on the grid 0, GRID, ..., 1/2: f refitted with eps fixed at each point, from two starts (the free
-    fit's f, and the neighbouring grid point's), the better kept. Returns (grid [K], l_p [K], f's parameters)."""
+    """l_p(eps) on the grid 0, GRID, ..., 1/2: f refitted with eps fixed at each point, from the neighbouring grid
+    point's f (and, within 0.05 of the free fit's eps, from the free fit's f too: the better kept). Returns (grid [K], l_p [K], f's parameters)."""
     _, w0, mu0, sd0, _ = start
     grid = np.round(np.arange(0, 0.5 + GRID / 2, GRID), 6)
     lls, shapes = np.empty(grid.size), [None] * grid.size
     prev = (w0, mu0, sd0)
+    eps0 = start[0]
     for i, e in enumerate(grid):
-        a = _em(x, e, *prev, fix_eps=True, tol=1e-4)
-        b = _em(x, e, w0, mu0, sd0, fix_eps=True, tol=1e-4)
-        fit = a if a[-1] >= b[-1] else b
+        fit = _em(x, e, *prev, fix_eps=True, tol=1e-3)
+        if abs(e - eps0) <= 0.05:  # near the free fit, its f is a start too (the neighbour's may sit in another mode)
+            other = _em(x, e, w0, mu0, sd0, fix_eps=True, tol=1e-3)
+            fit = fit if fit[-1] >= other[-1] else other
         lls[i], shapes[i] = fit[-1], fit[1:4]
         prev = shapes[i]
     return grid, lls, shapes
