@@ -282,6 +282,7 @@ def _audit_preferences(args) -> int:
         f"audit (experimental) of stage {args.stage}: {res['n_pairs']} pairs, estimated flip rate "
         f"{res['flip_rate']:.3f} (95% interval {lo:.3f} to {hi:.3f}); suggested eps for cdpo/rdpo: "
         f"{res['suggested_eps']:.2f}\nthe most suspect rows: {', '.join(map(str, res['most_suspect'][:10]))}"
+        + "".join(f"\nwarning: {w}" for w in res["warnings"])
         + (f"\ncleaned data: {res['cleaned']}" if "cleaned" in res else "")
         + f"\nwritten to {md.parent}"
     )

@@ -83,7 +83,11 @@ def _recipe(write_recipe, tiny_model_path, size: int = 40, flip_rate: float = 0.
                             "size": size,
                             "flip_rate": flip_rate,
                         },
-                        "train": {"per_device_batch_size": 16, "learning_rate": 3e-3, "max_length": 64},
+                        "train": {
+                            "per_device_batch_size": 16,
+                            "learning_rate": 3e-4,
+                            "max_length": 64,
+                        },  # scorers: 3e-3
                     },
                 ],
             }
@@ -127,31 +131,33 @@ def test_too_few_pairs_names_the_count_and_the_fix(write_recipe, tiny_model_path
 
 
 def test_audit_writes_its_files_and_sees_injected_flips(write_recipe, tiny_model_path, tmp_path, capsys):
-    """80 pairs, 2 folds, 4 epochs of a reward model per fold: with 40% of the labels flipped the estimated flip rate
-    is higher than with none, and the flipped rows are more suspect than the others."""
+    """120 pairs, 2 folds, 4 epochs of a reward model per fold (lr 3e-3: 10x the stage's): with 40% of the labels
+    flipped the estimated flip rate is higher than with none, the intervals apart (measured: 0.374, 0.263 to 0.493;
+    without flips 0.000, 0 to 0.024), and the flipped rows are more suspect than the others."""
     from alignlab.data import build_datasets
     from alignlab.recipe import load_recipe
 
     estimates = {}
     for rate in (0.0, 0.4):
-        recipe = _recipe(write_recipe, tiny_model_path, size=80, flip_rate=rate)
+        recipe = _recipe(write_recipe, tiny_model_path, size=120, flip_rate=rate)
         out = tmp_path / f"audit-{rate}"
         argv = ["audit", "preferences", recipe, "--stage", "dpo", "--folds", "2", "--epochs", "4", "--out", str(out)]
         assert main([*argv, "--drop-suspect", "10", "--threads", "1"]) == 0
         assert "estimated flip rate" in capsys.readouterr().out
         res = json.loads((out / "audit.json").read_text())
         assert {"flip_rate", "interval", "method", "folds", "n_pairs", "pairs", "suggested_eps"} <= set(res)
-        assert res["n_pairs"] == 80 and res["folds"] == 2 and len(res["pairs"]) == 80
+        assert res["n_pairs"] == 120 and res["folds"] == 2 and len(res["pairs"]) == 120
         assert {"row", "suspicion", "margin", "fold"} <= set(res["pairs"][0])
         assert res["interval"][0] <= res["flip_rate"] <= res["interval"][1]
         assert "suggested eps for cdpo / rdpo" in (out / "audit.md").read_text()
-        assert len((out / "cleaned.jsonl").read_text().splitlines()) == 70
+        assert len((out / "cleaned.jsonl").read_text().splitlines()) == 110
         estimates[rate] = res
-    assert estimates[0.4]["flip_rate"] > estimates[0.0]["flip_rate"] + 0.1, {
-        r: e["flip_rate"] for r, e in estimates.items()
-    }
+    found = {r: (e["flip_rate"], e["interval"]) for r, e in estimates.items()}
+    assert estimates[0.0]["flip_rate"] < 0.05 and estimates[0.0]["interval"][0] == 0.0, found
+    assert estimates[0.4]["flip_rate"] > 0.25, found
+    assert estimates[0.4]["interval"][0] > estimates[0.0]["interval"][1], found
     # Which rows were flipped: compare with the data built without flips.
-    r = load_recipe(_recipe(write_recipe, tiny_model_path, size=80, flip_rate=0.4))
+    r = load_recipe(_recipe(write_recipe, tiny_model_path, size=120, flip_rate=0.4))
     spec = r.stage("dpo").dataset
     clean, _ = build_datasets(spec.model_copy(update={"flip_rate": 0.0}), r, "dpo", True, with_eval=False)
     noisy, _ = build_datasets(spec, r, "dpo", True, with_eval=False)

@@ -23,8 +23,8 @@ margin is the mirror image of a clean one's; the margins of one fold's scorer ar
 fold's margins are divided by their RMS, which a sign flip leaves alone). Flips of pairs the scorer cannot
 separate are invisible: the estimate is the flip rate among the pairs the scorer can see, carried over to the rest.
 
-Writes <run output_dir>/audit/<stage>/ (or --out): audit.json, audit.md, margins per fold's scorer (nothing else of
-the scorers is kept), and with --drop-suspect K a cleaned.jsonl without the K most suspect rows, which a later
+Writes <run output_dir>/audit/<stage>/ (or --out): audit.json (with every pair's margin; nothing of the scorers is
+kept), audit.md, and with --drop-suspect K a cleaned.jsonl without the K most suspect rows, which a later
 stage reads as `dataset: {path: <that file>}`.
 """
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,8 @@ log = logging.getLogger("alignlab")
 METHOD = "cross-fitted Bradley-Terry margins, mirrored Gaussian mixture (EM), 95% profile-likelihood interval"
 MIN_PER_FOLD = 4  # a fold's scorer trains on the rest; a fold needs a few pairs to hold out
 SHOWN = 20  # the most suspect pairs shown in audit.md
+WEAK_AGREEMENT = 0.6  # mean held-out agreement of the scorers below which the audit warns
+WIDE_INTERVAL = 0.25
 
 
 def preference_stages(recipe: Recipe) -> list[str]:
@@ -134,6 +137,7 @@ def run_audit(
     scaled = _scale_per_fold(margins, fold)
     fit = fit_flip_rate(scaled, seed=seed)
     seconds = time.time() - start
+    shutil.rmtree(out_dir / "folds", ignore_errors=True)  # the trainers' output folders: logs only, no model
 
     order = np.argsort(-fit.posterior, kind="stable")
     result = {
@@ -163,6 +167,7 @@ def run_audit(
             "loglik": fit.loglik,
             "bic": fit.bic,
         },
+        "warnings": weak_scorer_warnings(accuracies, fit.interval),
         "seconds": seconds,
         "pairs": [
             {"row": int(i), "fold": int(fold[i]), "margin": float(margins[i]), "suspicion": float(fit.posterior[i])}
@@ -256,11 +261,30 @@ def _input_output(recipe: Recipe, stage: str):
 
 
 def _scorer_learning_rate(recipe: Recipe, spec) -> float:
-    """A reward stage's learning rate when the recipe has one (it was chosen for this model), else the stage's."""
+    """A reward stage's learning rate when the recipe has one (it was chosen for this model), else 10x the audited
+    stage's: preference optimisation runs at about a tenth of a reward model's rate (TRL's defaults: DPOConfig 1e-6,
+    RewardConfig 1e-5), and at the DPO rate of recipes/quickstart.yaml (5e-5) the tiny model's scorers agree with
+    the labels no better than chance after 2 epochs."""
     for s in recipe.stages:
         if s.type == "reward":
             return s.train.learning_rate
-    return spec.train.learning_rate
+    return 10 * spec.train.learning_rate
+
+
+def weak_scorer_warnings(accuracies: list[float], interval: tuple[float, float]) -> list[str]:
+    """What to say when the scorers separate too few pairs for the estimate to mean much."""
+    notes = []
+    mean = sum(accuracies) / len(accuracies)
+    if mean < WEAK_AGREEMENT:
+        notes.append(
+            f"the scorers agree with the labels on {mean:.2f} of held-out pairs (chance: 0.5), so they learned little: "
+            f"raise --epochs or --learning-rate, or give the stage more pairs"
+        )
+    if interval[1] - interval[0] > WIDE_INTERVAL:
+        notes.append(
+            f"the interval is wide ({interval[0]:.2f} to {interval[1]:.2f}): the margins say little about the flip rate"
+        )
+    return notes
 
 
 def _text(value) -> str:
@@ -286,6 +310,7 @@ def _markdown(res: dict, pairs, order: np.ndarray) -> str:
         f"- raw disagreement of the out-of-fold scorers with the labels: {res['disagreement_rate']:.3f} (includes the "
         "scorers' own mistakes; not an estimate of the flip rate)",
         f"- method: {res['method']}; {res['mixture']['components']} component(s)",
+        *(f"- **warning**: {w}" for w in res["warnings"]),
         "",
         "The estimate counts flips the scorer can see (pairs it separates); flips of pairs it cannot tell apart are "
         "assumed to happen at the same rate. Suspicion: the posterior probability that the pair's label is flipped.",
