@@ -82,7 +82,7 @@ def main() -> None:
             "epochs": args.epochs,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
-            "margins": [p["margin"] for p in res["pairs"]],
+            "margins": [round(p["margin"], 5) for p in res["pairs"]],
             "fold": [p["fold"] for p in res["pairs"]],
             "flipped": flipped,
         }

@@ -220,3 +220,12 @@ def test_near_tie_needs_a_true_margin(tmp_path):
         f"true reward margin: a `margin` column (columns: {{margin: YOUR_COLUMN}}), or a builtin task with a reward "
         f"(builtin:arith, builtin:constraints). Use flip_mode: uniform for this dataset."
     )
+
+
+def test_folds_are_balanced_and_seeded_and_eps_suggestion_stays_below_one_half():
+    from alignlab.audit.command import fold_ids, suggested_eps
+
+    ids = fold_ids(23, 5, seed=0)
+    assert sorted(np.bincount(ids).tolist()) == [4, 4, 5, 5, 5]
+    assert ids.tolist() == fold_ids(23, 5, seed=0).tolist() != fold_ids(23, 5, seed=1).tolist()
+    assert [suggested_eps(e) for e in (-0.001, 0.0, 0.123, 0.456, 0.5)] == [0.0, 0.0, 0.12, 0.45, 0.45]
