@@ -139,7 +139,8 @@ def run_audit(
     seconds = time.time() - start
     shutil.rmtree(out_dir / "folds", ignore_errors=True)  # the trainers' output folders: logs only, no model
 
-    order = np.argsort(-fit.posterior, kind="stable")
+    # Most suspect first; ties (e.g. every posterior 0 when eps = 0) by margin, the most negative first.
+    order = np.lexsort((margins, -fit.posterior))
     result = {
         "stage": stage,
         "dataset": spec.dataset.model_dump(exclude_defaults=True),
