@@ -38,6 +38,11 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "audit_flip_rates.json"))
+    ap.add_argument(
+        "--refit",
+        action="store_true",
+        help="train nothing: fit the flip rate again on every stored row's margins with the current estimator",
+    )
     args = ap.parse_args()
 
     import torch
@@ -49,7 +54,11 @@ def main() -> None:
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    for rate in (float(r) for r in args.rates.split(",")):
+    if args.refit:
+        for row in results["rows"]:
+            _refit(row)
+        out.write_text(json.dumps(results) + "\n")
+    for rate in (float(r) for r in args.rates.split(",")) if not args.refit else ():
         sets = [
             f"stages.dpo.dataset.size={args.size}",
             f"stages.dpo.dataset.flip_rate={rate}",
@@ -100,6 +109,17 @@ def main() -> None:
     )
     for r in sorted(results["rows"], key=lambda r: (r["mode"], r["seed"], r["rate"])):
         print(_line(r))
+
+
+def _refit(row: dict) -> None:
+    """The estimate, interval and components of a stored row, from its margins, as run_audit fits them now."""
+    import numpy as np
+
+    from alignlab.audit.command import _scale_per_fold
+    from alignlab.audit.mixture import fit_flip_rate
+
+    fit = fit_flip_rate(_scale_per_fold(np.array(row["margins"]), np.array(row["fold"])), seed=row["seed"])
+    row.update(estimate=fit.eps, interval=list(fit.interval), components=fit.components, refitted=True)
 
 
 def seen_truth(r: dict) -> float:
