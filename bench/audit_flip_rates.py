@@ -93,7 +93,7 @@ def main() -> None:
             "seed": args.seed,
             "margins": [round(p["margin"], 5) for p in res["pairs"]],
             "fold": [p["fold"] for p in res["pairs"]],
-            "flipped": flipped,
+            "flipped": [int(f) for f in flipped],
         }
         results["rows"] = [
             r
@@ -132,7 +132,7 @@ def seen_truth(r: dict) -> float:
 
     x = _scale_per_fold(np.array(r["margins"]), np.array(r["fold"]))
     seen = np.abs(x) > 0.5
-    return float(np.mean(np.array(r["flipped"])[seen])) if seen.any() else float("nan")
+    return float(np.mean(np.array(r["flipped"], dtype=bool)[seen])) if seen.any() else float("nan")
 
 
 def _line(r: dict) -> str:
