@@ -1,4 +1,4 @@
-"""Command line: `alignlab run|validate|builtin ...`. Only argument parsing lives here."""
+"""Command line: `alignlab run|validate|builtin|eval|bench|audit ...`. Only argument parsing lives here."""
 
 from __future__ import annotations
 
@@ -70,7 +70,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     rob.add_argument("--force", action="store_true", help="rerun cells that already finished")
 
-    for p in (run, ev, rob):
+    audit = sub.add_parser("audit", help="(experimental) audit a stage's data: `audit preferences`")
+    audit_sub = audit.add_subparsers(dest="audit", required=True)
+    aud = audit_sub.add_parser(
+        "preferences",
+        help="(experimental) estimate the label-flip rate of a preference stage's pairs (the eps of cdpo/rdpo) and "
+        "list the most suspect pairs, from cross-fitted reward-model margins",
+        description="EXPERIMENTAL. Trains K reward models, each on K-1 folds of the stage's pairs, scores the held-out "
+        "fold, and fits a mirrored mixture to the margins (README: Auditing preference labels). Writes audit.json and "
+        "audit.md into <output_dir>/audit/<stage>/.",
+    )
+    aud.add_argument("recipe")
+    aud.add_argument("overrides", nargs="*", help="key.sub=value on the recipe, as for `run`")
+    aud.add_argument("--stage", required=True, help="the preference stage whose dataset is audited (e.g. dpo)")
+    aud.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a key of that stage, e.g. --set dataset.size=500 --set dataset.flip_rate=0.2",
+    )
+    aud.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
+    aud.add_argument("--epochs", type=float, default=2.0, help="epochs of each fold's reward model (default 2)")
+    aud.add_argument(
+        "--learning-rate",
+        type=float,
+        help="the reward models' (default: the recipe's reward stage's, else the stage's)",
+    )
+    aud.add_argument("--seed", type=int, help="fold split seed (default: the recipe's seed)")
+    aud.add_argument("--out", help="output folder (default: <output_dir>/audit/<stage>)")
+    aud.add_argument(
+        "--drop-suspect", type=int, default=0, metavar="K", help="also write cleaned.jsonl without the K most suspect"
+    )
+
+    for p in (run, ev, rob, aud):
         p.add_argument(
             "--verbose",
             action="store_true",
@@ -111,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "bench":
             return _bench_robustness(args)
+        if args.command == "audit":
+            return _audit_preferences(args)
     except (RecipeError, DataError, ModelSourceError, RunLocked) as e:  # RecipeError: a stale stage too
         _error(e)
         return 2
@@ -219,6 +255,37 @@ def _bench_robustness(args) -> int:
     _, md = robustness.run_bench(recipe, force=args.force, seeds=args.seeds)
     if os.environ.get("RANK", "0") == "0":
         print(f"\n{md.read_text()}\nwritten to {md.parent}")
+    return 0
+
+
+def _audit_preferences(args) -> int:
+    from alignlab.audit.command import audited_stage, run_audit
+    from alignlab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    audited_stage(recipe, args.stage)  # unknown or non-preference stage: an error before anything loads
+    if args.sets:
+        recipe = load_recipe(args.recipe, list(args.overrides) + [f"stages.{args.stage}.{kv}" for kv in args.sets])
+    _start(args)
+    res, md = run_audit(
+        recipe,
+        args.stage,
+        folds=args.folds,
+        seed=args.seed,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        out=args.out,
+        drop_suspect=args.drop_suspect,
+    )
+    lo, hi = res["interval"]
+    print(
+        f"audit (experimental) of stage {args.stage}: {res['n_pairs']} pairs, estimated flip rate "
+        f"{res['flip_rate']:.3f} (95% interval {lo:.3f} to {hi:.3f}); suggested eps for cdpo/rdpo: "
+        f"{res['suggested_eps']:.2f}\nthe most suspect rows: {', '.join(map(str, res['most_suspect'][:10]))}"
+        + "".join(f"\nwarning: {w}" for w in res["warnings"])
+        + (f"\ncleaned data: {res['cleaned']}" if "cleaned" in res else "")
+        + f"\nwritten to {md.parent}"
+    )
     return 0
 
 

@@ -111,6 +111,11 @@ class DatasetSpec(Strict):
     size: int = Field(2000, gt=0, description="Rows to generate for builtin: datasets")
     eval_size: int = Field(200, gt=0, description="Held-out rows to generate for builtin: datasets")
     flip_rate: float = Field(0.0, ge=0, le=1, description="Fraction of preference labels flipped (seeded)")
+    flip_mode: Literal["uniform", "near_tie"] = Field(
+        "uniform",
+        description="Which pairs flip_rate flips: uniform (any pair alike), or near_tie (more likely the smaller the "
+        "pair's true reward margin: a `margin` column, else the builtin task's reward; alignlab.data.near_tie_weights)",
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Data seed; defaults to the recipe seed")
 
     @field_validator("columns")

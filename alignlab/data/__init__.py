@@ -49,8 +49,40 @@ def build_datasets(
     if spec.flip_rate > 0:
         if "chosen" not in train.column_names:
             raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
-        train, _ = flip_labels(train, spec.flip_rate, seed)
+        weights = near_tie_weights(train, spec, recipe, where) if spec.flip_mode == "near_tie" else None
+        train, _ = flip_labels(train, spec.flip_rate, seed, weights)
     return train, eval_ds
+
+
+NEAR_TIE_SCALE = 0.1  # in reward units: builtin task rewards lie in [0, 1]
+
+
+def near_tie_weights(ds: Dataset, spec: DatasetSpec, recipe: Recipe | None, where: str) -> list[float]:
+    """[n] weights exp(-d_i / NEAR_TIE_SCALE) for `flip_mode: near_tie`, d_i = the pair's true reward margin
+    r(chosen) - r(rejected) >= 0: the `margin` column when the data has one, else the builtin task's reward.
+    A pair with d = 0.1 is e (2.7) times as likely to be flipped as one with d = 0.2: annotators confuse pairs of
+    nearly equal quality more often (label noise that a scorer partly cannot see; README, "Auditing preference
+    labels")."""
+    import math
+
+    if "margin" in ds.column_names:
+        margins = [float(m) for m in ds["margin"]]
+    else:
+        src = resolve_source(spec.path, recipe)
+        task = None
+        if src.kind == "builtin":
+            from alignlab.builtin.tasks import get_task
+
+            task = get_task(src.location)
+        if task is None or task.reward is None:
+            raise DataError(
+                f"{where}: flip_mode near_tie flips pairs more often the closer their true rewards, so it needs each "
+                f"pair's true reward margin: a `margin` column (columns: {{margin: YOUR_COLUMN}}), or a builtin task "
+                f"with a reward (builtin:arith, builtin:constraints). Use flip_mode: uniform for this dataset."
+            )
+        prompts = ds["prompt"]
+        margins = [c - r for c, r in zip(task.reward(prompts, ds["chosen"]), task.reward(prompts, ds["rejected"]))]
+    return [math.exp(-max(m, 0.0) / NEAR_TIE_SCALE) for m in margins]
 
 
 def check_dataset(
@@ -76,6 +108,8 @@ def check_dataset(
     ds = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat=False, formats=formats)
     if spec.flip_rate > 0 and "chosen" not in ds.column_names:
         raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
+    if spec.flip_rate > 0 and spec.flip_mode == "near_tie":
+        near_tie_weights(ds, spec, recipe, where)  # a true reward margin for every pair, or the error that says so
     if tokenizer is not None:
         check_chat_template(ds, tokenizer, where)
         if assistant_masks:

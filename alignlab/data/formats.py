@@ -23,6 +23,7 @@ import functools
 import io
 import json
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -465,12 +466,22 @@ def prompt_text(prompt: Any) -> str:
     return str(prompt)
 
 
-def flip_labels(ds: Dataset, rate: float, seed: int) -> tuple[Dataset, list[int]]:
-    """Swap chosen/rejected on round(rate * n) rows picked with `seed`. Returns the data and flipped rows."""
+def flip_labels(ds: Dataset, rate: float, seed: int, weights: list[float] | None = None) -> tuple[Dataset, list[int]]:
+    """Swap chosen/rejected on round(rate * n) rows picked with `seed`. Returns the data and flipped rows.
+
+    `weights` ([n], positive): pick rows with probability growing with their weight instead of uniformly, by
+    weighted sampling without replacement (Efraimidis & Spirakis 2006: the k largest keys u_i^(1 / w_i), u_i
+    uniform; compared as log(u_i) / w_i, which orders the same and does not underflow to 0 for tiny weights), so
+    the count stays exactly round(rate * n) (alignlab.data.near_tie_weights)."""
     if rate <= 0:
         return ds, []
     n = len(ds)
-    flipped = sorted(random.Random(seed).sample(range(n), round(rate * n)))
+    if weights is None:
+        flipped = sorted(random.Random(seed).sample(range(n), round(rate * n)))
+    else:
+        rng = random.Random(seed)
+        keys = [math.log(1.0 - rng.random()) / w for w in weights]  # 1 - u in (0, 1]: no log(0)
+        flipped = sorted(sorted(range(n), key=lambda i: -keys[i])[: round(rate * n)])
     which = set(flipped)
 
     def swap(row, idx):
