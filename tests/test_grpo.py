@@ -360,3 +360,45 @@ def test_skip_zero_std_groups_counts_and_drops_flat_groups(tmp_path):
     # Each component is logged; the reward is their weighted sum (means are linear).
     total = kept["reward/tests.test_grpo:even_first_reward"] + 0.5 * kept["reward/tests.test_grpo:operand_reward"]
     assert math.isclose(kept["reward"], total, rel_tol=1e-6)
+
+
+def test_qlora_default_recomputes_old_logprobs(tmp_path, monkeypatch):
+    """QLoRA from the base, recompute_logprobs left null: the 4-bit layers compute in bfloat16 (QLoRA's default
+    compute_dtype) while the trainable and norm weights stay float32, so neither accelerate's mixed precision nor the
+    parameters' dtype says "low precision", yet cached decoding drifts from the training forward. The default reads
+    the quantized base's compute dtype too (PPO's rule, one shared function) and recomputes the old log-probs with
+    the training forward: no SamplingRecorder, and the first (only) pass's ratio is exactly 1 (approx_kl 0, no
+    clipping). Temperature 3 keeps the tiny base from ending at once (16 new tokens: 223 response tokens here; at
+    temperature 1 it says EOS after ~2 tokens and the two passes happen to agree bitwise).
+    Measured before the fix (old log-probs off the bf16 sampling pass): |new - old| mean 4.4e-5, max 1.3e-3 nats per
+    token, ratio 1.0000031, approx_kl 9.7e-9."""
+    import alignlab.rl.grpo as grpo
+
+    seen = {"recorders": 0}
+    real_step = grpo.GRPOTrainer.train_step
+
+    class CountingRecorder(grpo.SamplingRecorder):
+        def __init__(self, *a, **kw):
+            seen["recorders"] += 1
+            super().__init__(*a, **kw)
+
+    def recording_step(self):
+        seen["trainer"] = self
+        return real_step(self)
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "train_step", recording_step)
+    monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
+    stage = _grpo(steps=1, max_new_tokens=16, temperature=3.0)
+    _run(_recipe(tmp_path / "run", [stage], peft="qlora"))
+    row = _steps(tmp_path / "run" / "grpo")[0]
+    assert row["ratio"] == 1.0 and row["approx_kl"] == 0.0  # one epoch, one minibatch: the first pass
+    assert row["clip_low_frac"] == row["clip_high_frac"] == 0.0
+    assert seen["recorders"] == 0  # the old log-probs did not come off the sampling pass
+
+    from alignlab.rl.loop import low_precision, quantized_compute_dtype
+
+    trainer = seen["trainer"]
+    # the two checks GRPO had see nothing (no autocast, float32 parameters); the quantized layers compute in bf16
+    assert trainer.acc.mixed_precision == "no" and next(trainer.policy.parameters()).dtype == torch.float32
+    assert quantized_compute_dtype(trainer.policy) == torch.bfloat16
+    assert low_precision(trainer.acc, trainer.policy) is True

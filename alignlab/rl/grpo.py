@@ -22,7 +22,10 @@ prompt's pass. Same logits as a forward over N x G prompt + response rows (the c
 states independent of what follows), with N x P + N x G x C tokens instead of N x G x (P + C).
 
 Precision: sampling, reference and training forwards run under accelerate's autocast (a no-op in fp32), so the
-first pass's ratio is 1 and the first KL 0. Dropout is set to 0 (the ratio needs the same function twice).
+first pass's ratio is 1 and the first KL 0. In low precision (that autocast, a half-precision model, or a quantized
+base computing in bf16/fp16: QLoRA; alignlab.rl.loop.low_precision) cached decoding drifts from the training forward,
+so by default the old log-probs are recomputed with it. Dropout is set to 0 (the ratio needs the same function
+twice).
 
 Several processes (`accelerate launch`): process p takes the p-th `prompts_per_step` prompts of each step's
 stream, so a group lives on one process (its statistics need no communication) and every response's random stream
@@ -56,7 +59,7 @@ from alignlab.generation import generate
 from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
-from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn
+from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn, low_precision
 
 log = logging.getLogger("alignlab")
 
@@ -197,7 +200,9 @@ class GRPOTrainer(RLTrainer):
         stream = self._stream(spec.prompts_per_step)  # this process's prompts in the run's stream
         prompts = [self.prompts[self._prompt_index(k)] for k in stream for _ in range(size)]
         row_seeds = [self.seed * 1_000_003 + k * size + j for k in stream for j in range(size)]
-        recompute = spec.recompute_logprobs if spec.recompute_logprobs is not None else self._low_precision
+        recompute = spec.recompute_logprobs
+        if recompute is None:  # in low precision, cached decoding drifts from the training forward
+            recompute = low_precision(self.acc, self.policy)
         recorder = None if recompute else SamplingRecorder(spec.temperature)
         with self.acc.autocast():
             ro = generate(
@@ -366,11 +371,6 @@ class GRPOTrainer(RLTrainer):
     @property
     def _minibatch(self) -> int:
         return self.spec.minibatch_size or self.spec.responses_per_step
-
-    @property
-    def _low_precision(self) -> bool:
-        dtype = next(self.unwrapped.parameters()).dtype
-        return self.acc.mixed_precision in ("fp16", "bf16") or dtype in (torch.float16, torch.bfloat16)
 
     def _log_line(self, row: dict[str, float]) -> None:
         log.info(

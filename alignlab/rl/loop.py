@@ -12,6 +12,10 @@ from one seeded permutation per pass over the data (`_prompt_index`), each respo
 seeded by its index in the run (the algorithms compute `row_seeds`), and each step's minibatch shuffles from
 `step_seed` (seed, step, process). Dropout is set to 0 in the policy (a PPO ratio needs the same function twice).
 
+Precision: `low_precision` is the one rule both loops' default (recompute_logprobs null) follows: in half precision
+(autocast, a half-precision model, a quantized base computing in bf16/fp16) the sampling pass's cached decoding
+drifts from the training forward, so the sampling policy's log-probs are recomputed with a forward.
+
 Several processes: `_share(local)` weighs a mean over this process's rows by its share of the global count, so the
 mean over processes of the weighted means is the global mean (what DDP's gradient average needs);
 `_mean_over_processes` averages the logged metrics (one all-reduce); `_check_finite` stops every process when any
@@ -296,6 +300,36 @@ class SamplingRecorder:
         self.logprobs.append(self._last.gather(-1, response[:, -1:].to(self._last.device)).squeeze(-1))
         self._last = None
         return torch.stack(self.logprobs, dim=1), torch.stack(self.entropy, dim=1)
+
+
+def low_precision(accelerator, model: nn.Module) -> bool:
+    """Whether `model` (the policy LM) runs in half precision, where cached decoding drifts from a full forward, so
+    the RL loops' default (recompute_logprobs null) recomputes the sampling policy's log-probs with the training
+    forward: accelerate's bf16/fp16 mixed precision (autocast), a float16/bfloat16 model, or a bitsandbytes-quantized
+    base whose layers compute in half precision (QLoRA: bnb_4bit_compute_dtype, bfloat16 by default; 8-bit layers
+    always). The last is the one the first two miss: under QLoRA the trainable and norm weights are float32 and no
+    autocast runs, yet the quantized matmuls are bf16 (SmolLM2-135M QLoRA, 8 tokens: PPO's KL 0.0089 and approx_kl
+    2.6e-5 at pi = ref; built-in tiny model, GRPO at temperature 3: ratio 1.0000031 on the first pass, when the
+    log-probs came off the sampling pass)."""
+    half = (torch.float16, torch.bfloat16)
+    return (
+        accelerator.mixed_precision in ("fp16", "bf16")
+        or next(model.parameters()).dtype in half
+        or quantized_compute_dtype(model) in half
+    )
+
+
+def quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype a bitsandbytes-quantized model's layers compute in (4-bit: its compute dtype; 8-bit: float16), or
+    None when the model is not quantized. `model`: a transformers model or a PEFT model around one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    q = getattr(inner.config, "quantization_config", None)
+    if q is None or not (getattr(q, "load_in_4bit", False) or getattr(q, "load_in_8bit", False)):
+        return None
+    if getattr(q, "load_in_8bit", False):
+        return torch.float16
+    dtype = getattr(q, "bnb_4bit_compute_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

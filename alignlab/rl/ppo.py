@@ -61,7 +61,7 @@ from alignlab.losses import (
     policy_loss,
     value_loss,
 )
-from alignlab.rl.loop import RLTrainer, SamplingRecorder, ScoreFn
+from alignlab.rl.loop import RLTrainer, SamplingRecorder, ScoreFn, low_precision
 
 log = logging.getLogger("alignlab")
 
@@ -174,7 +174,7 @@ class PPOTrainer(RLTrainer):
         model = self.unwrapped
         recompute = self.ro.recompute_logprobs
         if recompute is None:  # in low precision, cached decoding drifts from the PPO epochs' full forward
-            recompute = self._low_precision
+            recompute = low_precision(self.acc, model.policy)
         recorder = None if recompute else SamplingRecorder(self.ro.temperature)
         # Every pass of the policy and the reference (sampling, recomputed log-probs and values, reference log-probs)
         # runs under the precision context of the PPO epochs' forward (accelerate's autocast under mixed_precision
@@ -278,20 +278,6 @@ class PPOTrainer(RLTrainer):
                 count += 1
         return {k: v / count for k, v in totals.items()}
 
-    @property
-    def _low_precision(self) -> bool:
-        """Mixed precision (bf16/fp16 autocast), a half-precision model, or a quantized base whose layers compute in
-        half precision (QLoRA: bnb_4bit_compute_dtype, bfloat16 by default; 8-bit layers always): the trainable and
-        norm weights are float32 there, yet cached decoding drifts from a full forward (SmolLM2-135M QLoRA, 8 tokens:
-        KL 0.0089 and approx_kl 2.6e-5 at pi = ref when the log-probs came off the sampling pass)."""
-        dtype = next(self.unwrapped.parameters()).dtype
-        half = (torch.float16, torch.bfloat16)
-        return (
-            self.acc.mixed_precision in ("fp16", "bf16")
-            or dtype in half
-            or quantized_compute_dtype(self.unwrapped.policy) in half
-        )
-
     def _log_line(self, row: dict[str, float]) -> None:
         left = duration(row["step_time"] * (self.spec.steps - self.step))  # at the last logged steps' pace
         log.info(
@@ -305,16 +291,3 @@ class PPOTrainer(RLTrainer):
 
     def _load_extra_state(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
-
-
-def quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype a bitsandbytes-quantized model's layers compute in (4-bit: its compute dtype; 8-bit: float16), or
-    None when the model is not quantized."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    q = getattr(inner.config, "quantization_config", None)
-    if q is None or not (getattr(q, "load_in_4bit", False) or getattr(q, "load_in_8bit", False)):
-        return None
-    if getattr(q, "load_in_8bit", False):
-        return torch.float16
-    dtype = getattr(q, "bnb_4bit_compute_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

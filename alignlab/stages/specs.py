@@ -365,7 +365,9 @@ class GRPOSpec(StageSpec):
     recompute_logprobs: bool | None = Field(
         None,
         description="false: the sampling policy's log-probs come from the sampling pass itself; true: from one more "
-        "forward. Default (null): true under mixed precision or a float16/bfloat16 model, false otherwise",
+        "forward (the training forward's exact arithmetic, so the first ratio is exactly 1). Default (null): true "
+        "under mixed precision (accelerate bf16/fp16), a float16/bfloat16 model or a quantized base computing in "
+        "bf16/fp16 (QLoRA's default compute_dtype), where cached decoding drifts from a full forward; false otherwise",
     )
     logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume and stop_if)")
