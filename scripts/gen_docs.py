@@ -243,6 +243,8 @@ def smollm2_results() -> str:
             "",
             "0",
             f"{base['repetition_reference']:.3f}",
+            f"{base['response_length_reference']:.0f}",
+            "",
             "",
             "",
         ]
@@ -258,6 +260,7 @@ def smollm2_results() -> str:
                 f"{e['true_reward_diff']:+.3f} {_ci(e['true_reward_diff_ci'], '+')}",
                 f"{e['kl']:.2f}",
                 f"{e['repetition']:.3f}",
+                f"{e['response_length']:.0f}",
                 f"{e['nll_change']:+.1%}" if e.get("nll_change") is not None else "",
                 f"{r['seconds'] / 60:.0f} min" if r["seconds"] else "",
                 _counted(e),
@@ -280,6 +283,7 @@ def smollm2_results() -> str:
         "vs base",
         "KL (nats, sampled)",
         "repeated 3-grams",
+        "length (tokens)",
         "NLL change",
         "time",
         "issue 17's goal",
@@ -289,7 +293,7 @@ def smollm2_results() -> str:
         "counted only without degeneration: repeated 3-grams within 5 points of the base's and NLL on `builtin:prose` "
         "up by at most 5%. KL: mean log-ratio over answers sampled at temperature 1."
     )
-    return head + "\n" + _table(headers, rows, "---|---:|---|---|---:|---|---:|---:|---:|---:|---") + foot
+    return head + "\n" + _table(headers, rows, "---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---") + foot
 
 
 def _counted(e: dict) -> str:
