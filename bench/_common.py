@@ -220,6 +220,16 @@ class RssPoller:
         self.peak = max(self.peak, rss_mb())
 
 
+def peak_memory(device: str) -> dict:
+    """This process's peak RSS (MiB), and on CUDA the peak of torch's allocator (`cuda_peak_mb`)."""
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if device == "cuda":
+        import torch
+
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def hook_trainer_steps(cuda: bool = False, poll_rss: bool = False) -> dict:
     """Patch transformers' Trainer (the base class, so any stage's subclass is covered) to record, per optimizer
     step, its start (training_step called, batch collated) and end (on_step_end, after the optimizer), its tokens

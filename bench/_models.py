@@ -3,6 +3,11 @@ preset with the builtin tokenizer (random init: throughput and memory do not dep
 plus a reward model on the same backbone (sequence-classification head, one label). Main environment only.
 
     python bench/_models.py llama-100m      # build it (cached in bench/.cache/models/), print the paths
+
+`smollm2` is the real `builtin:smollm2-135m-instruct` (fetched once, its own tokenizer and chat template);
+`smollm2-random` is the same architecture and tokenizer, randomly initialised, for machines without its weights
+(a GPU machine that cannot fetch them): it needs only the config and tokenizer files, taken from the builtin's
+cache or from the folder $BENCH_SMOLLM2_CONFIG.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ PRESETS: dict[str, dict] = {
     "llama-50m": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=10, num_attention_heads=10),
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=12),
     "llama-350m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16),
+    "smollm2": {},  # builtin:smollm2-135m-instruct, the real weights (134.5M, vocabulary 49152, tied embeddings)
+    "smollm2-random": {},  # its config and tokenizer, random init
 }
 
 
@@ -32,9 +39,17 @@ def ensure(name: str) -> dict:
     from alignlab.builtin import builtin_model_path
 
     tiny = builtin_model_path("tiny-llama")
-    policy = tiny if name == "tiny" else CACHE / "models" / name
-    if name != "tiny" and not (policy / ".complete").exists():
-        _build_causal_lm(name, tiny, policy)
+    if name == "tiny":
+        policy = tiny
+    elif name == "smollm2":
+        policy = builtin_model_path("smollm2-135m-instruct")
+    else:
+        policy = CACHE / "models" / name
+        if not (policy / ".complete").exists():
+            if name == "smollm2-random":
+                _build_from_config(_smollm2_config_dir(), policy)
+            else:
+                _build_causal_lm(name, tiny, policy)
     reward = CACHE / "models" / f"{name}-rm"
     if not (reward / ".complete").exists():
         _build_reward_model(policy, reward)
@@ -64,6 +79,36 @@ def _build_causal_lm(name: str, tokenizer_dir: Path, out: Path) -> None:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(**ids)
+    _save(model, tok, out)
+
+
+def _smollm2_config_dir() -> Path:
+    """A folder with SmolLM2's config.json and tokenizer files: $BENCH_SMOLLM2_CONFIG, else the builtin's cache."""
+    if os.environ.get("BENCH_SMOLLM2_CONFIG"):
+        return Path(os.environ["BENCH_SMOLLM2_CONFIG"])
+    from alignlab.builtin.models import built_model_path
+
+    found = built_model_path("smollm2-135m-instruct")
+    if found is None:
+        raise SystemExit(
+            "smollm2-random needs SmolLM2's config and tokenizer: run `alignlab builtin smollm2-135m-instruct` once, "
+            "or point $BENCH_SMOLLM2_CONFIG at a folder holding its config.json, tokenizer*.json, "
+            "chat_template.jinja and generation_config.json"
+        )
+    return found
+
+
+def _build_from_config(source: Path, out: Path) -> None:
+    """A causal LM with `source`'s config and tokenizer and random weights (seeded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig.from_pretrained(source)
     _save(model, tok, out)
 
 

@@ -33,7 +33,7 @@ from _common import (
     command_line,
     machine,
     median,
-    peak_rss_mb,
+    peak_memory,
     rss_mb,
     run_child,
     setup_worker,
@@ -139,7 +139,7 @@ def alignlab_worker(cfg: dict) -> dict:
     }
     run_pipeline(parse_recipe(raw), force=True)
     shutil.rmtree(run_dir, ignore_errors=True)  # the saved model is not needed
-    return {"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), "step_s": timer.steps, "precompute_s": timer.precompute}
+    return {"base_rss_mb": base, **peak_memory(cfg["device"]), "step_s": timer.steps, "precompute_s": timer.precompute}
 
 
 def trl_worker(cfg: dict) -> dict:
@@ -189,12 +189,12 @@ def trl_worker(cfg: dict) -> dict:
     trainer.add_callback(timer.callback(cfg["device"] == "cuda"))
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), "step_s": timer.steps, "precompute_s": timer.precompute}
+    return {"base_rss_mb": base, **peak_memory(cfg["device"]), "step_s": timer.steps, "precompute_s": timer.precompute}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="tiny | llama-20m | llama-50m | llama-100m | llama-350m")
+    ap.add_argument("--model", default="tiny", help="tiny | llama-20m | ... | llama-350m | smollm2 | smollm2-random")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=5, help="steps not timed")
@@ -222,8 +222,9 @@ def main() -> None:
             print(f"  {name:14s} run {rep + 1}: {r['s_per_step'] * 1000:.1f} ms/step, precompute "
                   f"{r['precompute_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)  # fmt: skip
 
+    mem = "cuda_peak_mb" if a.device == "cuda" else "peak_rss_mb"
     med = {n: {k: median([r[k] for r in rs]) for k in ("s_per_step", "amortised_s_per_step", "precompute_s",
-                                                         "peak_rss_mb")} for n, rs in runs.items()}  # fmt: skip
+                                                         "peak_rss_mb", mem)} for n, rs in runs.items()}  # fmt: skip
     ref = med.get("trl", {}).get("s_per_step")
     rows = []
     for n in names:
@@ -232,9 +233,9 @@ def main() -> None:
         rows.append([n, ("full" if c["peft"] == "none" else c["peft"]) + (" + grad ckpt" if c.get("gc") else ""),
                      "yes" if c["precompute"] else "no",
                      m["s_per_step"] * 1000, m["precompute_s"], m["amortised_s_per_step"] * 1000, vs,
-                     m["peak_rss_mb"]])  # fmt: skip
+                     m[mem]])  # fmt: skip
     headers = ["contender", "weights", "precompute ref", "ms/step", "precompute s", "amortised ms/step",
-               "speedup vs trl default", "peak RSS MiB"]  # fmt: skip
+               "speedup vs trl default", "peak GPU MiB" if a.device == "cuda" else "peak RSS MiB"]  # fmt: skip
     targets = {}
     if "trl" in med and "alignlab" in med:
         ratio = med["alignlab"]["s_per_step"] / med["trl"]["s_per_step"]

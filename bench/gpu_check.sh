@@ -2,14 +2,16 @@
 # GPU checks CI cannot run (it has no GPU): bf16 and QLoRA on CUDA through whole recipes, on the built-in tiny model.
 # Run by hand on a CUDA machine with the package installed:  bash bench/gpu_check.sh OUT_DIR
 # Prints, per run, the first and last logged values; under bf16 PPO's first update must show approx_kl 0 and
-# clipfrac 0 (rollout, reference and epochs in one precision).
+# clipfrac 0 (rollout, reference and epochs in one precision); so must every GRPO update run as one epoch of one
+# minibatch (its sampling log-probs recomputed by the training forward under bf16 and QLoRA: ratio exactly 1).
+# NEW_ONLY=1 runs only the stages added after the first check (grpo, kto).
 set -euo pipefail
 out=${1:-runs/gpu-check}
 mkdir -p "$out"
 run() {  # name recipe overrides...
   local name=$1 recipe=$2; shift 2
   local t0=$SECONDS
-  python -m alignlab run "$recipe" "output_dir=$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; return 1; }
+  python -m alignlab run "$recipe" "output_dir=$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; echo "== $name FAILED"; return 0; }
   echo "== $name ($((SECONDS - t0)) s)"
   python - "$out/$name" <<'PY'
 import json, sys
@@ -17,7 +19,8 @@ from pathlib import Path
 for f in sorted(Path(sys.argv[1]).glob("*/metrics.jsonl")):
     rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     steps = [r for r in rows if not r.get("final")]
-    keys = [k for k in ("loss", "policy_loss", "approx_kl", "clipfrac", "kl", "score", "rewards/accuracies") if any(k in r for r in steps)]
+    keys = [k for k in ("loss", "policy_loss", "ratio", "approx_kl", "clipfrac", "clip_low_frac", "clip_high_frac", "kl",
+                       "score", "reward", "rewards/accuracies") if any(k in r for r in steps)]
     def at(k, rows):
         return next((r[k] for r in rows if k in r), None)
 
@@ -29,6 +32,14 @@ for f in sorted(Path(sys.argv[1]).glob("*/metrics.jsonl")):
 PY
 }
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+if [ -z "${NEW_ONLY:-}" ]; then
 [ -n "${ONLY_PPO:-}" ] || run quickstart-bf16 recipes/quickstart.yaml stages.sft.train.bf16=true stages.dpo.train.bf16=true
 [ -n "${ONLY_PPO:-}" ] || run qlora-cuda recipes/sft_dpo_qlora.yaml
 ACCELERATE_MIXED_PRECISION=bf16 run ppo-bf16 recipes/sft_ppo_reward_fn.yaml stages.ppo.steps=4 stages.ppo.logging_steps=1 stages.ppo.save_steps=null
+fi
+# GRPO: one epoch of one minibatch per update (64 = 8 prompts x 8 samples), so every update's ratio must be exactly 1.
+grpo=(stages.sft.dataset.size=1000 stages.grpo.steps=8 stages.grpo.epochs=1 stages.grpo.minibatch_size=64
+      stages.grpo.logging_steps=1 stages.grpo.save_steps=null stages.grpo.watch_steps=null)
+ACCELERATE_MIXED_PRECISION=bf16 run grpo-bf16 recipes/sft_grpo_arith.yaml "${grpo[@]}"
+run grpo-qlora-cuda recipes/sft_grpo_arith.yaml peft.method=qlora "${grpo[@]}"
+run kto-bf16 recipes/sft_kto_lora.yaml stages.sft.train.bf16=true stages.kto.train.bf16=true stages.sft.dataset.size=1000

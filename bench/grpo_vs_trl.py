@@ -23,6 +23,7 @@ uses the training forward's detached log-probs as the old ones (no extra pass on
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ from _common import (
     command_line,
     machine,
     median,
-    peak_rss_mb,
+    peak_memory,
     rss_mb,
     run_child,
     setup_worker,
@@ -68,8 +69,17 @@ def _peft(cfg: dict) -> dict:
     return {"method": "none"} if cfg["peft"] == "none" else {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
 
 
+def _sync(cfg: dict) -> None:
+    if cfg["device"] == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def alignlab_worker(cfg: dict) -> dict:
     setup_worker(cfg["threads"])
+    if cfg["dtype"] == "bfloat16":  # autocast, as TRL's bf16=True
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
     from alignlab.rl.grpo import GRPOTrainer
@@ -81,8 +91,10 @@ def alignlab_worker(cfg: dict) -> dict:
 
     def timed_step(self):
         rec["generate_s"].append(0.0)
+        _sync(cfg)
         t0 = time.perf_counter()
         out = train_step(self)
+        _sync(cfg)
         rec["step_s"].append(time.perf_counter() - t0)
         return out
 
@@ -117,7 +129,7 @@ def alignlab_worker(cfg: dict) -> dict:
     }
     run_pipeline(parse_recipe(raw), force=True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), **rec}
+    return {"base_rss_mb": base, **peak_memory(cfg["device"]), **rec}
 
 
 def trl_worker(cfg: dict) -> dict:
@@ -168,8 +180,8 @@ def trl_worker(cfg: dict) -> dict:
         save_strategy="no",
         report_to=[],
         seed=0,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=cfg["device"] == "cpu",
+        bf16=cfg["dtype"] == "bfloat16",
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -182,20 +194,22 @@ def trl_worker(cfg: dict) -> dict:
     class Timer(TrainerCallback):  # on_step_begin runs before the batch's generation (inside training_step)
         def on_step_begin(self, args, state, control, **kwargs):
             rec["generate_s"].append(0.0)
+            _sync(cfg)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            _sync(cfg)
             rec["step_s"].append(time.perf_counter() - self.t0)
 
     trainer.add_callback(Timer())
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), **rec}
+    return {"base_rss_mb": base, **peak_memory(cfg["device"]), **rec}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="tiny | llama-20m | llama-50m | llama-100m | llama-350m")
+    ap.add_argument("--model", default="tiny", help="tiny | llama-20m | ... | llama-350m | smollm2 | smollm2-random")
     ap.add_argument("--peft", default="none,lora", help="comma list of none, lora")
     ap.add_argument("--steps", type=int, default=20, help="updates per run")
     ap.add_argument("--warmup", type=int, default=3, help="updates not timed")
@@ -203,12 +217,20 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="prompts per update")
     ap.add_argument("--group", type=int, default=4, help="responses per prompt")
     ap.add_argument("--response-length", type=int, default=8)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: autocast on both sides (alignlab then recomputes the sampling log-probs)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="grpo_vs_trl")
     a = ap.parse_args()
     models = run_child("_models.py", "prepare", {"model": a.model}, threads=a.threads)
     cfg = dict(model_path=models["policy"], steps=a.steps, prompts=a.prompts, group=a.group,
-               response_length=a.response_length, size=max(a.prompts * a.steps, 64), threads=a.threads)  # fmt: skip
+               response_length=a.response_length, size=max(a.prompts * a.steps, 64), threads=a.threads,
+               device=a.device, dtype=a.dtype)  # fmt: skip
     runs: dict[str, list] = {}
     for peft in a.peft.split(","):
         for rep in range(a.repeats):
@@ -220,24 +242,27 @@ def main() -> None:
                 r["s_per_step"] = median(steps)
                 r["generate_share"] = sum(gens) / sum(steps)
                 runs.setdefault(key, []).append(r)
+                gpu = f", peak GPU {r['cuda_peak_mb']:.0f} MiB" if "cuda_peak_mb" in r else ""
                 print(f"  {key:16s} run {rep + 1}: {r['s_per_step'] * 1000:.1f} ms/step ({r['generate_share']:.0%} "
-                      f"in generate), peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)  # fmt: skip
+                      f"in generate), peak RSS {r['peak_rss_mb']:.0f} MiB{gpu}", flush=True)  # fmt: skip
 
-    keys = ("s_per_step", "generate_share", "peak_rss_mb")
+    keys = ("s_per_step", "generate_share", "peak_rss_mb") + (("cuda_peak_mb",) if a.device == "cuda" else ())
     med = {k: {m: median([r[m] for r in rs]) for m in keys} for k, rs in runs.items()}
     rows, targets = [], {}
     for peft in a.peft.split(","):
         ours, theirs = med[f"alignlab/{peft}"], med[f"trl/{peft}"]
         ratio = ours["s_per_step"] / theirs["s_per_step"]
         weights = "full" if peft == "none" else "lora"
+        mem = "cuda_peak_mb" if a.device == "cuda" else "peak_rss_mb"
         rows.append([weights, theirs["s_per_step"] * 1000, ours["s_per_step"] * 1000, ratio,
-                     theirs["generate_share"], ours["generate_share"], theirs["peak_rss_mb"], ours["peak_rss_mb"]])  # fmt: skip
+                     theirs["generate_share"], ours["generate_share"], theirs[mem], ours[mem]])  # fmt: skip
         targets[f"time_ratio_{weights}"] = {"value": ratio, "target": "<= 1/1.3 (own loop)", "met": ratio <= 1 / 1.3}
+    mem_name = "peak GPU MiB" if a.device == "cuda" else "peak RSS MiB"
     headers = ["weights", "TRL ms/step", "alignlab ms/step", "alignlab / TRL", "TRL in generate",
-               "alignlab in generate", "TRL peak RSS MiB", "alignlab peak RSS MiB"]  # fmt: skip
+               "alignlab in generate", f"TRL {mem_name}", f"alignlab {mem_name}"]  # fmt: skip
     setting = (f"model {a.model} ({models['params'] / 1e6:.1f}M params), {a.prompts} prompts x {a.group} responses "
                f"x up to {a.response_length} tokens per update, {a.steps} updates per run ({a.warmup} warm-up), "
-               f"{a.repeats} runs per contender alternating, fp32, cpu, {a.threads} thread(s); medians")  # fmt: skip
+               f"{a.repeats} runs per contender alternating, {a.dtype}, {a.device}, {a.threads} thread(s); medians")  # fmt: skip
     main_table = table(headers, rows)
     lines = [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
              for k, v in targets.items()]  # fmt: skip

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -60,8 +61,16 @@ TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.9.*", "peft"]
 
 
 def ensure_trl_venv() -> Path:
-    """Create bench/.venv-trl19 with TRL 1.9 unless it is there and imports."""
+    """Create bench/.venv-trl19 with TRL 1.9 unless it is there and imports. $BENCH_TRL19_PYTHON names another
+    interpreter that imports TRL 1.9 (a machine that cannot run pip against the registry: a wrapper script that puts
+    a TRL 1.9 install first on PYTHONPATH)."""
     import subprocess
+
+    if os.environ.get("BENCH_TRL19_PYTHON"):
+        python = os.environ["BENCH_TRL19_PYTHON"]
+        check = [python, "-c", "import trl, trl.experimental.ppo; assert trl.__version__.startswith('1.9')"]
+        subprocess.run(check, check=True)
+        return Path(python)
 
     check = [str(VENV_PY), "-c", "import trl, trl.experimental.ppo; assert trl.__version__.startswith('1.9')"]
     if VENV_PY.exists() and subprocess.run(check, capture_output=True).returncode == 0:
@@ -327,7 +336,9 @@ def phase_table(prof: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="llama-20m", help="tiny | llama-20m | llama-50m | llama-100m | llama-350m")
+    ap.add_argument(
+        "--model", default="llama-20m", help="tiny | llama-20m | ... | llama-350m | smollm2 | smollm2-random"
+    )
     ap.add_argument("--peft", default="none,lora", help="comma list of: none (full FT), lora")
     ap.add_argument("--steps", type=int, default=4, help="PPO updates per run (the first is warm-up, not timed)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per contender and configuration, alternating")

@@ -34,6 +34,7 @@ RECIPES = {
     "generate_dpo": "recipes/smollm2_generate_dpo_lora.yaml",
     "ppo": "recipes/smollm2_ppo_lora.yaml",
     "grpo": "recipes/smollm2_grpo_lora.yaml",
+    "bon_sft": "recipes/smollm2_bon_sft_lora.yaml",
 }
 
 
