@@ -91,6 +91,8 @@ def stage_parts(recipe: Recipe, spec: StageSpec, refs: dict[str, tuple[str, dict
         parts["reward_fn.source"] = (
             reward_fn_digest(fns[0]) if isinstance(spec.reward_fn, str) else [reward_fn_digest(fn) for fn in fns]
         )
+    if getattr(spec, "revise_fn", None):
+        parts["revise_fn.source"] = reward_fn_digest(spec.revise_fn, revise=True)
     parts = {k: v for k, v in parts.items() if k not in NOT_RESULT_KEYS}
     return json.loads(json.dumps(parts))
 
@@ -155,14 +157,16 @@ def model_digest(recipe: Recipe, name_or_path: str) -> str:
     return f"hub:{name_or_path} (content not read)"
 
 
-def reward_fn_digest(ref: str) -> str:
+def reward_fn_digest(ref: str, revise: bool = False) -> str:
     """sha256 of the source of the module `module:function` lives in (what decides the rewards); for `builtin:TASK`,
-    of the module the task's reward function is defined in (alignlab.builtin.constraints, ...)."""
+    of the module the task's reward function (with `revise`: its revise function) is defined in
+    (alignlab.builtin.constraints, ...)."""
     try:
         if ref.startswith("builtin:"):
-            from alignlab.builtin.rewards import builtin_reward_fn
+            from alignlab.builtin.rewards import builtin_revise_fn, builtin_reward_fn
 
-            source = inspect.getsource(inspect.getmodule(builtin_reward_fn(ref)))
+            fn = builtin_revise_fn(ref) if revise else builtin_reward_fn(ref)
+            source = inspect.getsource(inspect.getmodule(fn))
         else:
             source = inspect.getsource(importlib.import_module(ref.split(":", 1)[0]))
     except (ImportError, OSError, TypeError, ValueError) as e:
@@ -226,7 +230,7 @@ def _name(key: str) -> str:
         if field.startswith(("model", "reward_model"))
         else f"the data {field}.path holds",
         "eval_content": f"the held-out data of {field}",
-        "source": "the source of the reward_fn module",
+        "source": f"the source of the {field} module",
     }
     if field and what in about:
         return f"{key} ({about[what]})"

@@ -37,6 +37,34 @@ def load_reward_fn(ref: str):
         from alignlab.builtin.rewards import builtin_reward_fn
 
         return builtin_reward_fn(ref)
+    return import_function(ref)
+
+
+def load_revise_fn(ref: str):
+    """A generate stage's `revise_fn`: `module:function` or `builtin:TASK` (a task that has one: constraints),
+    called as fn(prompts, completions) -> one revised completion, or None (keep it), per completion."""
+    if ref.startswith("builtin:"):
+        from alignlab.builtin.rewards import builtin_revise_fn
+
+        return builtin_revise_fn(ref)
+    return import_function(ref)
+
+
+def revise_texts(fn, prompts: list, texts: list[str], name: str) -> list[str]:
+    """`texts` with each replaced by its revision where `fn` gives one (a string); a clear error for a wrong
+    length or type."""
+    revised = fn(prompts, texts)
+    if not isinstance(revised, list | tuple) or len(revised) != len(texts):
+        got = f"{len(revised)} values" if isinstance(revised, list | tuple) else type(revised).__name__
+        raise ValueError(f"revise_fn {name} returned {got} for {len(texts)} completions: return one per completion")
+    bad = next((r for r in revised if r is not None and not isinstance(r, str)), None)
+    if bad is not None:
+        raise ValueError(f"revise_fn {name} returned {type(bad).__name__}: return a string or None per completion")
+    return [t if r is None else r for t, r in zip(texts, revised)]
+
+
+def import_function(ref: str):
+    """Import `package.module:function`; a ValueError that says why it cannot be (see load_reward_fn)."""
     if ":" not in ref:
         raise ValueError(f"'{ref}' must look like package.module:function")
     mod_name, fn_name = ref.split(":", 1)

@@ -19,7 +19,7 @@ from alignlab.data import DataError, check_dataset
 from alignlab.gguf import gguf_source
 from alignlab.input_checks import chat_template_problem, is_hub_id_syntax, model_folder_problem, output_dir_problem
 from alignlab.recipe import Recipe, RecipeError, load_recipe
-from alignlab.rewards import check_reward_fn
+from alignlab.rewards import check_reward_fn, load_revise_fn
 from alignlab.schema import reward_fn_refs
 from alignlab.stages.registry import check_chain, stage_record
 
@@ -89,6 +89,11 @@ def validate_recipe(
                 check_reward_fn(fn, spec.dataset, recipe, spec.type)
             except ValueError as e:
                 problems.append(f"{where}.reward_fn{'' if isinstance(fns, str) else f'[{j}].fn'}: {e}")
+        if getattr(spec, "revise_fn", None):
+            try:
+                load_revise_fn(spec.revise_fn)
+            except ValueError as e:
+                problems.append(f"{where}.revise_fn: {e}")
         rm = getattr(spec, "reward_model", None)
         if rm and rm not in stage_names:
             try:

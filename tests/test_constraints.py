@@ -388,3 +388,55 @@ def test_demonstrations_cover_almost_every_prompt_and_every_kind():
         assert sum(letter not in s.format(t="").lower() for s in _SENTENCES) >= 4, letter
     for word in C.AVOID_WORDS:
         assert sum(not C.has_word(s.format(t=""), word) for s in _SENTENCES) >= 4, word
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# revise (`revise_fn: builtin:constraints`): the model's own sentences, laid out by code
+# ---------------------------------------------------------------------------------------------------------------
+
+_ANSWER = (
+    "Sure, here is a start. Pottery is a craft that shapes clay into useful things. Many people find it calming "
+    "to work with their hands. The wheel spins while"  # a fragment cut off by the token limit
+)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Write the opening of a blog post about pottery. Your entire response must be in lowercase letters, with no "
+        'capital letters at all. Make sure to use the word "friendly".',
+        'Write a short review of pottery. Your whole answer must be valid JSON: an object with the key "summary".',
+        'Tell me about pottery. Use exactly 3 markdown bullet points, each on its own line starting with "* ".',
+        "Write a short note about pottery. Your response must have 2 paragraphs with a line of *** between them.",
+        'Give a brief overview of pottery. Start your response with the exact phrase "Sure thing". End your response '
+        'with the exact phrase "Hope this helps." with no other words after it.',
+        "Write a short message to a friend about pottery. Write everything in capital letters only. Do not use any "
+        "commas in your response.",
+    ],
+)
+def test_revise_lays_the_models_own_sentences_out_to_meet_every_constraint(prompt):
+    from alignlab.builtin.constraint_demos import answer_sentences, revise
+    from alignlab.builtin.constraints import constraints_reward, parse_constraints
+
+    assert len(parse_constraints(prompt)) >= 1
+    assert constraints_reward([prompt], [_ANSWER]) != [1.0]
+    (revised,) = revise([prompt], [_ANSWER])
+    assert constraints_reward([prompt], [revised]) == [1.0]
+    own = answer_sentences(_ANSWER)
+    assert own == [
+        "Sure, here is a start.",
+        "Pottery is a craft that shapes clay into useful things.",
+        "Many people find it calming to work with their hands.",
+    ]  # the cut-off fragment is dropped
+    # Every sentence of the script the code-written demonstrations use is absent: the body is the model's.
+    assert "people often talk about" not in revised.lower()
+    assert any(s.lower().rstrip(".") in revised.lower() for s in own)
+    assert "the wheel spins while" not in revised.lower()
+
+
+def test_revise_keeps_what_it_cannot_revise():
+    from alignlab.builtin.constraint_demos import revise
+
+    rule = "Do not use any commas in your response."
+    assert revise([f"Tell me about pottery. {rule}"], ["Too short."]) == [None]  # fewer than 2 whole sentences
+    assert revise([f"Say something nice. {rule}"], [_ANSWER]) == [None]  # not a request of the task

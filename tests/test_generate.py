@@ -68,6 +68,21 @@ def test_sft_output_is_best_of_n_with_min_score():
     assert [r["completion"] for r in rows] == ["b", "l"] and summary["rows"] == 2  # rejection sampling
 
 
+def test_revised_best_of_n_prefers_the_least_revised_sample():
+    """With revise_fn, samples are scored as revised; among equal revised scores the one that scored higher before
+    revision wins (prompt 0: samples 1 and 3 both reach 1.0 revised; 3 scored 0.5 before, 1 scored 0.0)."""
+    results = [
+        {"index": 0, "texts": ["A", "B", "C", "D"], "scores": [0.5, 1.0, 0.5, 1.0], "ended": [True] * 4,
+         "raw_texts": ["a", "b", "C", "d"], "raw_scores": [0.5, 0.0, 0.5, 0.5]},
+        {"index": 1, "texts": ["E", "f", "g", "h"], "scores": [1.0, 0.0, 0.0, 0.0], "ended": [True] * 4,
+         "raw_texts": ["e", "f", "g", "h"], "raw_scores": [0.0] * 4},
+    ]  # fmt: skip
+    rows, summary = build_rows(["p0", "p1"], results, _spec(output="sft", min_score=1.0))
+    assert [(r["prompt"], r["completion"], r["score"]) for r in rows] == [("p0", "D", 1.0), ("p1", "E", 1.0)]
+    assert summary["revised_rate"] == 4 / 8  # A, B, D and E were revised; C, f, g, h came back unchanged
+    assert summary["mean_score_before_revision"] == pytest.approx((0.5 + 0.0 + 0.5 + 0.5) / 8)
+
+
 def test_sample_seeds_depend_on_the_sample_only():
     seeds = {sample_seed(0, "pairs", i, j) for i in range(50) for j in range(4)}
     assert len(seeds) == 200  # one stream per sample
@@ -137,6 +152,7 @@ def test_stage_data_references_are_checked(stages, message):
         ({}, "a generate stage needs exactly one of reward_model"),
         ({"reward_fn": "builtin:arith", "num_samples": 1}, "output: preference needs num_samples >= 2"),
         ({"reward_fn": "builtin:arith", "min_score": 0.5}, "min_score applies to output: sft"),
+        ({"reward_fn": "builtin:arith", "revise_fn": "builtin:constraints"}, "revise_fn applies to output: sft"),
     ],
 )
 def test_generate_keys_are_checked(keys, message):
@@ -153,6 +169,13 @@ def test_validate_accepts_stage_data(write_recipe):
     assert not any("stage:pairs" in n for n in notes)
     with pytest.raises(RecipeError, match="stages\\[0\\] \\(pairs\\).reward_fn: unknown built-in reward function"):
         validate_recipe(write_recipe(_raw([{**GEN, "reward_fn": "builtin:chess"}, DPO])))
+    sft_gen = {**GEN_FN, "output": "sft"}
+    with pytest.raises(
+        RecipeError, match="stages\\[0\\] \\(pairs\\).revise_fn: no built-in revise function 'builtin:arith'"
+    ):
+        validate_recipe(write_recipe(_raw([{**sft_gen, "revise_fn": "builtin:arith"}])))
+    with pytest.raises(RecipeError, match="revise_fn: cannot import module 'no_such_module'"):
+        validate_recipe(write_recipe(_raw([{**sft_gen, "revise_fn": "no_such_module:fix"}])))
     with pytest.raises(RecipeError, match="stage 'pairs' writes prompt_completion data"):
         validate_recipe(write_recipe(_raw([{**GEN_FN, "output": "sft"}, DPO])))
 
@@ -276,3 +299,52 @@ def test_regenerated_data_makes_the_reading_stage_stale(chain, capsys):
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "stage 'dpo'" in err and "dataset.from_stage: stage 'pairs' (trained " in err
+
+
+REVISERS = '''
+def revise(prompts, completions):
+    """Revise every other sample (by its text's length parity): "FIXED " + text; None keeps it."""
+    return ["FIXED " + c if len(c) % 2 == 0 else None for c in completions]
+
+
+def reward(prompts, completions, **kwargs):
+    return [1.0 if c.startswith("FIXED ") else 0.0 for c in completions]
+'''
+
+
+def test_revise_fn_rewrites_samples_before_scoring(tmp_path, monkeypatch):
+    """A generate stage with revise_fn (a user's module:function) scores the revised texts, trains on the best
+    revision, and keeps each sample's text and score from before the revision in samples.jsonl."""
+    from alignlab.cli import main
+
+    (tmp_path / "my_revisers.py").write_text(REVISERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gen = {"name": "best", "type": "generate", "dataset": {"path": "builtin:arith", "split": "sft", "size": 6},
+           "reward_fn": "my_revisers:reward", "revise_fn": "my_revisers:revise", "output": "sft", "min_score": 1.0,
+           "num_samples": 4, "max_new_tokens": 4, "batch_size": 3}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_raw([gen], tmp_path / "run")))
+    assert main(["run", str(path)]) == 0
+    stage = tmp_path / "run" / "best"
+    samples, rows = _jsonl(stage / "samples.jsonl"), _jsonl(stage / "data" / "train.jsonl")
+    revised = 0
+    for s in samples:
+        for raw, text, raw_score, score in zip(s["raw_texts"], s["texts"], s["raw_scores"], s["scores"]):
+            assert raw_score == 0.0  # the model never writes "FIXED "
+            assert text == ("FIXED " + raw if len(raw) % 2 == 0 else raw) and score == float(text != raw)
+            revised += text != raw
+    summary = json.loads((stage / "generation.json").read_text())
+    assert summary["revised_rate"] == revised / 24 and summary["mean_score_before_revision"] == 0.0
+    # A row per prompt with a revised sample: the first revised one (all scored 0 before revision).
+    expected = [
+        next(t for t in s["texts"] if t.startswith("FIXED "))
+        for s in samples
+        if any(t.startswith("FIXED ") for t in s["texts"])
+    ]
+    assert [r["completion"][0]["content"] for r in rows] == expected and 0 < len(rows) <= 6
+    # The reviser's source is part of what the stage was made from: editing it makes the stage stale.
+    from alignlab.fingerprint import stage_parts
+    from alignlab.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    assert stage_parts(recipe, recipe.stages[0], {})["revise_fn.source"].startswith("sha256:")

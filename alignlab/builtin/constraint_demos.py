@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 from alignlab.builtin.constraints import (
     CONSTRAINTS_SPLITS,
     EVAL_SIZE,
+    REQUESTS,
+    _texts,
     check_constraint,
     constraints_rows,
     has_word,
+    parse_constraints,
 )
 
 DEMO_SPLITS = ("sft", "sft_eval", "preference", "preference_eval")
@@ -132,8 +136,9 @@ def _title(topic: str) -> str:
     return "<<" + " ".join(w[:1].upper() + w[1:] for w in topic.split()) + ">>"
 
 
-def _compose(cs: list[dict], topic: str, rng: random.Random) -> str:
-    """One candidate answer for constraints `cs` (random layout; the caller checks it)."""
+def _compose(cs: list[dict], topic: str, rng: random.Random, sentences: list[str] | None = None) -> str:
+    """One candidate answer for constraints `cs` (random layout; the caller checks it). `sentences`: the body's
+    sentences in their order (default: the script, `_SENTENCES`)."""
     by = {c["kind"]: c for c in cs}
     letters = [c["letter"] for c in cs if c["kind"] == "avoid_letter"]
     words = [c["word"] for c in cs if c["kind"] == "exclude_word"]
@@ -142,7 +147,7 @@ def _compose(cs: list[dict], topic: str, rng: random.Random) -> str:
     def ok(s: str) -> bool:
         return not _banned(s, letters, words, commas)
 
-    pool = [s.format(t=topic) for s in _SENTENCES]
+    pool = [s.format(t=topic) for s in _SENTENCES] if sentences is None else list(sentences)
     pool = [s[0].upper() + s[1:] for s in pool if ok(s)]
     extras = []
     if "include_keyword" in by:
@@ -195,28 +200,29 @@ def _compose(cs: list[dict], topic: str, rng: random.Random) -> str:
     return text
 
 
-def demonstrate(row: dict, seed: int = 0, attempts: int = 400) -> str | None:
+def demonstrate(row: dict, seed: int = 0, attempts: int = 400, sentences: list[str] | None = None) -> str | None:
     """A response to `row` (a builtin:constraints row) that satisfies all its constraints, or None if `attempts`
-    random layouts all fail. Deterministic in (the row's prompt, seed)."""
+    random layouts all fail. Deterministic in (the row's prompt, seed). `sentences`: the body's sentences (e.g. a
+    model's own answer, split), in place of the script."""
     cs = json.loads(row["constraints"])
     rng = random.Random(f"constraints/demo/{seed}/{row['prompt'][0]['content']}")
     for _ in range(attempts):
-        text = _compose(cs, row["topic"], rng)
+        text = _compose(cs, row["topic"], rng, sentences)
         if all(check_constraint(text, c) for c in cs):
             return text
     return None
 
 
-def near_miss(row: dict, seed: int = 0, attempts: int = 400) -> str | None:
+def near_miss(row: dict, seed: int = 0, attempts: int = 400, sentences: list[str] | None = None) -> str | None:
     """A response to `row` in the demonstrations' style that satisfies every constraint but one (a preference
     pair's rejected side): the pair then differs in that one instruction, not in style. The constraint to miss is
-    drawn (seeded) among those a layout search can miss; None when none can be."""
+    drawn (seeded) among those a layout search can miss; None when none can be. `sentences`: as in demonstrate."""
     cs = json.loads(row["constraints"])
     rng = random.Random(f"constraints/miss/{seed}/{row['prompt'][0]['content']}")
     for i in rng.sample(range(len(cs)), len(cs)):
         others = cs[:i] + cs[i + 1 :]
         for _ in range(attempts // len(cs)):
-            text = _compose(others, row["topic"], rng)
+            text = _compose(others, row["topic"], rng, sentences)
             if not check_constraint(text, cs[i]) and all(check_constraint(text, c) for c in others):
                 return text
     return None
@@ -255,4 +261,45 @@ def _demo_rows(split: str, prompts: list[dict], seed: int) -> list[dict]:
             continue
         chosen, rejected = ([{"role": "assistant", "content": t}] for t in (demo, miss))
         out.append({**row, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Revising a model's own answer (`revise_fn: builtin:constraints` of a generate stage)
+# --------------------------------------------------------------------------------------------------------------
+
+_REQUEST_RES = tuple(
+    re.compile("^" + re.escape(r).replace(re.escape("{topic}"), "(?P<topic>.+?)") + r"(?:\s|$)") for r in REQUESTS
+)
+_SENTENCE_RE = re.compile(r"[^.!?\n]*[A-Za-z][^.!?\n]*[.!?]")
+MAX_REVISED_SENTENCES = 6
+
+
+def answer_sentences(text: str) -> list[str]:
+    """The whole sentences of a model's answer, in order (a fragment cut off by the token limit is dropped), of 3 to
+    40 words, at most MAX_REVISED_SENTENCES."""
+    sentences = [s.strip() for s in _SENTENCE_RE.findall(text)]
+    return [s for s in sentences if 3 <= len(s.split()) <= 40][:MAX_REVISED_SENTENCES]
+
+
+def revise(prompts: list, completions: list, seed: int = 0) -> list[str | None]:
+    """A model's own answers laid out to meet their prompts' constraints (the `revise_fn` of `builtin:constraints`):
+    the answer's own sentences are the body of a demonstration (`demonstrate(..., sentences=...)`), so the words
+    stay the model's, and the layout, case, keyword, letters and phrases that the prompt asks for are added by code.
+    None (keep the answer as it is) where the answer has fewer than 2 whole sentences or no layout of them meets
+    every constraint (e.g. none of them avoids a banned letter).
+
+    SFT on revised answers teaches the instructions without the script of the code-written demonstrations: on
+    SmolLM2-135M-Instruct their KL to the base stays a few nats where the scripted SFT -> DPO reached 60-85
+    (README, "On a real model")."""
+    out = []
+    for prompt, completion in _texts(prompts, completions, "revise"):
+        sentences = answer_sentences(completion)
+        cs = parse_constraints(prompt)
+        topic = next((m.group("topic") for r in _REQUEST_RES if (m := r.match(prompt))), None)
+        if len(sentences) < 2 or not cs or topic is None:
+            out.append(None)
+            continue
+        row = {"constraints": json.dumps(cs), "topic": topic, "prompt": [{"role": "user", "content": prompt}]}
+        out.append(demonstrate(row, seed, attempts=200, sentences=sentences))
     return out

@@ -32,3 +32,16 @@ def builtin_reward_report(ref: str) -> Callable[..., dict] | None:
         if ref in (BUILTIN_PREFIX + name, task.reward_path):
             return task.report
     return None
+
+
+def builtin_revise_fn(ref: str) -> Callable[..., list]:
+    """The revise function (a generate stage's `revise_fn`) of built-in task `builtin:NAME`; a ValueError naming
+    the tasks that have one otherwise."""
+    from alignlab.builtin.constraint_demos import revise
+
+    revisers = {"constraints": revise}
+    name = ref[len(BUILTIN_PREFIX) :] if ref.startswith(BUILTIN_PREFIX) else ref
+    if name not in revisers:
+        known = ", ".join(BUILTIN_PREFIX + n for n in sorted(revisers))
+        raise ValueError(f"no built-in revise function '{ref}'; known: {known} (or write package.module:function)")
+    return revisers[name]

@@ -12,7 +12,10 @@ model-writing stage's output, or the base model) at `temperature`, and each is s
   score_margin (best - worst). score_margin is not the reward stage's `margin` column unless a recipe maps it
   (`columns: {margin: score_margin}`), since a Bradley-Terry margin is in other units.
 - `output: sft`: best-of-N (rejection sampling): prompt, completion = the best sample, score; prompts whose best is
-  below `min_score` are dropped.
+  below `min_score` are dropped. With `revise_fn`, every sample is first rewritten by that function (e.g.
+  `builtin:constraints`: the model's own sentences laid out by code to meet the prompt's constraints) and scored as
+  revised; among equal revised scores, the sample that scored higher before revision wins (the least rewritten).
+  samples.jsonl keeps both texts and both scores.
 Completions are the decoded text (special tokens stripped), as an assistant turn for chat prompts: the reading
 stage templates them, so a sample that hit max_new_tokens without an end token is trained WITH one (a cut-off
 answer).
@@ -43,7 +46,14 @@ from alignlab.data.formats import STAGE_DATA_FILE
 from alignlab.evaluation.stats import mean
 from alignlab.generation import end_token_ids, generate
 from alignlab.models import load_frozen_model, load_tokenizer, output_tokenizer_dir, resolve_base
-from alignlab.rewards import load_reward_fn, load_reward_model, reward_fn_scores, reward_model_scores
+from alignlab.rewards import (
+    load_revise_fn,
+    load_reward_fn,
+    load_reward_model,
+    revise_texts,
+    reward_fn_scores,
+    reward_model_scores,
+)
 
 log = logging.getLogger("alignlab")
 
@@ -61,6 +71,7 @@ def run(ctx: StageContext) -> StageOutput:
     prompts = list(rows["prompt"])
     model = load_frozen_model(recipe, ctx.input)
     score = _scorer(ctx)
+    revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None
 
     # Sample and score: fixed groups of prompts, every world_size-th group on this process.
     groups = [list(range(i, min(i + spec.batch_size, len(prompts)))) for i in range(0, len(prompts), spec.batch_size)]
@@ -80,11 +91,16 @@ def run(ctx: StageContext) -> StageOutput:
             row_seeds=seeds,
             end_ids=end_ids,
         )
-        scores = score(batch, out.texts)
+        texts, scores = out.texts, score(batch, out.texts)
+        if revise is not None:
+            texts = revise_texts(revise, batch, out.texts, spec.revise_fn)
+            raw_scores, scores = scores, score(batch, texts)
         ended = out.ended.tolist()
         for k, i in enumerate(idx):
             sl = slice(k * spec.num_samples, (k + 1) * spec.num_samples)
-            results.append({"index": i, "texts": out.texts[sl], "scores": scores[sl], "ended": ended[sl]})
+            results.append({"index": i, "texts": texts[sl], "scores": scores[sl], "ended": ended[sl]})
+            if revise is not None:
+                results[-1].update(raw_texts=out.texts[sl], raw_scores=raw_scores[sl])
         if state.is_main_process and (g + 1) % max(1, len(mine) // 10) == 0:
             log.info("generate %s: %d/%d prompt groups (%.0f s)", spec.name, g + 1, len(mine), time.time() - started)
     del model
@@ -132,8 +148,8 @@ def build_rows(prompts: list, results: list[dict], spec) -> tuple[list[dict], di
         usable = [j for j in range(len(r["texts"])) if chat or r["texts"][j]]
         if not usable:
             continue
-        scores = r["scores"]
-        best = max(usable, key=lambda j: (scores[j], -j))  # the first of the best
+        scores, raw = r["scores"], r.get("raw_scores", r["scores"])
+        best = max(usable, key=lambda j: (scores[j], raw[j], -j))  # the first of the best (the least revised)
         worst = min(usable, key=lambda j: (scores[j], j))  # the first of the worst
 
         def text(j: int, chat: bool = chat, texts: list = r["texts"]):
@@ -165,6 +181,11 @@ def build_rows(prompts: list, results: list[dict], spec) -> tuple[list[dict], di
         "ended_rate": sum(e for r in results for e in r["ended"]) / max(1, len(all_scores)),
         "distinct_rate": sum(len(set(r["texts"])) for r in results) / max(1, len(all_scores)),
     }
+    if results and "raw_texts" in results[0]:
+        summary["revised_rate"] = sum(t != u for r in results for t, u in zip(r["texts"], r["raw_texts"])) / max(
+            1, len(all_scores)
+        )
+        summary["mean_score_before_revision"] = mean([s for r in results for s in r["raw_scores"]])["value"]
     if spec.output == "preference" and rows:
         summary["mean_margin"] = mean([r["score_margin"] for r in rows])["value"]
     return rows, summary

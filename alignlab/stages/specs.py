@@ -449,6 +449,12 @@ class GenerateSpec(StageSpec):
         0.0, ge=0, description="preference: keep a pair only when best - worst score exceeds this (ties always drop)"
     )
     min_score: float | None = Field(None, description="sft: keep a prompt only when its best score reaches this")
+    revise_fn: str | None = Field(
+        None,
+        description="sft only: module:function or builtin:TASK that rewrites each sample before scoring (one revised "
+        "text, or None to keep it, per sample): builtin:constraints lays the model's own sentences out to meet the "
+        "prompt's constraints. Among equal revised scores the sample that scored higher before revision wins",
+    )
     batch_size: int = Field(8, gt=0, description="Prompts per generate call (x num_samples rows)")
 
     @model_validator(mode="after")
@@ -464,6 +470,11 @@ class GenerateSpec(StageSpec):
             raise ValueError("min_score applies to output: sft (best-of-N); for pairs use min_margin")
         if self.output != "preference" and self.min_margin > 0:
             raise ValueError("min_margin applies to output: preference; for best-of-N use min_score")
+        if self.output != "sft" and self.revise_fn is not None:
+            raise ValueError(
+                "revise_fn applies to output: sft (best-of-N on revised samples); revised pairs would both meet the "
+                "instructions and tie"
+            )
         return self
 
 
