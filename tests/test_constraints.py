@@ -440,3 +440,7 @@ def test_revise_keeps_what_it_cannot_revise():
     rule = "Do not use any commas in your response."
     assert revise([f"Tell me about pottery. {rule}"], ["Too short."]) == [None]  # fewer than 2 whole sentences
     assert revise([f"Say something nice. {rule}"], [_ANSWER]) == [None]  # not a request of the task
+    # Every sentence has an "e": nothing is left to lay out (and a postscript has nothing to say).
+    no_e = 'Tell me about pottery. Do not use the letter "e" anywhere in your response. End with a postscript that starts with P.S.'
+    assert len(C.parse_constraints(no_e)) == 2
+    assert revise([no_e], [_ANSWER]) == [None]

@@ -149,6 +149,8 @@ def _compose(cs: list[dict], topic: str, rng: random.Random, sentences: list[str
 
     pool = [s.format(t=topic) for s in _SENTENCES] if sentences is None else list(sentences)
     pool = [s[0].upper() + s[1:] for s in pool if ok(s)]
+    if not pool:  # given sentences, none without a banned word or letter: no candidate (the script always has some)
+        return ""
     extras = []
     if "include_keyword" in by:
         extras.append(rng.choice([s for s in _KEYWORD_SENTENCES if ok(s.format(w=""))] or _KEYWORD_SENTENCES))
