@@ -35,6 +35,7 @@ RECIPES = {
     "ppo": "recipes/smollm2_ppo_lora.yaml",
     "grpo": "recipes/smollm2_grpo_lora.yaml",
     "bon_sft": "recipes/smollm2_bon_sft_lora.yaml",
+    "revise_sft": "recipes/smollm2_revise_sft_lora.yaml",
 }
 
 

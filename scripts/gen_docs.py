@@ -208,6 +208,7 @@ def smollm2_quant() -> str:
 SMOLLM2_WHAT = {
     "sft_dpo": "SFT on demonstrations -> DPO on near misses",
     "bon_sft": "best-of-8 SFT on its own answers that met every constraint",
+    "revise_sft": "SFT on its own answers revised by code to meet the constraints",
     "generate_dpo": "DPO on its own samples, best vs worst",
     "ppo": "PPO, the checker as reward",
     "grpo": "GRPO, the checker as reward",
