@@ -189,6 +189,30 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
+def trl_lora_config(cfg: dict):
+    """The LoRA every bench's TRL side uses (alignlab's recipes: r 16, alpha 32, no dropout, all linear layers), or
+    None for full fine-tuning (`cfg["peft"] == "none"`)."""
+    if cfg["peft"] == "none":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def report(bench: str, name: str, setting: str, headers: list, rows: list, targets: dict, payload: dict) -> None:
+    """Print the setting, the table and each target's verdict; write bench/results/<name>.json."""
+    main_table = table(headers, rows)
+    lines = [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
+             + (f"; amortised incl. precompute {v['amortised']:.3f}" if "amortised" in v else "")
+             for k, v in targets.items()]  # fmt: skip
+    print("\n" + setting + "\n\n" + main_table + "\n\n" + "\n".join(lines))
+    path = write_result(name, {
+        "bench": bench, "command": command_line(), "setting": setting, "machine": machine(), "versions": versions(),
+        **payload, "targets": targets, "table": main_table,
+    })  # fmt: skip
+    print(f"wrote {path}")
+
+
 def command_line() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(REPO))] + sys.argv[1:])
 

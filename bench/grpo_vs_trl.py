@@ -30,17 +30,14 @@ import time
 
 from _common import (
     CACHE,
-    command_line,
-    machine,
     median,
     peak_memory,
+    report,
     rss_mb,
     run_child,
     setup_worker,
-    table,
-    versions,
+    trl_lora_config,
     worker_main,
-    write_result,
 )
 
 CONTENDERS = {
@@ -148,13 +145,7 @@ def trl_worker(cfg: dict) -> dict:
     train = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
     tok = AutoTokenizer.from_pretrained(cfg["model_path"])
     model = AutoModelForCausalLM.from_pretrained(cfg["model_path"])
-    peft_config = None
-    if cfg["peft"] != "none":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
+    peft_config = trl_lora_config(cfg)
     arith = builtin_reward_fn("builtin:arith")
 
     def arith_reward(prompts, completions, **kwargs):  # TRL passes chat messages; the task's reward reads them
@@ -263,15 +254,7 @@ def main() -> None:
     setting = (f"model {a.model} ({models['params'] / 1e6:.1f}M params), {a.prompts} prompts x {a.group} responses "
                f"x up to {a.response_length} tokens per update, {a.steps} updates per run ({a.warmup} warm-up), "
                f"{a.repeats} runs per contender alternating, {a.dtype}, {a.device}, {a.threads} thread(s); medians")  # fmt: skip
-    main_table = table(headers, rows)
-    lines = [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
-             for k, v in targets.items()]  # fmt: skip
-    print("\n" + setting + "\n\n" + main_table + "\n\n" + "\n".join(lines))
-    path = write_result(a.name, {
-        "bench": "grpo_vs_trl", "command": command_line(), "setting": setting, "machine": machine(),
-        "versions": versions(), "config": cfg, "summary": med, "targets": targets, "table": main_table, "runs": runs,
-    })  # fmt: skip
-    print(f"wrote {path}")
+    report("grpo_vs_trl", a.name, setting, headers, rows, targets, {"config": cfg, "summary": med, "runs": runs})
 
 
 if __name__ == "__main__":

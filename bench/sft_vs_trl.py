@@ -24,17 +24,14 @@ import time
 
 from _common import (
     CACHE,
-    command_line,
-    machine,
     median,
     peak_memory,
+    report,
     rss_mb,
     run_child,
     setup_worker,
-    table,
-    versions,
+    trl_lora_config,
     worker_main,
-    write_result,
 )
 from dpo_vs_trl import StepTimer
 
@@ -101,13 +98,7 @@ def trl_worker(cfg: dict) -> dict:
     train = Dataset.from_list(generate_task("arith", "sft", cfg["size"], seed=0))  # the rows alignlab's stage reads
     tok = AutoTokenizer.from_pretrained(cfg["model_path"])
     model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]))
-    peft_config = None
-    if cfg["peft"] != "none":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
+    peft_config = trl_lora_config(cfg)
     args = SFTConfig(
         output_dir=(out_dir := tempfile.mkdtemp(dir=CACHE, prefix="sft-trl-")),
         max_steps=cfg["steps"],
@@ -177,15 +168,7 @@ def main() -> None:
     setting = (f"model {a.model} ({models['params'] / 1e6:.1f}M params), batch {a.batch}, max_length {a.max_length}, "
                f"{a.steps} steps per run ({a.warmup} warm-up), {a.repeats} runs per contender alternating, {dtype}, "
                f"{a.device}, {a.threads} thread(s); medians")  # fmt: skip
-    main_table = table(headers, rows)
-    lines = [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
-             for k, v in targets.items()]  # fmt: skip
-    print("\n" + setting + "\n\n" + main_table + "\n\n" + "\n".join(lines))
-    path = write_result(a.name, {
-        "bench": "sft_vs_trl", "command": command_line(), "setting": setting, "machine": machine(),
-        "versions": versions(), "config": cfg, "summary": med, "targets": targets, "table": main_table, "runs": runs,
-    })  # fmt: skip
-    print(f"wrote {path}")
+    report("sft_vs_trl", a.name, setting, headers, rows, targets, {"config": cfg, "summary": med, "runs": runs})
 
 
 if __name__ == "__main__":
