@@ -74,6 +74,20 @@ class StepTimer:
 
         return Timer()
 
+    def time_every_trainer(self, cuda: bool) -> None:
+        """Add this timer to every Trainer that trains in this process (patched on transformers' Trainer itself, so
+        it covers whatever subclass a stage builds)."""
+        from transformers import Trainer
+
+        train = Trainer.train
+        timer = self
+
+        def train_with_timer(trainer, *args, **kwargs):
+            trainer.add_callback(timer.callback(cuda))
+            return train(trainer, *args, **kwargs)
+
+        Trainer.train = train_with_timer
+
     def wrap_precompute(self, cls):
         orig = cls._precompute_ref_logps
 
@@ -96,15 +110,7 @@ def alignlab_worker(cfg: dict) -> dict:
     base = rss_mb()
     timer = StepTimer()
     timer.wrap_precompute(dpo.RegistryDPOTrainer)
-    from transformers import Trainer
-
-    train = Trainer.train
-
-    def train_with_timer(self, *args, **kwargs):  # on Trainer itself: holds whatever subclass the stage uses
-        self.add_callback(timer.callback(cfg["device"] == "cuda"))
-        return train(self, *args, **kwargs)
-
-    Trainer.train = train_with_timer
+    timer.time_every_trainer(cfg["device"] == "cuda")
     peft = (
         {"method": "none"} if cfg["peft"] == "none" else {"method": cfg["peft"], "r": 16, "alpha": 32, "dropout": 0.0}
     )

@@ -40,20 +40,12 @@ CONTENDERS = ("trl", "alignlab")
 
 def alignlab_worker(cfg: dict) -> dict:
     setup_worker(cfg["threads"])
-    from transformers import Trainer
-
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
 
     base = rss_mb()
     timer = StepTimer()
-    train = Trainer.train
-
-    def train_with_timer(self, *args, **kwargs):  # on Trainer itself: holds whatever subclass the stage uses
-        self.add_callback(timer.callback(cfg["device"] == "cuda"))
-        return train(self, *args, **kwargs)
-
-    Trainer.train = train_with_timer
+    timer.time_every_trainer(cfg["device"] == "cuda")
     peft = {"method": "none"} if cfg["peft"] == "none" else {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
     run_dir = CACHE / "runs" / f"sft-alignlab-{int(time.time() * 1000)}"
     raw = {
