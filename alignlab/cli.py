@@ -60,15 +60,30 @@ def main(argv: list[str] | None = None) -> int:
         "robustness", help="DPO and its robust variants at several label-flip rates, from one SFT checkpoint"
     )
     rob.add_argument("overrides", nargs="*", help="key.sub=value on the generated recipe, e.g. seed=1")
-    rob.add_argument("--preset", default="small", help="small (CPU, ~20 min) or full (GPU, a 0.5B hub model)")
-    rob.add_argument("--losses", help="comma-separated, default: dpo,cdpo,rdpo,ipo,drdpo,kldpo,wdpo")
-    rob.add_argument("--flip-rates", help="comma-separated, default: 0,0.2,0.4")
+    rob.add_argument(
+        "--preset",
+        default="small",
+        help="small (CPU, tiny model, ~30 min), smollm2 (CPU, the real built-in model on builtin:constraints, "
+        "~1 h) or full (GPU, a 0.5B hub model)",
+    )
+    rob.add_argument("--losses", help="comma-separated (default: the preset's; small: all the bench's losses)")
+    rob.add_argument("--flip-rates", help="comma-separated (default: the preset's; small: 0,0.2,0.4)")
     rob.add_argument("--out", default="runs/bench-robustness", help="run directory (rerun to resume)")
     rob.add_argument("--seed", type=int, default=0)
     rob.add_argument(
         "--seeds", type=int, default=1, help="run the bench at N seeds (seed, seed+1, ...): mean and spread per cell"
     )
     rob.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    rob.add_argument(
+        "--eps-from-audit",
+        action="store_true",
+        help="(experimental) set cdpo/rdpo's eps at each flip rate from `alignlab audit preferences` of that rate's "
+        "training pairs instead of the preset's guess (0.2); the audits go to <out>/audit/",
+    )
+    rob.add_argument("--audit-folds", type=int, help="the audit's folds (default: the preset's, else 5)")
+    rob.add_argument(
+        "--audit-epochs", type=float, help="epochs of each fold's reward model (default: the preset's, else 2)"
+    )
 
     audit = sub.add_parser("audit", help="(experimental) audit a stage's data: `audit preferences`")
     audit_sub = audit.add_subparsers(dest="audit", required=True)
@@ -246,13 +261,16 @@ def _bench_robustness(args) -> int:
 
     recipe = robustness.build_recipe(
         args.preset,
-        _list(args.losses, robustness.LOSSES),
-        _list(args.flip_rates, robustness.FLIP_RATES, float),
+        _list(args.losses, None),
+        _list(args.flip_rates, None, float),
         args.out,
         args.seed,
         args.overrides,
     )
-    _, md = robustness.run_bench(recipe, force=args.force, seeds=args.seeds)
+    audit = None
+    if args.eps_from_audit:
+        audit = robustness.audit_settings(args.preset, args.audit_folds, args.audit_epochs)
+    _, md = robustness.run_bench(recipe, force=args.force, seeds=args.seeds, audit=audit)
     if os.environ.get("RANK", "0") == "0":
         print(f"\n{md.read_text()}\nwritten to {md.parent}")
     return 0

@@ -423,6 +423,13 @@ def test_implicit_reward_matches_trl_on_the_dpo_stage_eval_split(tmp_path):
     assert res["preference_margin"] == pytest.approx(trl_margin, rel=1e-3, abs=1e-5)
     assert res["preference_accuracy"] == pytest.approx(outputs["dpo"].metrics["eval_rewards/accuracies"])
     assert res["kl"] != 0.0
+    # eval.json keeps every pair's margin, in row order: the accuracy and margin are their mean outcome and mean.
+    margins = json.loads((recipe.run_dir / "eval" / "eval.json").read_text())["per_pair"]["preference_margin"]
+    assert len(margins) == 16
+    assert res["preference_margin"] == pytest.approx(sum(margins) / 16)
+    assert res["preference_accuracy"] == pytest.approx(
+        sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / 16
+    )
 
 
 def test_a_stage_folder_is_not_taken_for_its_run(tmp_path):

@@ -3,8 +3,18 @@
 import json
 
 import pytest
+import yaml
 
-from alignlab.benchmarks.robustness import LOSS_PARAMS, build_recipe, over_seeds, seed_recipes, table
+from alignlab.benchmarks.robustness import (
+    LOSS_PARAMS,
+    PRESETS,
+    audit_settings,
+    build_recipe,
+    over_seeds,
+    seed_recipes,
+    table,
+    with_audited_eps,
+)
 from alignlab.cli import main
 from alignlab.recipe import RecipeError
 
@@ -31,7 +41,7 @@ def test_grid_is_one_recipe_from_one_sft_checkpoint():
 
 
 def test_bad_bench_arguments_name_the_choices():
-    with pytest.raises(RecipeError, match="known presets: small, full"):
+    with pytest.raises(RecipeError, match="known presets: small, smollm2, full"):
         build_recipe("huge")
     with pytest.raises(RecipeError, match="the bench knows: dpo, cdpo"):
         build_recipe("small", losses=("dpo", "kto"))
@@ -111,3 +121,83 @@ def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, cap
     assert set(rows[0.0]) >= {"true_reward", "true_reward_sft", "win_rate", "kl", "preference_margin"}
     assert (tmp_path / "b" / "robustness.png").stat().st_size > 0
     assert "| dpo |" in capsys.readouterr().out
+
+
+def test_smollm2_preset_pairs_from_the_base_model_and_clean_held_out_pairs():
+    """The real-model preset: the base model's own answers ranked by the checker (generate stages), DPO cells from
+    the base model (no SFT stage), measured on held-out pairs of the eval split whose labels never flip."""
+    recipe = build_recipe("smollm2", output_dir="x")
+    gen = [s for s in recipe.stages if s.type == "generate"]
+    assert [(s.name, s.dataset.split, s.output, s.input) for s in gen] == [
+        ("pairs", "train", "preference", "base"),
+        ("pairs-eval", "eval", "preference", "base"),
+    ]
+    assert "sft" not in [s.name for s in recipe.stages]
+    cells = [s for s in recipe.stages if s.type == "dpo"]
+    evals = [s for s in recipe.stages if s.type == "eval"]
+    assert {(s.input, s.dataset.path) for s in cells} == {("base", "stage:pairs")}
+    assert {(s.reference, s.preference_dataset.path, s.preference_dataset.flip_rate) for s in evals} == {
+        ("base", "stage:pairs-eval", 0.0)
+    }
+    # The preset's own grid (README: the power calculation), unless --losses / --flip-rates say otherwise.
+    grid = {(s.loss.name, s.dataset.flip_rate) for s in cells}
+    assert grid == {(loss, f) for loss in PRESETS["smollm2"]["losses"] for f in PRESETS["smollm2"]["flip_rates"]}
+    assert recipe.model.name_or_path == "builtin:smollm2-135m-instruct"
+
+
+def test_later_seeds_read_the_first_seeds_generated_pairs(tmp_path):
+    recipe = build_recipe("smollm2", losses=("dpo",), flip_rates=(0.4,), output_dir=str(tmp_path / "b"))
+    first, second = seed_recipes(recipe, 2)
+    assert [s.type for s in first.stages] == ["generate", "generate", "dpo", "eval"]
+    assert [s.type for s in second.stages] == ["dpo", "eval"]  # no second generation
+    pairs = tmp_path / "b" / "seed-0" / "pairs" / "data" / "train.jsonl"
+    assert second.stage("dpo-flip40").dataset.path == str(pairs)
+    assert second.stage("eval-dpo-flip40").preference_dataset.path == str(pairs).replace("pairs/", "pairs-eval/")
+    # ... and flip their own labels: the data seed is the recipe's.
+    assert (second.seed, second.stage("dpo-flip40").dataset.flip_rate) == (1, 0.4)
+
+
+def test_audited_eps_replaces_the_guess_per_flip_rate():
+    recipe = build_recipe("small", losses=("dpo", "cdpo", "rdpo"), flip_rates=(0.0, 0.4), output_dir="x")
+    audits = {0.0: {"suggested_eps": 0.03}, 0.4: {"suggested_eps": 0.37}}
+    eps = {
+        (s.loss.name, s.dataset.flip_rate): s.loss.model_dump().get("eps")
+        for s in with_audited_eps(recipe, audits).stages
+        if s.type == "dpo"
+    }
+    assert eps == {
+        ("dpo", 0.0): None,
+        ("dpo", 0.4): None,
+        ("cdpo", 0.0): 0.03,
+        ("rdpo", 0.0): 0.03,
+        ("cdpo", 0.4): 0.37,
+        ("rdpo", 0.4): 0.37,
+    }
+    assert audit_settings("small", folds=3) == {"folds": 3, "epochs": 2.0, "learning_rate": None}
+
+
+@pytest.mark.slow
+def test_eps_from_audit_end_to_end(tmp_path):
+    """--eps-from-audit: the rdpo cell trains with the eps its flip rate's audit suggests, and the audit is reused
+    when the bench is run again."""
+    out = tmp_path / "b"
+    small = [
+        "stages.sft.train.max_steps=30",
+        "stages.sft.dataset.size=480",
+        "stages.rdpo-flip30.dataset.size=160",
+        "stages.rdpo-flip30.train.max_steps=5",
+        "stages.eval-rdpo-flip30.num_prompts=8",
+        "stages.eval-rdpo-flip30.preference_dataset.size=32",
+    ]
+    args = ["bench", "robustness", "--losses", "rdpo", "--flip-rates", "0.3", "--out", str(out), *small]
+    assert main([*args, "--eps-from-audit", "--audit-folds", "2", "--audit-epochs", "1"]) == 0
+    audit = json.loads((out / "audit" / "flip30" / "audit.json").read_text())
+    assert audit["n_pairs"] == 160 and audit["dataset"]["flip_rate"] == 0.3 and audit["folds"] == 2
+    assert audit["scorer"]["start"] == "sft"  # the cells' input, run before the audit
+    (row,) = json.loads((out / "robustness.json").read_text())["rows"]
+    assert row["eps"] == audit["suggested_eps"] and row["audit_flip_rate"] == audit["flip_rate"]
+    stages = yaml.safe_load((out / "rdpo-flip30" / "recipe.yaml").read_text())["stages"]
+    assert next(s for s in stages if s["name"] == "rdpo-flip30")["loss"]["eps"] == audit["suggested_eps"]
+    stamp = (out / "audit" / "flip30" / "audit.json").stat().st_mtime_ns
+    assert main([*args, "--eps-from-audit", "--audit-folds", "2", "--audit-epochs", "1"]) == 0
+    assert (out / "audit" / "flip30" / "audit.json").stat().st_mtime_ns == stamp

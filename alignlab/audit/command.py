@@ -214,7 +214,8 @@ def cross_fit_margins(recipe, spec, pairs, fold: np.ndarray, source, epochs: flo
     )
     margins = np.zeros(len(pairs))
     accuracies = []
-    for k in range(int(fold.max()) + 1):
+    folds = int(fold.max()) + 1
+    for k in range(folds):
         held = np.flatnonzero(fold == k)
         rest = np.flatnonzero(fold != k)
         set_seed(recipe.seed + k)  # the score head (and LoRA) start: a different draw per fold, reproducibly
@@ -235,7 +236,7 @@ def cross_fit_margins(recipe, spec, pairs, fold: np.ndarray, source, epochs: flo
             rejected = reward_model_scores(scorer, tokenizer, prompts, rows["rejected"], batch)
         margins[held] = (chosen - rejected).double().numpy()
         accuracies.append(float(np.mean(margins[held] > 0)))
-        log.info("audit: fold %d/%d, held-out agreement with the labels %.3f", k + 1, len(accuracies), accuracies[-1])
+        log.info("audit: fold %d/%d, held-out agreement with the labels %.3f", k + 1, folds, accuracies[-1])
         del trainer, model, scorer
     return margins, accuracies
 

@@ -66,6 +66,9 @@ interval from the per-prompt differences, narrower than comparing the two interv
                                     reward function, else null)
     per_prompt               dict   the per-prompt values behind the means ({true_reward: [...], kl: [...], win: [...],
                                     strict_accuracy: [...], ...}), in prompt order: what `alignlab eval A B` pairs
+    per_pair                 dict   the per-pair margins behind the pair accuracies ({preference_margin: [...],
+                                    reward_model_margin: [...]}), in the order of `preference_dataset`'s rows; null
+                                    without it
     settings                 dict   temperature, max_new_tokens, beta, seed, kl_temperature (1.0), confidence (0.95),
                                     prompts_sha256 (which prompts, in order)
 nan (a stderr of one prompt) is written as null.

@@ -82,6 +82,7 @@ EVAL_KEYS = (
     *(f"{k}{suffix}" for k in MEASURED_KEYS for suffix in ("_stderr", "_ci")),
     "samples",
     "per_prompt",
+    "per_pair",
     "settings",
 )
 UNIT = {"repetition": (0.0, 1.0), "distinct_2": (0.0, 1.0)}  # measures whose values lie in [0, 1] by definition
@@ -426,9 +427,11 @@ def _paired(res: dict, per_prompt: dict, key: str, pol: list, ref: list, set_val
 
 
 def _pair_stats(res: dict, prefix: str, margins: list[float]) -> None:
-    """Intervals of `<prefix>_accuracy` (per-pair outcomes: 1 right, 1/2 tie, 0 wrong) and `<prefix>_margin`."""
+    """Intervals of `<prefix>_accuracy` (per-pair outcomes: 1 right, 1/2 tie, 0 wrong) and `<prefix>_margin`; the
+    margins themselves, in pair order, under per_pair (two checkpoints' accuracies compare pair by pair)."""
     _put(res, f"{prefix}_accuracy", stats.mean([_outcome(m) for m in margins], bounds=(0.0, 1.0)))
     _put(res, f"{prefix}_margin", stats.mean(margins))
+    res["per_pair"] = {**(res["per_pair"] or {}), f"{prefix}_margin": [float(m) for m in margins]}
 
 
 def _outcome(margin: float) -> float:
