@@ -253,6 +253,7 @@ def _eval(args) -> int:
 
 def _bench_robustness(args) -> int:
     from alignlab.benchmarks import robustness
+    from alignlab.recipe import RecipeError
 
     _start(args)
 
@@ -269,6 +270,11 @@ def _bench_robustness(args) -> int:
     )
     audit = None
     if args.eps_from_audit:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RecipeError(
+                "--eps-from-audit runs the label audit, which runs in one process: run the bench with it in one "
+                "process (alignlab bench robustness ..., no accelerate launch), or without it"
+            )
         audit = robustness.audit_settings(args.preset, args.audit_folds, args.audit_epochs)
     _, md = robustness.run_bench(recipe, force=args.force, seeds=args.seeds, audit=audit)
     if os.environ.get("RANK", "0") == "0":

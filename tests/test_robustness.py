@@ -196,8 +196,16 @@ def test_eps_from_audit_end_to_end(tmp_path):
     assert audit["scorer"]["start"] == "sft"  # the cells' input, run before the audit
     (row,) = json.loads((out / "robustness.json").read_text())["rows"]
     assert row["eps"] == audit["suggested_eps"] and row["audit_flip_rate"] == audit["flip_rate"]
+    md = (out / "robustness.md").read_text()
+    assert "from the `sft` checkpoint" in md and "## Flip rate estimated by the audit" in md
     stages = yaml.safe_load((out / "rdpo-flip30" / "recipe.yaml").read_text())["stages"]
     assert next(s for s in stages if s["name"] == "rdpo-flip30")["loss"]["eps"] == audit["suggested_eps"]
     stamp = (out / "audit" / "flip30" / "audit.json").stat().st_mtime_ns
     assert main([*args, "--eps-from-audit", "--audit-folds", "2", "--audit-epochs", "1"]) == 0
     assert (out / "audit" / "flip30" / "audit.json").stat().st_mtime_ns == stamp
+
+
+def test_eps_from_audit_refuses_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "robustness", "--losses", "rdpo", "--eps-from-audit", "--out", "never"]) != 0
+    assert "runs in one process" in capsys.readouterr().err
