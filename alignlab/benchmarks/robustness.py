@@ -100,7 +100,7 @@ PRESETS: dict[str, dict] = {
     "smollm2": {
         "model": {"name_or_path": "builtin:smollm2-135m-instruct"},
         "losses": ("dpo", "cdpo", "rdpo"),
-        "flip_rates": (0.0, 0.2, 0.4),
+        "flip_rates": (0.0, 0.4),
         "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "generate": {
             "pairs": {"path": "builtin:constraints", "split": "train", "size": 256},
