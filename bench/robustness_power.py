@@ -14,8 +14,9 @@ implicit-reward accuracy on the held-out pairs (eval.json `preference_accuracy`,
 
 Then the smallest difference between two cells that a comparison detects with 80% power at the 5% level (two-sided):
 2.80 x sqrt(s_pairs^2 + 2 s_seed^2 / S) for S seeds, where s_pairs is the median paired standard error above and
-s_seed the pooled seed standard deviation. The held-out pairs are the same for every seed (generated once), so the
-pairs' part does not shrink with seeds; the training noise does. Writes bench/results/robustness_power.json.
+s_seed the pooled seed standard deviation. With the smollm2 preset the held-out pairs are the same for every seed
+(generated once), so the pairs' part does not shrink with seeds; the training noise does. Folders merged as one
+seed must hold the same held-out pairs (e.g. copies of one run's generate stages). Writes bench/results/robustness_power.json.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
             base = cells.get(args.base)
             base_m = (base.get("per_pair") or {}).get("preference_margin") if base else None
             if margins and base_m and name != args.base:
+                if len(margins) != len(base_m):
+                    raise SystemExit(f"seed {seed}: {name} and {args.base} were scored on different pairs")
                 d = [x - y for x, y in zip(outcomes(margins), outcomes(base_m))]
                 diffs.append(statistics.fmean(d))
                 pair_se.append(statistics.stdev(d) / len(d) ** 0.5)

@@ -127,7 +127,7 @@ def run_audit(
     check_fold_count(len(pairs), folds, where)
     if drop_suspect < 0 or drop_suspect >= len(pairs):
         raise RecipeError(f"--drop-suspect {drop_suspect}: must be in [0, {len(pairs) - 1}] ({len(pairs)} pairs)")
-    lr = learning_rate or _scorer_learning_rate(recipe, spec)
+    lr = learning_rate or scorer_learning_rate(recipe, spec)
     out_dir = Path(out) if out else recipe.run_dir / "audit" / stage
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -262,7 +262,7 @@ def _input_output(recipe: Recipe, stage: str):
     return out if out is not None and out.path else None
 
 
-def _scorer_learning_rate(recipe: Recipe, spec) -> float:
+def scorer_learning_rate(recipe: Recipe, spec) -> float:
     """A reward stage's learning rate when the recipe has one (it was chosen for this model), else 10x the audited
     stage's: preference optimisation runs at about a tenth of a reward model's rate (TRL's defaults: DPOConfig 1e-6,
     RewardConfig 1e-5), and at the DPO rate of recipes/quickstart.yaml (5e-5) the tiny model's scorers agree with

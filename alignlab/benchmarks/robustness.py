@@ -18,7 +18,8 @@ Writes `<out>/robustness.json` (one row per cell), `<out>/robustness.md` (tables
 
 `--seeds N` (default 1) runs the whole bench N times, with recipe seeds seed, seed + 1, ..., each in
 `<out>/seed-<s>/` (its own recipe and run: LoRA initialisation, data order, the generated pairs and which labels
-flip all change with the seed). Each cell of robustness.json then holds the mean over seeds as its value, with
+flip all change with the seed; the pairs a preset's generate stages make are shared: seed_recipes). Each cell of
+robustness.json then holds the mean over seeds as its value, with
 `<key>_std` (sample standard deviation over seeds), `<key>_min`, `<key>_max` and `<key>_values` (every seed's,
 in seed order: nothing is picked), and the tables show mean +- std. One seed says nothing about how much of a
 difference between two losses is noise; the spread over seeds does.
@@ -387,22 +388,29 @@ def audit_eps(recipe: Recipe, settings: dict, force: bool = False) -> dict[float
     run) are audited once, in <run>/audit/flipNN/ (reused when its audit.json is for the same data and settings).
     `settings`: run_audit's folds, epochs, learning_rate. Returns {flip rate: audit.json's content}. The stages
     before the cells (sft, generate) run first: the pairs must exist, and the scorers start from the cells' input."""
-    from alignlab.audit.command import run_audit
+    from alignlab.audit.command import run_audit, scorer_learning_rate
     from alignlab.pipeline import run_pipeline
 
     for spec in recipe.stages:
         if spec.type not in ("dpo", "eval"):
-            run_pipeline(recipe, only=spec.name)
+            run_pipeline(recipe, only=spec.name, force=force)
     out = {}
     for spec in recipe.stages:
         if spec.type != "dpo" or spec.loss.name not in AUDITED_LOSSES or spec.dataset.flip_rate in out:
             continue
         folder = recipe.run_dir / "audit" / f"flip{round(spec.dataset.flip_rate * 100):02d}"
         done = folder / "audit.json"
-        wanted = {"dataset": spec.dataset.model_dump(exclude_defaults=True), "folds": settings["folds"]}
+        wanted = {
+            "dataset": spec.dataset.model_dump(exclude_defaults=True),
+            "folds": settings["folds"],
+            "seed": recipe.seed,
+        }
+        lr = settings["learning_rate"] or scorer_learning_rate(recipe, spec)
+        scorer = {"epochs": settings["epochs"], "learning_rate": lr}
         if done.exists() and not force:
             res = json.loads(done.read_text())
-            if all(res.get(k) == v for k, v in wanted.items()) and res["scorer"]["epochs"] == settings["epochs"]:
+            same_scorer = all(res["scorer"].get(k) == v for k, v in scorer.items())
+            if all(res.get(k) == v for k, v in wanted.items()) and same_scorer:
                 out[spec.dataset.flip_rate] = res
                 continue
         out[spec.dataset.flip_rate] = run_audit(recipe, spec.name, out=folder, **settings)[0]
@@ -435,7 +443,12 @@ def run_bench(
         if audit is not None:
             audits = audit_eps(r, audit, force=force)
             runs[i] = r = with_audited_eps(r, audits)
-        run_pipeline(r, force=force)
+        if audit is not None and force:  # the stages before the cells were forced (and audited) already
+            for spec in r.stages:
+                if spec.type in ("dpo", "eval"):
+                    run_pipeline(r, only=spec.name, force=True)
+        else:
+            run_pipeline(r, force=force)
         cells = collect(r)
         if audit is not None:
             for cell in cells:
