@@ -57,6 +57,20 @@ LOSS_PARAMS: dict[str, dict] = {
 }
 RESULT_KEYS = ("true_reward", "preference_accuracy", "preference_margin", "win_rate", "kl")
 
+
+def _arith_eval(num_prompts: int, num_pairs: int) -> dict:
+    """The eval settings of the builtin:arith presets: greedy answers to `num_prompts` held-out prompts, and
+    `num_pairs` held-out pairs with clean labels."""
+    return {
+        "dataset": {"path": "builtin:arith", "split": "eval", "size": num_prompts},
+        "preference_dataset": {"path": "builtin:arith", "split": "preference_eval", "size": num_pairs},
+        "reward_fn": "alignlab.builtin.tasks:arith_reward",
+        "num_prompts": num_prompts,
+        "max_new_tokens": 8,
+        "num_samples_shown": 3,
+    }
+
+
 # A preset: the model, its PEFT, the SFT stage, and the dpo/eval settings shared by every cell.
 PRESETS: dict[str, dict] = {
     # ~30 minutes on 2 CPU cores with the builtin 3M-parameter model (30 DPO runs of 60 steps; 21 took ~20).
@@ -84,14 +98,7 @@ PRESETS: dict[str, dict] = {
                 "logging_steps": 5,
             },
         },
-        "eval": {
-            "dataset": {"path": "builtin:arith", "split": "eval", "size": 80},
-            "preference_dataset": {"path": "builtin:arith", "split": "preference_eval", "size": 200},
-            "reward_fn": "alignlab.builtin.tasks:arith_reward",
-            "num_prompts": 80,
-            "max_new_tokens": 8,
-            "num_samples_shown": 3,
-        },
+        "eval": _arith_eval(80, 200),
     },
     # The real built-in model on the verifiable-instruction task (issue 18): the base model's own answers, 4 per
     # prompt, ranked by the constraint checker into pairs (generate stages, run once and shared by every seed), DPO
@@ -149,14 +156,7 @@ PRESETS: dict[str, dict] = {
             "beta": 0.1,
             "train": {"epochs": 1, "per_device_batch_size": 32, "learning_rate": 5e-5, "max_length": 64, "bf16": True},
         },
-        "eval": {
-            "dataset": {"path": "builtin:arith", "split": "eval", "size": 90},
-            "preference_dataset": {"path": "builtin:arith", "split": "preference_eval", "size": 500},
-            "reward_fn": "alignlab.builtin.tasks:arith_reward",
-            "num_prompts": 90,
-            "max_new_tokens": 8,
-            "num_samples_shown": 3,
-        },
+        "eval": _arith_eval(90, 500),
     },
 }
 
