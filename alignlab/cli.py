@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     rob.add_argument(
         "--preset",
         default="small",
-        help="small (CPU, tiny model, ~30 min), smollm2 (CPU, the real built-in model on builtin:constraints, "
+        help="small (CPU, tiny model, ~35 min), smollm2 (CPU, the real built-in model on builtin:constraints, "
         "~1 h) or full (GPU, a 0.5B hub model)",
     )
     rob.add_argument("--losses", help="comma-separated (default: the preset's; small: all the bench's losses)")

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from alignlab.cli import main
-from alignlab.data import DataError, build_datasets
+from alignlab.data import DataError, build_datasets, check_dataset
 from alignlab.recipe import parse_recipe
 
 
@@ -79,12 +79,40 @@ def test_bad_feedback_rows_name_the_row(tmp_path, rows, message):
 
 def test_missing_label_column_says_how_to_map_it(tmp_path):
     rows = [{"prompt": "p", "completion": "a", "thumbs": "up"}]
-    with pytest.raises(DataError, match=r"a kto stage needs columns prompt\+completion\+label; the data has prompt, "):
+    needs = r"a kto stage needs columns prompt\+completion\+label or chosen\+rejected; the data has prompt, completion"
+    with pytest.raises(DataError, match=needs):
         _labels(tmp_path, rows)
     # and the mapped name is the one named in the error about its values
     rows = [{"prompt": "p", "completion": "a", "thumbs": "sideways"}]
     with pytest.raises(DataError, match=r"line 1: column 'thumbs' is 'sideways'"):
         _labels(tmp_path, rows, columns={"label": "thumbs"})
+
+
+def test_preference_pairs_are_read_as_feedback_after_their_flips(tmp_path):
+    """A kto stage on preference pairs: each pair gives its chosen answer labelled desirable and its rejected one
+    undesirable, shuffled (a pair's rows are not adjacent by construction); a flipped pair swaps which is which."""
+    pairs = [{"prompt": f"q{i}", "chosen": f"good{i}", "rejected": f"bad{i}", "margin": 1.0} for i in range(8)]
+    path = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    recipe = parse_recipe(_recipe(path))
+    train, _ = build_datasets(recipe.stages[0].dataset, recipe, "kto", chat=False, with_eval=False)
+    assert train.column_names == ["prompt", "completion", "label"] and len(train) == 16
+    assert sorted((r["completion"], r["label"], r["prompt"]) for r in train) == sorted(
+        [(f"good{i}", True, f"q{i}") for i in range(8)] + [(f"bad{i}", False, f"q{i}") for i in range(8)]
+    )
+    assert train["label"] != [True] * 8 + [False] * 8  # shuffled, not TRL's chosen-block-then-rejected-block
+    # flip_rate swaps chosen/rejected of half the pairs before they become feedback rows
+    recipe = parse_recipe(_recipe(path, flip_rate=0.5))
+    train, _ = build_datasets(recipe.stages[0].dataset, recipe, "kto", chat=False, with_eval=False)
+    desirable = {r["completion"] for r in train if r["label"]}
+    assert len(desirable) == 8 and sum(c.startswith("bad") for c in desirable) == 4
+    # pairs without a prompt cannot be feedback on answers to one
+    no_prompt = _write_jsonl(tmp_path / "np.jsonl", [{"chosen": "a", "rejected": "b"}])
+    no_prompt = parse_recipe(_recipe(no_prompt))
+    message = r"np.jsonl: a kto stage reads preference pairs .* needs a 'prompt' column"
+    with pytest.raises(DataError, match=message):
+        build_datasets(no_prompt.stages[0].dataset, no_prompt, "kto", chat=False, with_eval=False)
+    with pytest.raises(DataError, match=message):  # and `validate` says so, before any model loads
+        check_dataset(no_prompt.stages[0].dataset, no_prompt, "kto")
 
 
 def test_kto_needs_two_rows_per_batch():

@@ -44,7 +44,7 @@ def test_bad_bench_arguments_name_the_choices():
     with pytest.raises(RecipeError, match="known presets: small, smollm2, full"):
         build_recipe("huge")
     with pytest.raises(RecipeError, match="the bench knows: dpo, cdpo"):
-        build_recipe("small", losses=("dpo", "kto"))
+        build_recipe("small", losses=("dpo", "ppo"))
 
 
 def test_new_losses_in_the_grid():
@@ -58,6 +58,17 @@ def test_new_losses_in_the_grid():
         "orpo": (0.1, False),
     }
     assert cells["simpo"].loss.params == {"gamma": 1.0}
+
+
+def test_kto_cell_reads_the_pairs_as_feedback_with_twice_the_batch():
+    """kto is a bench loss: a kto stage on the cell's (flipped) pairs, the preset's beta, and two feedback rows per
+    pair, so twice the dpo cells' batch (the same steps, each on the same pairs' answers); no eps."""
+    recipe = build_recipe("smollm2", losses=("dpo", "kto"), flip_rates=(0.4,), output_dir="x")
+    dpo, kto = (s for s in recipe.stages if s.name in ("dpo-flip40", "kto-flip40"))
+    assert (kto.type, kto.input, kto.beta, kto.dataset) == ("kto", "base", dpo.loss.beta, dpo.dataset)
+    assert kto.train.per_device_batch_size == 2 * dpo.train.per_device_batch_size
+    assert kto.train.learning_rate == dpo.train.learning_rate and kto.train.epochs == dpo.train.epochs
+    assert recipe.stage("eval-kto-flip40").input == "kto-flip40"
 
 
 def test_table_layout():
@@ -103,7 +114,8 @@ def test_cells_over_seeds_report_mean_and_spread():
 
 @pytest.mark.slow
 def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, capsys):
-    """DPO on clean labels ranks held-out pairs right; on fully flipped labels it learns the opposite."""
+    """DPO on clean labels ranks held-out pairs right; on fully flipped labels it learns the opposite. So does KTO on
+    the same pairs read as feedback rows (chosen desirable): the flips reach it through the pairs."""
     small = [
         "stages.sft.train.max_steps=60",
         "stages.sft.dataset.size=960",
@@ -112,15 +124,25 @@ def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, cap
         "stages.eval-dpo-flip00.num_prompts=16",
         "stages.eval-dpo-flip100.num_prompts=16",
     ]
-    args = ["bench", "robustness", "--losses", "dpo", "--flip-rates", "0,1", "--out", str(tmp_path / "b"), *small]
+    small += [
+        "stages.kto-flip00.dataset.size=480",
+        "stages.kto-flip100.dataset.size=480",
+        "stages.eval-kto-flip00.num_prompts=16",
+        "stages.eval-kto-flip100.num_prompts=16",
+    ]
+    args = ["bench", "robustness", "--losses", "dpo,kto", "--flip-rates", "0,1", "--out", str(tmp_path / "b"), *small]
     assert main(args) == 0
-    rows = {r["flip_rate"]: r for r in json.loads((tmp_path / "b" / "robustness.json").read_text())["rows"]}
-    # Measured: 0.87 on clean labels, 0.10 with every label flipped.
-    assert rows[0.0]["preference_accuracy"] > 0.7
-    assert rows[1.0]["preference_accuracy"] < 0.3
-    assert set(rows[0.0]) >= {"true_reward", "true_reward_sft", "win_rate", "kl", "preference_margin"}
+    found = json.loads((tmp_path / "b" / "robustness.json").read_text())["rows"]
+    rows = {(r["loss"], r["flip_rate"]): r for r in found}
+    # Measured: DPO 0.875 on clean labels, 0.145 with every label flipped; KTO 0.88 and 0.16.
+    assert rows["dpo", 0.0]["preference_accuracy"] > 0.7
+    assert rows["dpo", 1.0]["preference_accuracy"] < 0.3
+    assert rows["kto", 0.0]["preference_accuracy"] > 0.7
+    assert rows["kto", 1.0]["preference_accuracy"] < 0.3
+    assert set(rows["dpo", 0.0]) >= {"true_reward", "true_reward_sft", "win_rate", "kl", "preference_margin"}
     assert (tmp_path / "b" / "robustness.png").stat().st_size > 0
-    assert "| dpo |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| dpo |" in out and "| kto |" in out
 
 
 def test_smollm2_preset_pairs_from_the_base_model_and_clean_held_out_pairs():

@@ -1,7 +1,8 @@
 """`alignlab bench robustness`: preference losses under label noise, all from one SFT checkpoint.
 
-For every loss and every label-flip rate, a DPO stage starts from the same SFT stage and trains on preference
-pairs of `builtin:arith` with that fraction of labels flipped (seeded); an eval stage then measures, against the
+For every loss and every label-flip rate, a DPO stage (for `kto`: a kto stage, each pair read as two feedback rows)
+starts from the same SFT stage and trains on preference pairs of `builtin:arith` with that fraction of labels
+flipped (seeded); an eval stage then measures, against the
 SFT model, the true reward of greedy completions on held-out prompts and the implicit-reward accuracy on
 held-out pairs whose labels are NOT flipped. The whole grid is one ordinary alignlab recipe (written to
 `<out>/recipe.yaml`) run by the pipeline, so an interrupted bench picks up where it stopped and any cell can be
@@ -37,7 +38,7 @@ from alignlab.losses.catalog import preference_loss_info
 from alignlab.recipe import Recipe, RecipeError, apply_override, parse_recipe
 from alignlab.stages.registry import STAGE_DATA
 
-LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "drdpo", "kldpo", "wdpo", "ln_dpo", "simpo", "orpo")
+LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "drdpo", "kldpo", "wdpo", "ln_dpo", "simpo", "orpo", "kto")
 FLIP_RATES = (0.0, 0.2, 0.4)
 # Per-loss parameters (besides the preset's beta). cdpo/rdpo assume a noise rate of 0.2 whatever the real one is: a
 # user rarely knows it. The losses on per-token averages (ln_dpo, simpo, orpo) bring their own beta (their catalog
@@ -54,7 +55,9 @@ LOSS_PARAMS: dict[str, dict] = {
     "ln_dpo": {"beta": 5.0},
     "simpo": {"beta": 2.0, "gamma": 1.0},
     "orpo": {"beta": 0.1},
+    "kto": {},  # a kto stage, not a dpo loss: the pairs as feedback rows (chosen desirable), the preset's beta
 }
+CELL_TYPES = ("dpo", "kto")  # the stage types of the cells
 RESULT_KEYS = ("true_reward", "preference_accuracy", "preference_margin", "win_rate", "kl")
 
 
@@ -73,7 +76,7 @@ def _arith_eval(num_prompts: int, num_pairs: int) -> dict:
 
 # A preset: the model, its PEFT, the SFT stage, and the dpo/eval settings shared by every cell.
 PRESETS: dict[str, dict] = {
-    # ~30 minutes on 2 CPU cores with the builtin 3M-parameter model (30 DPO runs of 60 steps; 21 took ~20).
+    # ~35 minutes on 2 CPU cores with the builtin 3M-parameter model (33 cells of 60 steps; 21 DPO cells took ~20).
     "small": {
         "model": {"name_or_path": "builtin:tiny-llama"},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -202,18 +205,7 @@ def build_recipe(
         for loss in losses:
             name = cell_name(loss, flip)
             dataset = {**p["dpo"]["dataset"], "flip_rate": flip}
-            stages.append(
-                {
-                    "name": name,
-                    "type": "dpo",
-                    "input": start,
-                    "dataset": dataset,
-                    "loss": {"name": loss, "beta": p["dpo"]["beta"], **LOSS_PARAMS[loss]},
-                    # reference-free losses (simpo, orpo) have no reference log-probs to precompute
-                    "precompute_ref_logps": preference_loss_info(loss).needs_reference,
-                    "train": copy.deepcopy(p["dpo"]["train"]),
-                }
-            )
+            stages.append(_cell_stage(name, loss, start, dataset, p["dpo"]))
             stages.append(
                 {
                     "name": f"eval-{name}",
@@ -237,18 +229,43 @@ def build_recipe(
     return parse_recipe(raw)
 
 
+def _cell_stage(name: str, loss: str, start: str, dataset: dict, dpo: dict) -> dict:
+    """One cell's training stage: dpo with `loss`, or for "kto" a kto stage on the same pairs read as feedback rows
+    (two rows per pair, so twice the batch: the same number of steps, each on the same pairs' answers)."""
+    train = copy.deepcopy(dpo["train"])
+    if loss == "kto":
+        train["per_device_batch_size"] = 2 * train.get("per_device_batch_size", 8)
+        return {"name": name, "type": "kto", "input": start, "dataset": dataset, "beta": dpo["beta"], "train": train}
+    return {
+        "name": name,
+        "type": "dpo",
+        "input": start,
+        "dataset": dataset,
+        "loss": {"name": loss, "beta": dpo["beta"], **LOSS_PARAMS[loss]},
+        # reference-free losses (simpo, orpo) have no reference log-probs to precompute
+        "precompute_ref_logps": preference_loss_info(loss).needs_reference,
+        "train": train,
+    }
+
+
+def cell_loss(spec) -> str:
+    """The loss of a cell's training stage: its dpo loss name, or "kto"."""
+    return spec.loss.name if spec.type == "dpo" else spec.type
+
+
 def collect(recipe: Recipe) -> list[dict]:
     """One row per (loss, flip rate) from the eval stages' eval.json, plus the SFT starting point."""
     rows = []
     for spec in recipe.stages:
-        if spec.type != "dpo":
+        if spec.type not in CELL_TYPES:
             continue
         res = json.loads((recipe.run_dir / f"eval-{spec.name}" / "eval.json").read_text())
-        row = {"loss": spec.loss.name, "flip_rate": spec.dataset.flip_rate}
+        row = {"loss": cell_loss(spec), "flip_rate": spec.dataset.flip_rate}
         row.update({k: res.get(k) for k in RESULT_KEYS})
         row["preference_accuracy_ci"] = res.get("preference_accuracy_ci")  # over the held-out pairs (one seed)
         row["true_reward_sft"] = res.get("true_reward_reference")
-        row["eps"] = spec.loss.model_dump().get("eps")  # cdpo/rdpo: the flip rate the loss assumes
+        # cdpo/rdpo: the flip rate the loss assumes
+        row["eps"] = spec.loss.model_dump().get("eps") if spec.type == "dpo" else None
         rows.append(row)
     return rows
 
@@ -290,14 +307,14 @@ def markdown(rows: list[dict], recipe: Recipe, seeds: list[int] | None = None) -
     start_reward = next((r["true_reward_sft"] for r in rows if r["true_reward_sft"] is not None), None)
     seeds = seeds or [recipe.seed]
     which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
-    cells = [s for s in recipe.stages if s.type == "dpo"]
+    cells = [s for s in recipe.stages if s.type in CELL_TYPES]
     start = cells[0].input if cells else "sft"
     start_name = "the base model" if start == "base" else f"the `{start}` checkpoint"
     parts = [
         f"# Robustness bench: {recipe.name}",
         "",
         f"Model `{recipe.model.name_or_path}`, PEFT `{recipe.peft.method}`, {which}. Every cell starts "
-        f"from {start_name}; label flips are seeded and applied to the DPO training pairs only.",
+        f"from {start_name}; label flips are seeded and applied to the cells' training pairs only.",
         "",
         "## Implicit-reward accuracy on held-out pairs (clean labels)",
         "",
@@ -392,7 +409,7 @@ def audit_eps(recipe: Recipe, settings: dict, force: bool = False) -> dict[float
     from alignlab.pipeline import run_pipeline
 
     for spec in recipe.stages:
-        if spec.type not in ("dpo", "eval"):
+        if spec.type not in (*CELL_TYPES, "eval"):
             run_pipeline(recipe, only=spec.name, force=force)
     out = {}
     for spec in recipe.stages:
@@ -445,7 +462,7 @@ def run_bench(
             runs[i] = r = with_audited_eps(r, audits)
         if audit is not None and force:  # the stages before the cells were forced (and audited) already
             for spec in r.stages:
-                if spec.type in ("dpo", "eval"):
+                if spec.type in (*CELL_TYPES, "eval"):
                     run_pipeline(r, only=spec.name, force=True)
         else:
             run_pipeline(r, force=force)

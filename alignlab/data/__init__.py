@@ -14,6 +14,7 @@ from alignlab.data.formats import (
     resolve_source,
     row_place,
 )
+from alignlab.stages.registry import stage_record
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -51,7 +52,32 @@ def build_datasets(
             raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
         weights = near_tie_weights(train, spec, recipe, where) if spec.flip_mode == "near_tie" else None
         train, _ = flip_labels(train, spec.flip_rate, seed, weights)
+    if _reads_pairs_as_feedback(train, stage_type, where):
+        train = unpair(train, seed)
+        eval_ds = unpair(eval_ds, seed) if eval_ds is not None and "chosen" in eval_ds.column_names else eval_ds
     return train, eval_ds
+
+
+def _reads_pairs_as_feedback(ds: Dataset, stage_type: str, where: str) -> bool:
+    """Whether `ds` holds preference pairs for a stage that reads unpaired feedback (kto); such pairs need a prompt."""
+    if "unpaired" not in stage_record(stage_type).formats or "chosen" not in ds.column_names:
+        return False
+    if "prompt" not in ds.column_names:
+        raise DataError(
+            f"{where}: a {stage_type} stage reads preference pairs as feedback on answers to a prompt, so it "
+            f"needs a 'prompt' column beside chosen/rejected; map yours with dataset.columns: {{prompt: ...}}"
+        )
+    return True
+
+
+def unpair(pairs: Dataset, seed: int) -> Dataset:
+    """Preference pairs as binary feedback for a stage that reads unpaired rows (kto): each pair gives its chosen
+    answer labelled desirable and its rejected one undesirable (TRL's unpair_preference_dataset), shuffled with
+    `seed` so that a pair's two rows do not sit in one batch by construction. Label flips (applied to the pairs
+    before) swap which of the two is desirable."""
+    from trl.data_utils import unpair_preference_dataset
+
+    return unpair_preference_dataset(pairs.select_columns(["prompt", "chosen", "rejected"])).shuffle(seed=seed)
 
 
 NEAR_TIE_SCALE = 0.1  # in reward units: builtin task rewards lie in [0, 1]
@@ -110,6 +136,7 @@ def check_dataset(
         raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
     if spec.flip_rate > 0 and spec.flip_mode == "near_tie":
         near_tie_weights(ds, spec, recipe, where)  # a true reward margin for every pair, or the error that says so
+    _reads_pairs_as_feedback(ds, stage_type, where)
     if tokenizer is not None:
         check_chat_template(ds, tokenizer, where)
         if assistant_masks:

@@ -112,13 +112,14 @@ class DPOSpec(StageSpec):
 @stage_type(
     "kto",
     runner="alignlab.stages.kto",
-    datasets={"dataset": UNPAIRED},
+    datasets={"dataset": UNPAIRED + PAIRS},
     trl_config="KTOConfig",
     memory_knobs=trainer_memory_knobs,
 )
 class KTOSpec(StageSpec):
     """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired binary feedback: prompt, completion and a
-    desirable/undesirable label (thumbs up/down; format `unpaired`), on TRL's KTOTrainer. The reference model is the
+    desirable/undesirable label (thumbs up/down; format `unpaired`), on TRL's KTOTrainer. Preference pairs are read
+    as such feedback too: chosen desirable, rejected undesirable (after any label flips). The reference model is the
     stage's input model (e.g. the SFT model), frozen, as for dpo."""
 
     type: Literal["kto"] = "kto"
