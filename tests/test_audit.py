@@ -113,6 +113,25 @@ def test_non_preference_stage_lists_the_preference_ones(write_recipe, tiny_model
     )
 
 
+def test_kto_stage_is_not_audited_even_on_pairs(write_recipe, capsys):
+    """A kto stage reads pairs only as unpaired feedback rows: the audit's pair scorers have nothing to score."""
+    recipe = write_recipe(
+        {
+            "name": "kto-audit",
+            "model": {"name_or_path": "builtin:tiny-llama"},
+            "stages": [
+                {"name": "dpo", "type": "dpo", "dataset": {"path": "builtin:arith", "split": "preference"}},
+                {"name": "kto", "type": "kto", "dataset": {"path": "builtin:arith", "split": "preference"}},
+            ],
+        }
+    )
+    assert main(["audit", "preferences", str(recipe), "--stage", "kto"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --stage kto: stage 'kto' is a kto stage, which trains on unpaired feedback rows, not on preference "
+        "pairs; audit one of the preference stages: dpo"
+    )
+
+
 def test_too_few_pairs_names_the_count_and_the_fix(write_recipe, tiny_model_path, capsys, monkeypatch):
     """12 pairs, 5 folds: at least 4 per fold are needed (20). Checked before any model loads."""
     import alignlab.models

@@ -115,6 +115,39 @@ def test_preference_pairs_are_read_as_feedback_after_their_flips(tmp_path):
         check_dataset(no_prompt.stages[0].dataset, no_prompt, "kto")
 
 
+def test_each_dataset_is_read_as_feedback_on_its_own(tmp_path):
+    """Unpaired training rows with held-out pairs (eval_path): the pairs become feedback rows too. Held-out pairs
+    without a prompt are refused by `validate` (check_dataset), naming the eval file."""
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(4)]
+    train_path = _write_jsonl(tmp_path / "fb.jsonl", rows)
+    pairs = [{"prompt": f"e{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(3)]
+    recipe = parse_recipe(_recipe(train_path, eval_path=_write_jsonl(tmp_path / "held.jsonl", pairs)))
+    train, held = build_datasets(recipe.stages[0].dataset, recipe, "kto", chat=False)
+    assert train["label"] == [True, False, True, False]
+    assert sorted(zip(held["completion"], held["label"])) == sorted(
+        [(f"good{i}", True) for i in range(3)] + [(f"bad{i}", False) for i in range(3)]
+    )
+    bad = _write_jsonl(tmp_path / "held_np.jsonl", [{"chosen": "a", "rejected": "b"}])
+    recipe = parse_recipe(_recipe(train_path, eval_path=bad))
+    with pytest.raises(DataError, match=r"held_np.jsonl \(eval\): a kto stage reads preference pairs"):
+        check_dataset(recipe.stages[0].dataset, recipe, "kto")
+
+
+def test_chat_pairs_with_the_prompt_inside_their_conversations(tmp_path):
+    """HH-style pairs: chosen and rejected are whole conversations; the turns they share are the prompt
+    (TRL's extract_prompt), and each answer is a feedback row on it."""
+
+    def chat(answer):
+        return [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": answer}]
+
+    path = _write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chat("Blue."), "rejected": chat("Green.")}])
+    recipe = parse_recipe(_recipe(path))
+    check_dataset(recipe.stages[0].dataset, recipe, "kto")  # accepted before any model loads
+    train, _ = build_datasets(recipe.stages[0].dataset, recipe, "kto", chat=True, with_eval=False)
+    assert sorted((r["completion"][0]["content"], r["label"]) for r in train) == [("Blue.", True), ("Green.", False)]
+    assert train[0]["prompt"] == [{"role": "user", "content": "Sky colour?"}]
+
+
 def test_kto_needs_two_rows_per_batch():
     raw = _recipe("builtin:arith", split="unpaired")
     raw["stages"][0]["train"] = {"per_device_batch_size": 1}

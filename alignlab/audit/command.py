@@ -56,8 +56,9 @@ WIDE_INTERVAL = 0.25
 
 
 def preference_stages(recipe: Recipe) -> list[str]:
-    """Names of the recipe's stages whose main dataset is preference pairs (prompt/chosen/rejected)."""
-    return [s.name for s in recipe.stages if "preference" in stage_record(s.type).formats]
+    """Names of the recipe's stages whose main dataset is preference pairs (prompt/chosen/rejected); not kto, which
+    reads pairs only as unpaired feedback rows."""
+    return [s.name for s in recipe.stages if stage_record(s.type).formats[0] == "preference"]
 
 
 def audited_stage(recipe: Recipe, name: str):
@@ -71,9 +72,14 @@ def audited_stage(recipe: Recipe, name: str):
         )
     spec = recipe.stage(name)
     if name not in pref:
+        reads = (
+            "which trains on unpaired feedback rows, not on preference pairs"
+            if "unpaired" in stage_record(spec.type).formats
+            else "which reads no preference pairs (prompt/chosen/rejected)"
+        )
         raise RecipeError(
-            f"--stage {name}: stage '{name}' is a {spec.type} stage, which reads no preference pairs "
-            f"(prompt/chosen/rejected); audit one of the preference stages: {', '.join(pref) or 'none in this recipe'}"
+            f"--stage {name}: stage '{name}' is a {spec.type} stage, {reads}; audit one of the preference stages: "
+            f"{', '.join(pref) or 'none in this recipe'}"
         )
     return spec
 

@@ -36,9 +36,9 @@ def build_datasets(
     where = _where(spec, recipe)
     train = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat)
     eval_ds = None
+    eval_where = (_where_of(spec.eval_path, recipe) if spec.eval_path else where) + " (eval)"
     if with_eval:
         if spec.eval_path or spec.eval_split or resolve_source(spec.path, recipe).kind == "builtin":
-            eval_where = (_where_of(spec.eval_path, recipe) if spec.eval_path else where) + " (eval)"
             eval_ds = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, eval_where, chat)
         elif spec.eval_fraction > 0:
             parts = train.train_test_split(test_size=spec.eval_fraction, seed=seed)
@@ -54,29 +54,40 @@ def build_datasets(
         train, _ = flip_labels(train, spec.flip_rate, seed, weights)
     if _reads_pairs_as_feedback(train, stage_type, where):
         train = unpair(train, seed)
-        eval_ds = unpair(eval_ds, seed) if eval_ds is not None and "chosen" in eval_ds.column_names else eval_ds
+    if eval_ds is not None and _reads_pairs_as_feedback(eval_ds, stage_type, eval_where):
+        eval_ds = unpair(eval_ds, seed)
     return train, eval_ds
 
 
 def _reads_pairs_as_feedback(ds: Dataset, stage_type: str, where: str) -> bool:
-    """Whether `ds` holds preference pairs for a stage that reads unpaired feedback (kto); such pairs need a prompt."""
+    """Whether `ds` holds preference pairs for a stage that reads unpaired feedback (kto). Such pairs need their
+    prompt: a `prompt` column, or chat pairs whose conversations hold it (the turns chosen and rejected share)."""
     if "unpaired" not in stage_record(stage_type).formats or "chosen" not in ds.column_names:
         return False
-    if "prompt" not in ds.column_names:
+    if "prompt" not in ds.column_names and not _prompt_inside(ds[0]["chosen"]):
         raise DataError(
             f"{where}: a {stage_type} stage reads preference pairs as feedback on answers to a prompt, so it "
-            f"needs a 'prompt' column beside chosen/rejected; map yours with dataset.columns: {{prompt: ...}}"
+            f"needs a 'prompt' column beside chosen/rejected (map yours with dataset.columns: {{prompt: ...}}), or "
+            f"chosen/rejected as whole conversations that start with the prompt's turns"
         )
     return True
+
+
+def _prompt_inside(chosen) -> bool:
+    return isinstance(chosen, list) and bool(chosen) and chosen[0].get("role") != "assistant"
 
 
 def unpair(pairs: Dataset, seed: int) -> Dataset:
     """Preference pairs as binary feedback for a stage that reads unpaired rows (kto): each pair gives its chosen
     answer labelled desirable and its rejected one undesirable (TRL's unpair_preference_dataset), shuffled with
-    `seed` so that a pair's two rows do not sit in one batch by construction. Label flips (applied to the pairs
-    before) swap which of the two is desirable."""
-    from trl.data_utils import unpair_preference_dataset
+    `seed`: TRL's KTOTrainer reads its rows in order (sequential sampling, which its KL estimate needs), the same
+    order every epoch, and unpaired rows come chosen block first. Label flips (applied to the pairs before) swap
+    which of the two is desirable. Chat pairs without a prompt column have it split off first (TRL's
+    extract_prompt: the turns chosen and rejected share)."""
+    from trl.data_utils import extract_prompt, unpair_preference_dataset
 
+    if "prompt" not in pairs.column_names:
+        pairs = pairs.map(extract_prompt, desc="split off the prompt")
     return unpair_preference_dataset(pairs.select_columns(["prompt", "chosen", "rejected"])).shuffle(seed=seed)
 
 
@@ -136,7 +147,7 @@ def check_dataset(
         raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
     if spec.flip_rate > 0 and spec.flip_mode == "near_tie":
         near_tie_weights(ds, spec, recipe, where)  # a true reward margin for every pair, or the error that says so
-    _reads_pairs_as_feedback(ds, stage_type, where)
+    _reads_pairs_as_feedback(ds, stage_type, where)  # pairs for a kto stage: their prompt, or the error
     if tokenizer is not None:
         check_chat_template(ds, tokenizer, where)
         if assistant_masks:
@@ -148,14 +159,9 @@ def check_dataset(
     if spec.eval_path:
         if resolve_source(spec.eval_path, recipe).kind == "hub":
             return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline"
-        canonicalize(
-            load_raw(spec, recipe, held_out=True),
-            spec,
-            stage_type,
-            f"{_where_of(spec.eval_path, recipe)} (eval)",
-            False,
-            formats,
-        )
+        eval_where = f"{_where_of(spec.eval_path, recipe)} (eval)"
+        held_out = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, eval_where, False, formats)
+        _reads_pairs_as_feedback(held_out, stage_type, eval_where)
     return None
 
 
