@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--preset",
         default="small",
         help="small (CPU, tiny model, ~35 min), smollm2 (CPU, the real built-in model on builtin:constraints, "
-        "~1 h) or full (GPU, a 0.5B hub model)",
+        "~55 min) or full (GPU, a 0.5B hub model)",
     )
     rob.add_argument("--losses", help="comma-separated (default: the preset's; small: all the bench's losses)")
     rob.add_argument("--flip-rates", help="comma-separated (default: the preset's; small: 0,0.2,0.4)")
