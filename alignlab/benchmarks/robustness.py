@@ -234,7 +234,7 @@ def _cell_stage(name: str, loss: str, start: str, dataset: dict, dpo: dict) -> d
     (two rows per pair, so twice the batch: the same number of steps, each on the same pairs' answers)."""
     train = copy.deepcopy(dpo["train"])
     if loss == "kto":
-        train["per_device_batch_size"] = 2 * train.get("per_device_batch_size", 8)
+        train["per_device_batch_size"] *= 2
         return {"name": name, "type": "kto", "input": start, "dataset": dataset, "beta": dpo["beta"], "train": train}
     return {
         "name": name,

@@ -36,7 +36,7 @@ def build_datasets(
     where = _where(spec, recipe)
     train = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat)
     eval_ds = None
-    eval_where = (_where_of(spec.eval_path, recipe) if spec.eval_path else where) + " (eval)"
+    eval_where = _eval_where(spec, recipe)
     if with_eval:
         if spec.eval_path or spec.eval_split or resolve_source(spec.path, recipe).kind == "builtin":
             eval_ds = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, eval_where, chat)
@@ -159,7 +159,7 @@ def check_dataset(
     if spec.eval_path:
         if resolve_source(spec.eval_path, recipe).kind == "hub":
             return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline"
-        eval_where = f"{_where_of(spec.eval_path, recipe)} (eval)"
+        eval_where = _eval_where(spec, recipe)
         held_out = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, eval_where, False, formats)
         _reads_pairs_as_feedback(held_out, stage_type, eval_where)
     return None
@@ -234,6 +234,11 @@ def _before_last_reply(messages: list[dict]) -> list[dict]:
 
 def _where(spec: DatasetSpec, recipe: Recipe | None) -> str:
     return _where_of(spec.path, recipe)
+
+
+def _eval_where(spec: DatasetSpec, recipe: Recipe | None) -> str:
+    """How errors name the held-out data: its eval_path, else the main dataset, marked (eval)."""
+    return _where_of(spec.eval_path or spec.path, recipe) + " (eval)"
 
 
 def _where_of(path: str, recipe: Recipe | None) -> str:
