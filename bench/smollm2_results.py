@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ RECIPES = {
     "grpo": "recipes/smollm2_grpo_lora.yaml",
     "bon_sft": "recipes/smollm2_bon_sft_lora.yaml",
     "revise_sft": "recipes/smollm2_revise_sft_lora.yaml",
+    "revise_sft_2rounds": "recipes/smollm2_revise_sft_2rounds_lora.yaml",
 }
 
 
@@ -67,6 +69,21 @@ def collect(name: str, seed: int, run_dir: Path, seconds: float | None) -> dict:
     }
 
 
+def _machine_cpu_seconds() -> float:
+    """CPU seconds every process of the machine has used since boot (/proc/stat; 0 where there is none)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return 0.0
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _yaml(path: Path) -> dict:
     import yaml
 
@@ -91,11 +108,14 @@ def main() -> None:
             run_dir = args.collect or CACHE / "smollm2" / f"{name}-s{seed}"
             seconds = None if args.minutes is None else 60 * args.minutes
             if not args.collect:
-                start = time.monotonic()
+                start, busy, ours = time.monotonic(), _machine_cpu_seconds(), _children_cpu_seconds()
                 _alignlab("run", RECIPES[name], f"output_dir={run_dir}", f"seed={seed}", threads=args.threads)
                 seconds = time.monotonic() - start
+                others = (_machine_cpu_seconds() - busy) - (_children_cpu_seconds() - ours)
             entry = collect(name, seed, run_dir, seconds)
             entry.update(date=machine()["date"], machine=machine(), versions=versions(), command=command_line())
+            if not args.collect:  # what else ran: a run beside another job takes up to 3 times as long
+                entry.update(threads=int(args.threads), others_cpu_share=round(others / (seconds * os.cpu_count()), 3))
             entry["commit"] = subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
             ).stdout.strip()

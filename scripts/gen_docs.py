@@ -209,6 +209,7 @@ SMOLLM2_WHAT = {
     "sft_dpo": "SFT on demonstrations -> DPO on near misses",
     "bon_sft": "best-of-8 SFT on its own answers that met every constraint",
     "revise_sft": "SFT on its own answers revised by code to meet the constraints",
+    "revise_sft_2rounds": "the same, two rounds: round 2 samples from the round-1 model",
     "generate_dpo": "DPO on its own samples, best vs worst",
     "ppo": "PPO, the checker as reward",
     "grpo": "GRPO, the checker as reward",
@@ -267,7 +268,7 @@ def smollm2_results() -> str:
                 f"{e['repetition']:.3f}",
                 f"{e['response_length']:.0f}",
                 f"{e['nll_change']:+.1%}" if e.get("nll_change") is not None else "",
-                f"{r['seconds'] / 60:.0f} min" if r["seconds"] else "",
+                _minutes(r),
                 _counted(e),
             ]
         )
@@ -296,9 +297,23 @@ def smollm2_results() -> str:
     foot = (
         "\n\nissue 17's goal: strict accuracy at least 15 points above the base with the paired interval above 0, "
         "counted only without degeneration: repeated 3-grams within 5 points of the base's and NLL on `builtin:prose` "
-        "up by at most 5%. KL: mean log-ratio over answers sampled at temperature 1."
+        "up by at most 5%. KL: mean log-ratio over answers sampled at temperature 1. Time: the whole recipe's wall "
+        f"time; {IDLE_MARK} alone on the machine with 2 threads, the others with 1 thread beside another job (which "
+        "takes up to 3 times as long)."
     )
     return head + "\n" + _table(headers, rows, "---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---") + foot
+
+
+IDLE_MARK = "(idle)"
+
+
+def _minutes(run: dict) -> str:
+    """A run's wall time, marked when it ran alone: 2 threads or more, and other processes used under 10% of the
+    machine's CPU meanwhile."""
+    if not run["seconds"]:
+        return ""
+    alone = run.get("threads", 1) >= 2 and run.get("others_cpu_share", 1.0) < 0.1
+    return f"{run['seconds'] / 60:.0f} min" + (f" {IDLE_MARK}" if alone else "")
 
 
 def _counted(e: dict) -> str:

@@ -434,6 +434,43 @@ def test_revise_lays_the_models_own_sentences_out_to_meet_every_constraint(promp
     assert "the wheel spins while" not in revised.lower()
 
 
+def test_revise_says_each_sentence_once():
+    """A revision never repeats a sentence: training on answers that repeat themselves teaches the copy that greedy
+    decoding turns into loops. The model's own repeats are dropped (the first kept, in order), and a postscript says
+    a sentence the body does not (one left over, else a short closing line), where it once copied one of the body's:
+    2 in 3 of the postscripts of SmolLM2's revised answers did."""
+    from alignlab.builtin.constraint_demos import _POSTSCRIPTS, answer_sentences, revise
+    from alignlab.builtin.constraints import constraints_reward
+
+    looping = "Owls hunt at night. They fly without a sound. Owls hunt at night. OWLS HUNT AT NIGHT. They see well."
+    assert answer_sentences(looping) == ["Owls hunt at night.", "They fly without a sound.", "They see well."]
+    ps_rule = "End with a postscript that starts with P.S."
+    for n_words in range(3, 9):  # bodies of different lengths: some use every sentence, some leave one over
+        prompt = f"Tell me about owls. {ps_rule} Answer with at least {n_words} words."
+        for answer in (looping, _ANSWER):
+            (revised,) = revise([prompt], [answer])
+            assert constraints_reward([prompt], [revised]) == [1.0]
+            body, ps = revised.split("\n\nP.S. ")
+            assert ps not in body, revised
+            assert ps in answer_sentences(answer) or ps in _POSTSCRIPTS, revised
+            said = [s for s in answer_sentences(answer) if s in revised]
+            assert all(revised.count(s) == 1 for s in said), revised
+
+
+def test_the_demonstrations_are_the_ones_measured():
+    """The code-written demonstrations (splits sft, preference) are the rows the README's SFT -> DPO results were
+    measured on: their postscripts are still drawn from the whole script (only revise stopped repeating sentences).
+    The digest is of the first 200 sft and 100 preference rows; it changes only with the demonstrations."""
+    import hashlib
+
+    from alignlab.builtin.constraint_demos import rows
+
+    made = json.dumps(rows("sft", 200, 0) + rows("preference", 100, 0), sort_keys=True)
+    assert (
+        hashlib.sha256(made.encode()).hexdigest() == "f6c58020c5367f6dd55eef2c046b82821fdc5ae45ed0fd3195ca9947ba5f0265"
+    )
+
+
 def test_revise_keeps_what_it_cannot_revise():
     from alignlab.builtin.constraint_demos import revise
 

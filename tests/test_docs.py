@@ -77,6 +77,17 @@ def test_kl_column_is_labelled_by_how_it_was_measured():
     assert gen.kl_label({"temperature": 0.7}) == "log-ratio on samples at temperature 0.7 (nats)"
 
 
+def test_smollm2_times_are_marked_idle_only_when_measured_so():
+    """A recipe's time in the README's SmolLM2 table says "(idle)" only when bench/smollm2_results.py measured that
+    it ran with 2 threads or more and other processes used under 10% of the machine's CPU meanwhile."""
+    gen = _gen_docs()
+    assert gen._minutes({"seconds": 696.3, "threads": 2, "others_cpu_share": 0.013}) == "12 min (idle)"
+    assert gen._minutes({"seconds": 696.3, "threads": 2, "others_cpu_share": 0.4}) == "12 min"
+    assert gen._minutes({"seconds": 696.3, "threads": 1, "others_cpu_share": 0.0}) == "12 min"
+    assert gen._minutes({"seconds": 2880.0}) == "48 min"  # a run collected by hand: nothing measured
+    assert gen._minutes({"seconds": None}) == ""
+
+
 def test_quickstart_results_were_measured_with_the_shipped_recipes():
     """bench/results/quickstart.json describes the recipes as they are: each exists, and the eval settings it was
     measured with are those of the quickstart's eval stage now (else rerun bench/quickstart_results.py)."""

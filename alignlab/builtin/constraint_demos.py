@@ -136,6 +136,26 @@ def _title(topic: str) -> str:
     return "<<" + " ".join(w[:1].upper() + w[1:] for w in topic.split()) + ">>"
 
 
+# Postscripts for a revised answer whose own sentences are all in its body (a P.S. that repeats one of them teaches
+# the model to copy its sentences, which greedy decoding turns into loops).
+_POSTSCRIPTS = (
+    "I hope this helps.",
+    "Thanks for reading.",
+    "Let me know if you want more.",
+    "Feel free to ask a follow-up question.",
+    "Happy to say more on this.",
+)
+
+
+def _postscript(pool: list[str], body: list[str], rng: random.Random, script: bool, ok) -> str:
+    """The sentence after "P.S.": for the script, any of its sentences (the demonstrations as first made); for a
+    model's own sentences, one the body does not already say, else a short closing line without a banned word."""
+    if script:
+        return rng.choice(pool)
+    unused = [s for s in pool if s not in body]
+    return rng.choice(unused or [s for s in _POSTSCRIPTS if ok(s)] or list(_POSTSCRIPTS))
+
+
 def _compose(cs: list[dict], topic: str, rng: random.Random, sentences: list[str] | None = None) -> str:
     """One candidate answer for constraints `cs` (random layout; the caller checks it). `sentences`: the body's
     sentences in their order (default: the script, `_SENTENCES`)."""
@@ -192,7 +212,7 @@ def _compose(cs: list[dict], topic: str, rng: random.Random, sentences: list[str
         opener = rng.choice([o for o in openers if ok(o)] or openers)
         text = opener + ("\n\n" if "\n" in text or rng.random() < 0.3 else " ") + text
     if "postscript" in by:
-        text += "\n\nP.S. " + rng.choice(pool)
+        text += "\n\nP.S. " + _postscript(pool, body, rng, sentences is None, ok)
     if "end_phrase" in by:
         text += ("\n\n" if "\n" in text else " ") + by["end_phrase"]["phrase"]
     if "lowercase" in by:
@@ -279,9 +299,14 @@ MAX_REVISED_SENTENCES = 6
 
 def answer_sentences(text: str) -> list[str]:
     """The whole sentences of a model's answer, in order (a fragment cut off by the token limit is dropped), of 3 to
-    40 words, at most MAX_REVISED_SENTENCES."""
+    40 words, each once (a sentence the model repeated, compared without case, is kept where it first came), at most
+    MAX_REVISED_SENTENCES."""
     sentences = [s.strip() for s in _SENTENCE_RE.findall(text)]
-    return [s for s in sentences if 3 <= len(s.split()) <= 40][:MAX_REVISED_SENTENCES]
+    kept: dict[str, str] = {}
+    for s in sentences:
+        if 3 <= len(s.split()) <= 40:
+            kept.setdefault(s.lower(), s)
+    return list(kept.values())[:MAX_REVISED_SENTENCES]
 
 
 def revise(prompts: list, completions: list, seed: int = 0) -> list[str | None]:
