@@ -69,6 +69,21 @@ def collect(name: str, seed: int, run_dir: Path, seconds: float | None) -> dict:
     }
 
 
+def _record(path: Path, key: str, entry: dict) -> None:
+    """Put one run's entry into the results file as it is now, under a lock: runs of other seeds, started beside
+    this one, write theirs into the same file (read at the end, not at the start, so none is lost)."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "smollm2-results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = json.loads(path.read_text()) if path.exists() else {"results": {}}
+        payload["results"][key] = entry
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+
 def _machine_cpu_seconds() -> float:
     """CPU seconds every process of the machine has used since boot (/proc/stat; 0 where there is none)."""
     try:
@@ -102,7 +117,6 @@ def main() -> None:
     if args.collect and (len(names), len(seeds)) != (1, 1):
         raise SystemExit("--collect reads one run folder: give one recipe and one seed")
     path = RESULTS / "smollm2.json"
-    payload = json.loads(path.read_text()) if path.exists() else {"results": {}}
     for name in names:
         for seed in seeds:
             run_dir = args.collect or CACHE / "smollm2" / f"{name}-s{seed}"
@@ -119,8 +133,7 @@ def main() -> None:
             entry["commit"] = subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
             ).stdout.strip()
-            payload["results"][f"{name}-s{seed}"] = entry
-            path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+            _record(path, f"{name}-s{seed}", entry)
             print(f"{name} seed {seed}: written to {path}")
 
 
