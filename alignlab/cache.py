@@ -22,7 +22,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` (fcntl.flock), so a second process waits for the first one's build instead of
     building the same thing again beside it. Where flock is missing (Windows) both build, and the rename in
     `build_once` still keeps the result whole."""
@@ -46,7 +46,7 @@ def build_once(final: Path, build: Callable[[Path], None], marker: str) -> Path:
     if (final / MARKER_FILE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock"):
         if (final / MARKER_FILE).exists():  # another process built it while this one waited for the lock
             return final
         if final.exists():

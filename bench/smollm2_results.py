@@ -72,11 +72,10 @@ def collect(name: str, seed: int, run_dir: Path, seconds: float | None) -> dict:
 def _record(path: Path, key: str, entry: dict) -> None:
     """Put one run's entry into the results file as it is now, under a lock: runs of other seeds, started beside
     this one, write theirs into the same file (read at the end, not at the start, so none is lost)."""
-    import fcntl
+    from alignlab.cache import file_lock
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "smollm2-results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(CACHE / "smollm2-results.lock"):
         payload = json.loads(path.read_text()) if path.exists() else {"results": {}}
         payload["results"][key] = entry
         tmp = path.with_suffix(".tmp")

@@ -298,7 +298,7 @@ def smollm2_results() -> str:
         "\n\nissue 17's goal: strict accuracy at least 15 points above the base with the paired interval above 0, "
         "counted only without degeneration: repeated 3-grams within 5 points of the base's and NLL on `builtin:prose` "
         "up by at most 5%. KL: mean log-ratio over answers sampled at temperature 1. Time: the whole recipe's wall "
-        f"time; {IDLE_MARK} alone on the machine with 2 threads, the others with 1 thread beside another job (which "
+        f"time (its stages' times summed where a run reused finished stages of another); {IDLE_MARK} alone on the machine with 2 threads, the others with 1 thread beside another job (which "
         "takes up to 3 times as long)."
     )
     return head + "\n" + _table(headers, rows, "---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---") + foot
