@@ -38,6 +38,7 @@ RECIPES = {
     "bon_sft": "recipes/smollm2_bon_sft_lora.yaml",
     "revise_sft": "recipes/smollm2_revise_sft_lora.yaml",
     "revise_sft_2rounds": "recipes/smollm2_revise_sft_2rounds_lora.yaml",
+    "revise_sft_2rounds_ul": "recipes/smollm2_revise_sft_2rounds_ul_lora.yaml",
 }
 
 

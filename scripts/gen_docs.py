@@ -210,6 +210,7 @@ SMOLLM2_WHAT = {
     "bon_sft": "best-of-8 SFT on its own answers that met every constraint",
     "revise_sft": "SFT on its own answers revised by code to meet the constraints",
     "revise_sft_2rounds": "the same, two rounds: round 2 samples from the round-1 model",
+    "revise_sft_2rounds_ul": "the same, round 2 for 2 epochs with unlikelihood against loops",
     "generate_dpo": "DPO on its own samples, best vs worst",
     "ppo": "PPO, the checker as reward",
     "grpo": "GRPO, the checker as reward",

@@ -97,13 +97,17 @@ def _heldout_reward(model_dir, n=48):
     return sum(arith_reward([prompt_text(p) for p in prompts], rollout.texts)) / n
 
 
-def test_repeated_ngram_share_hand_values():
-    from alignlab.rl.grpo import repeated_ngram_share
+def test_grpo_watches_the_repetition_eval_reports():
+    """The repetition GRPO logs (and stop_if.repetition reads) is eval's measure, words lowercased without
+    punctuation: "The cat. the cat. the cat." repeats 2 of its 4 word 3-grams, as eval.json would say (split on
+    spaces, case and full stops kept, it would be 1 of 4)."""
+    from alignlab.evaluation import repetition
+    from alignlab.rl import grpo
 
-    assert repeated_ngram_share("a b c a b c") == pytest.approx(0.25)  # abc bca cab abc: 1 - 3/4
-    assert repeated_ngram_share("go go go go go") == pytest.approx(2 / 3)  # 3 x (go go go): 1 - 1/3
-    assert repeated_ngram_share("one two") == 0.0 and repeated_ngram_share("") == 0.0  # no 3-gram
-    assert repeated_ngram_share("the cat sat on the mat") == 0.0
+    assert grpo.repeated_ngram_share is repetition.repeated_ngram_share
+    assert grpo.repeated_ngram_share("The cat. the cat. the cat.") == pytest.approx(0.5)
+    assert grpo.repeated_ngram_share("a b c a b c") == pytest.approx(0.25)  # abc bca cab abc: 1 - 3/4
+    assert grpo.repeated_ngram_share("go go go go go") == pytest.approx(2 / 3)  # 3 x (go go go): 1 - 1/3
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -6,6 +6,7 @@
 - reward: Bradley-Terry loss for reward models.
 - ppo: masked statistics, KL estimates, GAE, clipped policy / value losses, entropy, KL controllers.
 - grpo: group-relative advantages (GRPO, Dr. GRPO, RLOO), clip-higher surrogate, k3 term, loss aggregations.
+- sft: token NLL and NLL + token-level unlikelihood (an sft stage's `loss`).
 
 The names below are imported on first use, so that `alignlab.losses.catalog` (read by recipe validation) does not
 import torch.
@@ -56,6 +57,7 @@ _EXPORTS = {
     ),
     "catalog": ("PREFERENCE_LOSS_INFO", "preference_loss_info", "validate_preference_params"),
     "reward": ("bradley_terry_loss",),
+    "sft": ("SFT_LOSSES", "sft_loss", "unlikelihood_candidates"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

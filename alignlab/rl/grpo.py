@@ -55,6 +55,7 @@ from torch import nn
 from alignlab.checkpoints import complete_checkpoints, step_of
 from alignlab.contract import StageFailed
 from alignlab.data import prompt_text
+from alignlab.evaluation.repetition import repeated_ngram_share
 from alignlab.generation import generate
 from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
@@ -123,14 +124,6 @@ class GroupedPolicy(nn.Module):
             **{self._cache_arg: cache},
         ).logits  # [N x G, C - 1, V]
         return torch.cat([first, rest], dim=1).float() / temperature
-
-
-def repeated_ngram_share(text: str, n: int = 3) -> float:
-    """Share of a text's word n-grams that repeat an earlier one: 1 - distinct / total (0 with fewer than n words).
-    "a b c a b c" has 3-grams abc, bca, cab, abc: 1 - 3/4 = 0.25. A model collapsing into loops drives it to 1."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 class GRPOTrainer(RLTrainer):

@@ -5,6 +5,8 @@
 Loss on the completion / assistant turns only (prompt tokens are masked) unless the recipe says
 `completion_only_loss: false`; plain text trains on every token. `packing: true` packs short examples into
 full-length rows. Reports eval loss and perplexity (exp of the mean token loss) on held-out data.
+`loss: {name: unlikelihood, alpha: 1.0}` adds token-level unlikelihood on what a response already wrote
+(alignlab/losses/sft.py); the eval loss stays the NLL, and the logs show both terms.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def run(ctx: StageContext):
     trainer = GuardedSFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
+    if spec.loss.name != "nll":
+        trainer.compute_loss_func = RecipeLoss(trainer, spec.loss.name, spec.loss.alpha)
 
     # Train, save, report
     return train_and_save(trainer, ctx, base=base, perplexity=True)
@@ -59,6 +63,26 @@ def tokenize_for_sft(ds, tokenizer, args: SFTConfig, where: str):
     return tokenize_chat_dataset(
         ds, tokenizer, max_length=max_length, truncation_mode=args.truncation_mode, where=where
     )
+
+
+class RecipeLoss:
+    """TRL's `compute_loss_func` for a recipe's `loss` (alignlab/losses/sft.py): the named loss in training, the
+    plain NLL in evaluation (so eval_loss and perplexity mean what they say); both terms logged per step."""
+
+    def __init__(self, trainer, name: str, alpha: float):
+        self.trainer, self.name, self.alpha = trainer, name, alpha
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        from alignlab.losses.sft import sft_loss
+
+        training = self.trainer.model.training
+        name = self.name if training else "nll"
+        loss, stats = sft_loss(outputs.logits, labels, name=name, alpha=self.alpha, num_items=num_items_in_batch)
+        metrics = self.trainer._metrics["train" if training else "eval"]
+        for key, value in stats.items():
+            if training or key == "nll":
+                metrics[key].append(value.item())
+        return loss
 
 
 class GuardedSFTTrainer(GuardedTrainer, SFTTrainer):

@@ -27,6 +27,21 @@ def trainer_memory_knobs(spec) -> list[str]:
     ]
 
 
+class SFTLossSpec(Strict):
+    """`nll` (default): TRL's token cross-entropy. `unlikelihood`: NLL plus `alpha` times token-level unlikelihood
+    on the tokens a response already wrote (Welleck et al. 2019; alignlab/losses/sft.py), a guard against greedy
+    decoding loops ("simple simple simple ..."). Its eval_loss (and perplexity) stays the plain NLL."""
+
+    name: Literal["nll", "unlikelihood"] = "nll"
+    alpha: float = Field(1.0, gt=0, description="weight of the unlikelihood term (loss.name: unlikelihood)")
+
+    @model_validator(mode="after")
+    def _alpha_only_with_unlikelihood(self):
+        if self.name == "nll" and "alpha" in self.model_fields_set:
+            raise ValueError("loss.alpha weighs the unlikelihood term: set loss.name: unlikelihood, or drop alpha")
+        return self
+
+
 @stage_type(
     "sft",
     runner="alignlab.stages.sft",
@@ -36,13 +51,24 @@ def trainer_memory_knobs(spec) -> list[str]:
 )
 class SFTSpec(StageSpec):
     """Supervised fine-tuning on prompt/completion, chat messages or plain text (TRL's SFTTrainer).
-    The loss is on completions / assistant turns only unless `completion_only_loss: false`."""
+    The loss is on completions / assistant turns only unless `completion_only_loss: false`; `loss` picks it."""
 
     type: Literal["sft"] = "sft"
     dataset: DatasetSpec
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=2e-4))
     packing: bool = False
     completion_only_loss: bool = True
+    loss: SFTLossSpec = Field(default_factory=lambda: SFTLossSpec())
+
+    @model_validator(mode="after")
+    def _unlikelihood_needs_responses(self):
+        if self.loss.name == "unlikelihood" and (self.packing or not self.completion_only_loss):
+            raise ValueError(
+                "loss.name: unlikelihood penalises tokens a response repeats from earlier in the same response, so "
+                "it needs responses told apart from prompts and from each other: keep completion_only_loss: true "
+                "and packing: false, or use loss.name: nll"
+            )
+        return self
 
 
 class PreferenceLossSpec(Strict):
