@@ -28,6 +28,7 @@ from pathlib import Path
 from alignlab.losses.catalog import preference_loss_info
 from alignlab.recipe import QuantizationSpec, Recipe, RecipeError
 from alignlab.stages.registry import stage_record
+from alignlab.stages.specs import PreferenceLossSpec
 
 UNSUPPORTED = {"XLA": "TPUs", "MEGATRON_LM": "Megatron-LM"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -144,7 +145,8 @@ def check_launch(recipe: Recipe, cfg: dict) -> list[str]:
     for i, spec in enumerate(recipe.stages):
         where = f"stages[{i}] ({spec.name})"
         loss = getattr(spec, "loss", None)
-        unshardable_loss = loss is not None and not preference_loss_info(loss.name).shardable
+        preference = isinstance(loss, PreferenceLossSpec)  # an sft stage's loss (nll, unlikelihood) shards as any
+        unshardable_loss = preference and not preference_loss_info(loss.name).shardable
         if unshardable_loss and sharded:
             problems.append(
                 f"{where}.loss.name: {loss.name} differentiates its loss twice (a penalty on the gradient w.r.t. the "

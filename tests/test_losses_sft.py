@@ -175,3 +175,17 @@ def test_the_recipe_schema_offers_exactly_the_losses_there_are():
     from alignlab.stages.specs import SFTLossSpec
 
     assert get_args(SFTLossSpec.model_fields["name"].annotation) == SFT_LOSSES
+
+
+@pytest.mark.parametrize("loss", [{"name": "nll"}, {"name": "unlikelihood"}, {"name": "unlikelihood", "alpha": 0.5}])
+def test_sft_loss_survives_a_round_trip_through_the_resolved_recipe(write_recipe, loss):
+    """Processes under `accelerate launch` and the run folder's recipe.yaml read the recipe as dumped after parsing
+    (every default written out): it must parse again to the same loss."""
+    from alignlab.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe({"name": "t", "model": {"name_or_path": "builtin:tiny-llama"},
+                                       "stages": [_sft_stage(loss=loss)]}))  # fmt: skip
+    dumped = recipe.model_dump(mode="json", serialize_as_any=True)  # as alignlab.freshness writes it
+    again = load_recipe(write_recipe(dumped, name="again.yaml"))
+    assert again.stages[0].loss == recipe.stages[0].loss
+    assert again.stages[0].loss.weight == loss.get("alpha", 1.0)

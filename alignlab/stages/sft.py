@@ -49,7 +49,7 @@ def run(ctx: StageContext):
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     if spec.loss.name != "nll":
-        trainer.compute_loss_func = RecipeLoss(trainer, spec.loss.name, spec.loss.alpha)
+        trainer.compute_loss_func = RecipeLoss(trainer, spec.loss.name, spec.loss.weight)
 
     # Train, save, report
     return train_and_save(trainer, ctx, base=base, perplexity=True)

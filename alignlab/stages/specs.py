@@ -33,13 +33,18 @@ class SFTLossSpec(Strict):
     decoding loops ("simple simple simple ..."). Its eval_loss (and perplexity) stays the plain NLL."""
 
     name: Literal["nll", "unlikelihood"] = "nll"
-    alpha: float = Field(1.0, gt=0, description="weight of the unlikelihood term (loss.name: unlikelihood)")
+    alpha: float | None = Field(None, gt=0, description="weight of the unlikelihood term (default 1.0)")
 
     @model_validator(mode="after")
     def _alpha_only_with_unlikelihood(self):
-        if self.name == "nll" and "alpha" in self.model_fields_set:
+        if self.name == "nll" and self.alpha is not None:
             raise ValueError("loss.alpha weighs the unlikelihood term: set loss.name: unlikelihood, or drop alpha")
         return self
+
+    @property
+    def weight(self) -> float:
+        """alpha, 1.0 when not given (Welleck et al. 2019 use 1.0)."""
+        return 1.0 if self.alpha is None else self.alpha
 
 
 @stage_type(
