@@ -59,7 +59,7 @@ def sft_loss(
     nll = -logp.gather(-1, targets[..., None]).squeeze(-1) * mask  # [B, T]
     count = mask.sum().clamp(min=1)
     total = nll.sum()
-    stats = {"nll": nll.sum().detach() / count, "unlikelihood": torch.zeros((), device=logits.device)}
+    stats = {"nll": total.detach() / count, "unlikelihood": torch.zeros((), device=logits.device)}
     if name == "unlikelihood":
         cand = unlikelihood_candidates(targets, mask)
         T = targets.shape[1]
