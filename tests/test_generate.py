@@ -279,6 +279,35 @@ def test_iterative_dpo_samples_from_the_first_dpo_model(chain):
     assert out["kind"] == "none" and out["metrics"]["prompts"] == 8
 
 
+def test_sampling_from_an_adapter_folds_it_in_and_samples_the_same(chain):
+    """The second generate stage samples from the first dpo model, an adapter, folded into its base for speed
+    (merged_for_sampling): what it wrote is what the adapter model itself samples with the same random streams."""
+    import torch
+    from peft import PeftModel
+
+    from alignlab.contract import checkpoint_output
+    from alignlab.generation import generate
+    from alignlab.models import load_frozen_model, load_tokenizer, merged_for_sampling, output_tokenizer_dir
+
+    path, run = chain
+    recipe = parse_recipe(yaml.safe_load(path.read_text()))
+    dpo = checkpoint_output(run / "dpo")
+    assert dpo.kind == "adapter"
+    adapter = load_frozen_model(recipe, dpo)
+    merged = merged_for_sampling(load_frozen_model(recipe, dpo))
+    assert isinstance(adapter, PeftModel) and not isinstance(merged, PeftModel)
+    tok = load_tokenizer(recipe, output_tokenizer_dir(recipe, dpo))
+    ids = torch.tensor([tok("12+7=")["input_ids"]])
+    torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapter(ids).logits, load_frozen_model(recipe, None)(ids).logits)  # dpo moved it
+
+    spec, samples = recipe.stages[2], _jsonl(run / "pairs2" / "samples.jsonl")
+    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(spec.num_samples)]
+    seeds = [sample_seed(recipe.seed, spec.name, s["index"], j) for s in samples for j in range(spec.num_samples)]
+    out = generate(adapter, tok, prompts, max_new_tokens=spec.max_new_tokens, temperature=1.0, row_seeds=seeds)
+    assert out.texts == [t for s in samples for t in s["texts"]]
+
+
 def test_regenerated_data_makes_the_reading_stage_stale(chain, capsys):
     """A rerun reuses every stage; regenerating the pairs (same settings, a new attempt) makes the dpo stage that
     read them stale, and the message says which data changed."""

@@ -45,7 +45,7 @@ from alignlab.data import build_datasets, prompt_text
 from alignlab.data.formats import STAGE_DATA_FILE
 from alignlab.evaluation.stats import mean
 from alignlab.generation import end_token_ids, generate
-from alignlab.models import load_frozen_model, load_tokenizer, output_tokenizer_dir, resolve_base
+from alignlab.models import load_frozen_model, load_tokenizer, merged_for_sampling, output_tokenizer_dir, resolve_base
 from alignlab.rewards import (
     load_revise_fn,
     load_reward_fn,
@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> StageOutput:
     tokenizer = load_tokenizer(recipe, output_tokenizer_dir(recipe, ctx.input))
     rows = build_datasets(spec.dataset, recipe, "generate", tokenizer.chat_template is not None, with_eval=False)[0]
     prompts = list(rows["prompt"])
-    model = load_frozen_model(recipe, ctx.input)
+    model = merged_for_sampling(load_frozen_model(recipe, ctx.input))  # an adapter folded in: faster, same model
     score = _scorer(ctx)
     revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None
 
