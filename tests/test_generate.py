@@ -377,3 +377,38 @@ def test_revise_fn_rewrites_samples_before_scoring(tmp_path, monkeypatch):
 
     recipe = load_recipe(path)
     assert stage_parts(recipe, recipe.stages[0], {})["revise_fn.source"].startswith("sha256:")
+
+
+def test_dtype_samples_from_the_model_in_that_precision(tmp_path):
+    """`dtype: bfloat16`: the stage samples from the model cast to bf16 (exactly what that model samples with the
+    same random streams), and most samples match the float32 model's, since only the precision differs."""
+    import torch
+
+    from alignlab.cli import main
+    from alignlab.generation import generate
+    from alignlab.models import load_frozen_model, load_tokenizer, resolve_base
+
+    gen = {**GEN_FN, "num_samples": 4, "max_new_tokens": 6, "batch_size": 4, "dtype": "bfloat16"}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_raw([gen], tmp_path / "run")))
+    assert main(["run", str(path)]) == 0
+    samples = _jsonl(tmp_path / "run" / "pairs" / "samples.jsonl")
+    recipe = parse_recipe(yaml.safe_load(path.read_text()))
+    tok = load_tokenizer(recipe, resolve_base(recipe))
+    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(4)]
+    seeds = [sample_seed(0, "pairs", s["index"], j) for s in samples for j in range(4)]
+    written = [t for s in samples for t in s["texts"]]
+    texts = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = load_frozen_model(recipe, None).to(dtype)
+        texts[dtype] = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, row_seeds=seeds).texts
+    assert written == texts[torch.bfloat16]
+    assert sum(a == b for a, b in zip(written, texts[torch.float32])) >= len(written) // 2
+
+
+def test_dtype_with_a_4bit_base_is_refused(write_recipe):
+    from alignlab.validate import validate_recipe
+
+    raw = {**_raw([{**GEN_FN, "dtype": "bfloat16"}]), "peft": {"method": "qlora"}}
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(pairs\): dtype: bfloat16 casts the model .* qlora base"):
+        validate_recipe(write_recipe(raw))

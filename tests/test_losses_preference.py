@@ -15,6 +15,7 @@ import torch
 from alignlab.losses import (
     PREFERENCE_LOSS_INFO,
     PREFERENCE_LOSSES,
+    chosen_nll,
     preference_loss,
     preference_loss_params,
     validate_preference_params,
@@ -557,3 +558,24 @@ def test_simpo_gamma_range():
         validate_preference_params("simpo", 2.0, {"gamma": -1})
     with pytest.raises(ValueError, match=r"orpo: unknown parameter 'gamma'; orpo accepts: none besides beta"):
         validate_preference_params("orpo", 0.1, {"gamma": 1.0})
+
+
+def test_chosen_nll_is_the_per_token_nll_averaged_over_pairs():
+    """RPO's term: chosen log-probs [-6, -2] over 3 and 4 tokens -> NLL per token 2 and 0.5 -> mean 1.25; an empty
+    answer (0 tokens, log-prob 0) counts 0, not nan. Its gradient on pair i's summed log-prob is -1 / (B n_i)."""
+    logps = torch.tensor([-6.0, -2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    value = chosen_nll(logps, torch.tensor([3, 4, 0]))
+    assert value.item() == pytest.approx((2.0 + 0.5 + 0.0) / 3)
+    value.backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 9, -1 / 12, -1 / 3])
+
+
+def test_nll_alpha_is_checked_when_the_recipe_loads():
+    from alignlab.stages.specs import DPOSpec
+
+    data = {"path": "builtin:arith", "split": "preference"}
+    assert DPOSpec(name="dpo", dataset=data, nll_alpha=0.5).nll_alpha == 0.5
+    with pytest.raises(ValueError, match="orpo already trains on the chosen answers' NLL.*Remove nll_alpha"):
+        DPOSpec(name="dpo", dataset=data, loss={"name": "orpo"}, nll_alpha=0.5)
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        DPOSpec(name="dpo", dataset=data, nll_alpha=-1.0)

@@ -1,7 +1,7 @@
 """Pure loss functions of tensors (no model, no trainer).
 
 - preference: DPO, IPO, hinge, cDPO, rDPO, Dr. DPO, KLDPO, WDPO, length-normalised DPO, and the reference-free
-  SimPO and ORPO, selected by name via ``preference_loss``;
+  SimPO and ORPO, selected by name via ``preference_loss``; the chosen answers' NLL (``chosen_nll``, RPO's term);
   catalog: what trainers need to know about each (torch-free).
 - reward: Bradley-Terry loss for reward models.
 - ppo: masked statistics, KL estimates, GAE, clipped policy / value losses, entropy, KL controllers.
@@ -40,6 +40,7 @@ _EXPORTS = {
     "preference": (
         "PREFERENCE_LOSSES",
         "cdpo_loss",
+        "chosen_nll",
         "dpo_loss",
         "drdpo_loss",
         "hinge_loss",

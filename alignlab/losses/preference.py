@@ -361,6 +361,16 @@ def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
     return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
 
 
+def chosen_nll(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """The chosen answers' negative log-likelihood per token, averaged over pairs, 0-dim: mean_i -log pi(y_w,i | x_i)
+    / |y_w,i|, with chosen_logps [B] the summed completion log-probs and chosen_tokens [B] their token counts. A dpo
+    stage's `nll_alpha` adds alpha times it to the preference loss: RPO (Pang et al. 2024, arXiv 2404.19733, who
+    divide by prompt + answer tokens; here only the answer's are trained, so only they count, as in TRL's
+    rpo_alpha). It keeps the likelihood of the chosen answers from falling while the margin grows, which plain DPO
+    on near-identical pairs lets happen (the chosen answer loses probability to text neither answer contains)."""
+    return (-chosen_logps / chosen_tokens.clamp(min=1)).mean()
+
+
 def wdpo_penalty(total_loss: Tensor, inputs_embeds: Tensor, create_graph: bool = True) -> Tensor:
     """WDPO gradient-norm regulariser R, shape [B] (Xu et al. 2025, arXiv 2502.01930, WDPO).
 

@@ -30,7 +30,7 @@ from trl import DPOConfig, DPOTrainer
 from alignlab.console import progress
 from alignlab.contract import StageContext
 from alignlab.data import build_datasets
-from alignlab.losses import preference_loss, preference_loss_info, wdpo_penalty
+from alignlab.losses import chosen_nll, preference_loss, preference_loss_info, wdpo_penalty
 from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.stages.trl_compat import (
     NO_REFERENCE,
@@ -69,6 +69,7 @@ def run(ctx: StageContext):
         processing_class=tokenizer,
         loss_name=spec.loss.name,
         loss_params={"beta": spec.loss.beta, **spec.loss.params},
+        nll_alpha=spec.nll_alpha,
         ref_cache_dir=ctx.stage_dir / "ref_logps",
     )
 
@@ -81,10 +82,12 @@ class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
     precomputed reference log-probs and the reference-free construction (ref_model=NO_REFERENCE) differ from TRL
     (and GuardedTrainer's checkpoints and nan/inf stop).
     All loss parameters, beta included, come in `loss_params`; how to feed the loss comes from its catalog entry
-    (alignlab/losses/catalog.py), never from its name."""
+    (alignlab/losses/catalog.py), never from its name. `nll_alpha` > 0 adds RPO's NLL term on the chosen answers
+    (alignlab.losses.chosen_nll) to whichever loss it is; the logs show it as `nll`."""
 
-    def __init__(self, *args, loss_name: str, loss_params: dict, ref_cache_dir: Path, **kwargs):
+    def __init__(self, *args, loss_name: str, loss_params: dict, ref_cache_dir: Path, nll_alpha: float = 0.0, **kwargs):
         self.loss_name, self.loss_params, self.ref_cache_dir = loss_name, dict(loss_params), Path(ref_cache_dir)
+        self.nll_alpha = nll_alpha  # RPO: + alpha * the chosen answers' per-token NLL
         self.loss_info = preference_loss_info(loss_name)
         penalty = self.loss_info.input_gradient_penalty  # WDPO: rho * ||d loss / d embeddings||^2
         self.penalty_weight = {**self.loss_info.params, **self.loss_params}[penalty] if penalty else 0.0
@@ -100,6 +103,7 @@ class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
+        nll = chosen_nll(chosen, mask.sum(1).chunk(2)[0]) if self.nll_alpha > 0 else None  # on the summed log-probs
         chosen, rejected, ref_chosen, ref_rejected = loss_inputs(
             self.loss_info.length_normalized, mask, chosen, rejected, ref_chosen, ref_rejected
         )
@@ -113,6 +117,9 @@ class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
                 penalty = wdpo_penalty(loss * chosen.shape[0], self._embeds, create_graph=True)
             loss = loss + self.penalty_weight * penalty.mean()
             metrics[f"{self.loss_name}/penalty"] = penalty.detach().mean()
+        if nll is not None:
+            loss = loss + self.nll_alpha * nll
+            metrics["nll"] = nll.detach()
         for key, value in metrics.items():  # over every process's pairs: a max is the max of the maxima
             reduce = torch.amax if key.endswith("_max") else torch.amin if key.endswith("_min") else torch.mean
             log_metric(self, mode, key, reduce(self.accelerator.gather(value.reshape(1))).item())

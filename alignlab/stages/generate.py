@@ -27,6 +27,10 @@ Randomness: sample j of prompt i draws from its own random stream (RowSeededSamp
 the stage name, i and j, and prompts are batched in fixed groups of `batch_size`; the processes of a multi-process
 run take every world_size-th group. So the samples, and the written dataset, are the same for any number of
 processes. Writes also generation.json (counts and score statistics) and samples.jsonl (every sample and its score).
+
+Speed: an adapter is folded into its base before sampling (models.merged_for_sampling: the same model, ~10% faster),
+and `dtype: bfloat16` samples in bf16 (about 2x faster on a CPU with AMX, as on GPUs; the samples are then the bf16
+model's).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import os
 import shutil
 import time
 
+import torch
 from accelerate import PartialState
 
 from alignlab.contract import StageContext, StageFailed, StageOutput
@@ -70,6 +75,8 @@ def run(ctx: StageContext) -> StageOutput:
     rows = build_datasets(spec.dataset, recipe, "generate", tokenizer.chat_template is not None, with_eval=False)[0]
     prompts = list(rows["prompt"])
     model = merged_for_sampling(load_frozen_model(recipe, ctx.input))  # an adapter folded in: faster, same model
+    if spec.dtype is not None:
+        model = model.to(getattr(torch, spec.dtype))
     score = _scorer(ctx)
     revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None
 

@@ -126,6 +126,22 @@ class DPOSpec(StageSpec):
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
     loss: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec)
     precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
+    nll_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="RPO: add nll_alpha x the chosen answers' per-token NLL to the preference loss (0: none)",
+    )
+
+    @model_validator(mode="after")
+    def _nll_term(self):
+        from alignlab.losses.catalog import preference_loss_info
+
+        if self.nll_alpha > 0 and preference_loss_info(self.loss.name).policy_logps:
+            raise ValueError(
+                f"loss {self.loss.name} already trains on the chosen answers' NLL (its own term, weighted by its "
+                f"beta), so nll_alpha: {self.nll_alpha} would add a second one. Remove nll_alpha, or use another loss"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reference_to_precompute(self):
@@ -458,6 +474,7 @@ GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # 
         f"lower batch_size (now {spec.batch_size}: prompts per generate call, x num_samples rows)",
         f"lower max_new_tokens (now {spec.max_new_tokens})",
     ],
+    check=lambda recipe, index: check_sampling_dtype(recipe, index),
 )
 class GenerateSpec(StageSpec):
     """Sample `num_samples` completions per prompt from the input model, score them with `reward_fn` or
@@ -488,6 +505,11 @@ class GenerateSpec(StageSpec):
         "prompt's constraints. Among equal revised scores the sample that scored higher before revision wins",
     )
     batch_size: int = Field(8, gt=0, description="Prompts per generate call (x num_samples rows)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Precision the model samples in (default null: the model's, model.dtype). bfloat16 samples "
+        "SmolLM2-135M twice as fast on a CPU with AMX (and on GPUs); the samples are then the bf16 model's",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -508,6 +530,18 @@ class GenerateSpec(StageSpec):
                 "instructions and tie"
             )
         return self
+
+
+def check_sampling_dtype(recipe, index: int) -> str | None:
+    """A generate stage's `dtype` casts the sampling model; a 4-bit base cannot be cast (it computes in
+    peft.quantization.compute_dtype)."""
+    spec = recipe.stages[index]
+    if spec.dtype is None or recipe.peft.method != "qlora":
+        return None
+    return (
+        f"dtype: {spec.dtype} casts the model it samples from, but a qlora base is 4-bit and computes in "
+        f"peft.quantization.compute_dtype (bfloat16 unless set). Remove dtype, or set that instead"
+    )
 
 
 def check_eval_has_two_models(recipe, index: int) -> str | None:
