@@ -39,6 +39,7 @@ RECIPES = {
     "revise_sft": "recipes/smollm2_revise_sft_lora.yaml",
     "revise_sft_2rounds": "recipes/smollm2_revise_sft_2rounds_lora.yaml",
     "revise_sft_2rounds_ul": "recipes/smollm2_revise_sft_2rounds_ul_lora.yaml",
+    "revise_sft_dpo": "recipes/smollm2_revise_sft_dpo_lora.yaml",
 }
 
 

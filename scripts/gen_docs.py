@@ -211,6 +211,7 @@ SMOLLM2_WHAT = {
     "revise_sft": "SFT on its own answers revised by code to meet the constraints",
     "revise_sft_2rounds": "the same, two rounds: round 2 samples from the round-1 model",
     "revise_sft_2rounds_ul": "the same, round 2 for 2 epochs with unlikelihood against loops",
+    "revise_sft_dpo": "round 1 of the same, then DPO with an NLL term on pairs from the SFT model's own answers",
     "generate_dpo": "DPO on its own samples, best vs worst",
     "ppo": "PPO, the checker as reward",
     "grpo": "GRPO, the checker as reward",
@@ -305,6 +306,49 @@ def smollm2_results() -> str:
     return head + "\n" + _table(headers, rows, "---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---") + foot
 
 
+def smollm2_summary() -> str:
+    """README.md: one line per SmolLM2 recipe over its seeds (the smollm2-results table, folded): every seed's
+    strict-accuracy gain, their mean and spread, the repetition change and whether each seed meets issue 17's goal."""
+    res = _result("smollm2")["results"]
+    by_recipe: dict[str, list[dict]] = {}
+    for r in sorted(res.values(), key=lambda r: r["seed"]):
+        by_recipe.setdefault(_recipe_key(r["recipe"]), []).append(r)
+    rows = []
+    for key in SMOLLM2_WHAT:
+        runs = by_recipe.get(key)
+        if not runs:
+            continue
+        gains = [r["eval"]["strict_accuracy_diff"] for r in runs]
+        mean = sum(gains) / len(gains)
+        spread = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5 if len(gains) > 1 else None
+        reps = [r["eval"]["repetition"] - r["eval"]["repetition_reference"] for r in runs]
+        alone = [r["seconds"] / 60 for r in runs if r["seconds"] and _minutes(r).endswith(IDLE_MARK)]
+        rows.append(
+            [
+                f"`{Path(runs[0]['recipe']).name}`",
+                ", ".join(str(r["seed"]) for r in runs),
+                ", ".join(f"{g:+.3f}" for g in gains),
+                f"{mean:+.3f}" + (f" ({spread:.3f})" if spread is not None else ""),
+                ", ".join(f"{x:+.3f}" for x in reps),
+                f"{min(r['eval']['kl'] for r in runs):.1f}-{max(r['eval']['kl'] for r in runs):.1f}",
+                f"{max(alone):.0f} min" if alone else "",
+                f"{sum(_counted(r['eval']) == 'yes' for r in runs)} of {len(runs)}",
+            ]
+        )
+    headers = [
+        "recipe",
+        "seeds",
+        "strict accuracy vs base, per seed",
+        "mean (SD over seeds)",
+        "repeated 3-grams vs base",
+        "KL (nats)",
+        "time alone (slowest seed)",
+        "seeds meeting the goal",
+    ]
+    return _table(headers, rows, "---|---|---|---:|---|---:|---:|---")
+
+
+IDLE_MARK = "(idle)"
 IDLE_MARK = "(idle)"
 
 
@@ -338,6 +382,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "constraints-base-rate": constraints_base_rate,
     "smollm2-quant": smollm2_quant,
     "smollm2-results": smollm2_results,
+    "smollm2-summary": smollm2_summary,
 }
 
 

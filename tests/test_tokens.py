@@ -16,6 +16,7 @@ import torch
 
 from alignlab.generation import (
     completion_mask_from_ids,
+    contiguous_head_input,
     encode_prompts,
     end_token_ids,
     generate,
@@ -142,6 +143,24 @@ def test_a_second_end_token_stops_generation_and_closes_the_mask(listed_by):
     assert ro.ended.tolist() == [True, False]
     assert ro.texts == ["pong", "bar baz foo bar baz"]
     assert model.generation_config.eos_token_id == (EOS if listed_by == "chat_template" else [EOS, EOT])  # restored
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_low_precision_head_gets_a_contiguous_input_while_sampling(dtype):
+    """generate() reads the prompt's last position as a strided view; a bf16 LM head gets it contiguous (torch's CPU
+    matmul would otherwise copy the weight per row), a float32 head as it is, and the hook is gone afterwards. The
+    greedy chain is the bigram model's either way."""
+    model = bigram_llama(EOS).to(dtype)
+    tok = word_tokenizer()
+    seen = []
+    model.lm_head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))  # after pre-hooks
+    out = generate(model, tok, ["hello foo", "ping"], max_new_tokens=4, temperature=0.0)
+    assert out.texts == ["bar baz foo bar", "pong"]
+    assert all(seen) if dtype == torch.bfloat16 else not seen[0]  # the prefill's view is strided
+    assert not model.lm_head._forward_pre_hooks  # the context removed its hook
+    strided = torch.randn(3, 5, 32, dtype=dtype)[:, -1:, :]
+    with torch.no_grad(), contiguous_head_input(model):
+        torch.testing.assert_close(model.lm_head(strided), model.lm_head(strided.contiguous()), rtol=0, atol=0)
 
 
 def test_end_tokens_from_each_source():

@@ -508,7 +508,7 @@ class GenerateSpec(StageSpec):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None,
         description="Precision the model samples in (default null: the model's, model.dtype). bfloat16 samples "
-        "SmolLM2-135M twice as fast on a CPU with AMX (and on GPUs); the samples are then the bf16 model's",
+        "SmolLM2-135M 1.75x as fast on a CPU with AMX (and on GPUs); the samples are then the bf16 model's",
     )
 
     @model_validator(mode="after")
