@@ -462,6 +462,18 @@ class GRPOSpec(StageSpec):
 GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # output -> data format it writes
 
 
+def check_sampling_dtype(recipe, index: int) -> str | None:
+    """A generate stage's `dtype` casts the sampling model; a 4-bit base cannot be cast (it computes in
+    peft.quantization.compute_dtype)."""
+    spec = recipe.stages[index]
+    if spec.dtype is None or recipe.peft.method != "qlora":
+        return None
+    return (
+        f"dtype: {spec.dtype} casts the model it samples from, but a qlora base is 4-bit and computes in "
+        f"peft.quantization.compute_dtype (bfloat16 unless set). Remove dtype, or set that instead"
+    )
+
+
 @stage_type(
     "generate",
     runner="alignlab.stages.generate",
@@ -474,7 +486,7 @@ GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # 
         f"lower batch_size (now {spec.batch_size}: prompts per generate call, x num_samples rows)",
         f"lower max_new_tokens (now {spec.max_new_tokens})",
     ],
-    check=lambda recipe, index: check_sampling_dtype(recipe, index),
+    check=check_sampling_dtype,
 )
 class GenerateSpec(StageSpec):
     """Sample `num_samples` completions per prompt from the input model, score them with `reward_fn` or
@@ -530,18 +542,6 @@ class GenerateSpec(StageSpec):
                 "instructions and tie"
             )
         return self
-
-
-def check_sampling_dtype(recipe, index: int) -> str | None:
-    """A generate stage's `dtype` casts the sampling model; a 4-bit base cannot be cast (it computes in
-    peft.quantization.compute_dtype)."""
-    spec = recipe.stages[index]
-    if spec.dtype is None or recipe.peft.method != "qlora":
-        return None
-    return (
-        f"dtype: {spec.dtype} casts the model it samples from, but a qlora base is 4-bit and computes in "
-        f"peft.quantization.compute_dtype (bfloat16 unless set). Remove dtype, or set that instead"
-    )
 
 
 def check_eval_has_two_models(recipe, index: int) -> str | None:
