@@ -97,6 +97,17 @@ def stage_parts(recipe: Recipe, spec: StageSpec, refs: dict[str, tuple[str, dict
     return json.loads(json.dumps(parts))
 
 
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """What a recipe trains and measures, read from its keys alone: model, peft and each stage's resolved keys,
+    less the recipe's name, seed and output folder and the keys that change no result (NOT_RESULT_KEYS). Runs of
+    two recipes with equal settings differ by their seed only. Data and code are not digested (stage_parts is)."""
+    parts = {**_flatten(recipe.model, "model."), **_flatten(recipe.peft, "peft.")}
+    parts["stages"] = [
+        {k: v for k, v in _flatten(spec, "").items() if k not in NOT_RESULT_KEYS} for spec in recipe.stages
+    ]
+    return json.loads(json.dumps({k: v for k, v in parts.items() if k not in NOT_RESULT_KEYS}))
+
+
 def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

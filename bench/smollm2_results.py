@@ -65,10 +65,20 @@ def collect(name: str, seed: int, run_dir: Path, seconds: float | None) -> dict:
     return {
         "recipe": RECIPES[name],
         "seed": seed,
+        "settings": settings_digest(run_dir / "recipe.yaml"),
         "seconds": None if seconds is None else round(seconds, 1),
         "eval": res,
         "samples": shown,
     }
+
+
+def settings_digest(recipe_path: Path) -> str:
+    """What the recipe at `recipe_path` trains and measures, less its seed (alignlab.fingerprint.recipe_settings):
+    tests/test_docs.py checks that every row was measured with the settings its shipped recipe has now."""
+    from alignlab.fingerprint import fingerprint, recipe_settings
+    from alignlab.recipe import load_recipe
+
+    return fingerprint(recipe_settings(load_recipe(recipe_path)))[:16]
 
 
 def _record(path: Path, key: str, entry: dict) -> None:

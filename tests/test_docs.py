@@ -135,13 +135,21 @@ def test_quickstart_results_were_measured_with_the_shipped_recipes():
 
 def test_smollm2_results_were_measured_with_the_shipped_recipes():
     """bench/results/smollm2.json describes the SmolLM2 recipes as they are: each exists, and its eval stage evaluates
-    what the measurement did (prompts, tokens, decoding), so the README's rows compare with each other."""
+    what the measurement did (prompts, tokens, decoding), so the README's rows compare with each other; and every
+    row was measured with the settings its recipe has now (a recipe changed after its rows were measured would show
+    numbers it never produced)."""
+    from alignlab.fingerprint import fingerprint, recipe_settings
     from alignlab.recipe import load_recipe
 
     data = json.loads((ROOT / "bench" / "results" / "smollm2.json").read_text())
     assert data["results"]
     for name, res in data["results"].items():
-        spec = load_recipe(ROOT / res["recipe"]).stage("eval")
+        recipe = load_recipe(ROOT / res["recipe"])
+        assert res.get("settings") == fingerprint(recipe_settings(recipe))[:16], (
+            f"row {name} of bench/results/smollm2.json was measured with other settings than {res['recipe']} has "
+            f"now: rerun python bench/smollm2_results.py --recipes {name.rsplit('-s', 1)[0]} --seeds {res['seed']}"
+        )
+        spec = recipe.stage("eval")
         e = res["eval"]
         assert (e["num_prompts"], spec.dataset.path, spec.dataset.split) == (160, "builtin:constraints", "eval"), name
         assert (spec.num_prompts, spec.reference) == (160, "base"), name

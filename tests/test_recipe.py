@@ -202,3 +202,31 @@ def test_unknown_key_from_the_command_line_names_the_override(tmp_path):
     # A key of the file keeps its line, even when an override set a key inside it.
     msg = _error(tmp_path, MINIMAL.replace("split: sft", "split: sft\n      sizee: 3"), ["stages.sft.dataset.size=4"])
     assert "r.yaml:10: unknown key 'stages[0].dataset.sizee'" in msg
+
+
+def test_recipe_settings_see_what_trains_and_not_the_seed_or_the_folder(tmp_path):
+    """alignlab.fingerprint.recipe_settings: the seed, the output folder, the recipe's name and logging keys leave it
+    as it is; a training key, a loss parameter and the peft section change it; a run folder's resolved recipe.yaml
+    (every default written out) has the settings of the recipe it was made from, for every shipped recipe. The
+    SmolLM2 results table relies on it to tell a row measured with an older recipe (tests/test_docs.py)."""
+    import yaml
+
+    from alignlab.fingerprint import recipe_settings
+    from alignlab.freshness import _recipe_yaml
+
+    path = ROOT / "recipes" / "smollm2_grpo_lora.yaml"
+    base = recipe_settings(load_recipe(path))
+    same = [
+        "seed=7",
+        "output_dir=elsewhere",
+        "name=other",
+        "stages.grpo.logging_steps=5",
+        "stages.eval.num_samples_shown=2",
+    ]
+    assert recipe_settings(load_recipe(path, same)) == base
+    for override in ("stages.grpo.steps=12", "stages.grpo.beta=0.0", "peft.r=8", "stages.eval.max_new_tokens=32"):
+        assert recipe_settings(load_recipe(path, [override])) != base, override
+    for shipped in RECIPES:
+        resolved = tmp_path / shipped.name
+        resolved.write_text(yaml.safe_dump(yaml.safe_load(_recipe_yaml(load_recipe(shipped)))))
+        assert recipe_settings(load_recipe(resolved)) == recipe_settings(load_recipe(shipped)), shipped.name
