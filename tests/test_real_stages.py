@@ -9,8 +9,9 @@ steps each on short sequences, with the behaviour asserted:
 - DPO with each loss (LoRA from the base: policy = reference at step 1): the first loss is its value by hand
   (dpo, cdpo, rdpo, drdpo, kldpo: ln 2; ipo: 1/(2 beta)^2 = 25; hinge: 1; wdpo: ln 2 + rho * penalty), and over 3
   steps DPO's margin and accuracy move; a reward model's loss falls and its accuracy reaches 1 on its pairs.
-- PPO (LoRA, reward_fn builtin:constraints): the first step's KL is 0 and its ratio 1 (approx_kl 0, nothing
-  clipped); the second step's KL is not (the adapter moved).
+- PPO and GRPO (LoRA, reward_fn builtin:constraints): the first step's KL is 0 and its ratio 1 (approx_kl 0,
+  nothing clipped); the second step's KL is not (the adapter moved). (GRPO's grouped training forward on this model:
+  tests/test_grpo.py, in this tier.)
 - QLoRA (4-bit NF4 base on CPU, prompt-completion strings): SFT trains only LoRA weights, kept float32, on an
   untouched 4-bit base, and the DPO stage continuing that adapter starts at exactly ln 2 (policy = its reference).
 
@@ -272,6 +273,50 @@ def test_ppo_first_step_has_kl_0_and_ratio_1(ppo_run):
     first, second = _rows(ppo_run / "ppo" / "metrics.jsonl")
     assert abs(first["kl"]) < 1e-4 and first["approx_kl"] < 1e-8 and first["clipfrac"] == 0.0
     assert 0.0 <= first["score"] <= 1.0 and 1 <= first["response_length"] <= 12
+    assert abs(second["kl"]) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grpo")
+    raw = {
+        "name": "real-grpo",
+        "seed": 0,
+        "output_dir": str(tmp / "run"),
+        "model": {"name_or_path": MODEL},
+        "peft": LORA,
+        "stages": [
+            {
+                "name": "grpo",
+                "type": "grpo",
+                "dataset": {"path": "builtin:constraints", "split": "train", "size": 8},
+                "reward_fn": "builtin:constraints",
+                "steps": 2,
+                "prompts_per_step": 2,
+                "num_generations": 4,
+                "max_new_tokens": 12,
+                "temperature": 1.0,
+                "learning_rate": 2e-3,
+                "beta": 0.1,
+                "logging_steps": 1,
+            }
+        ],
+    }
+    _run(raw)
+    return tmp / "run"
+
+
+def test_grpo_first_step_has_kl_0_and_ratio_1(grpo_run):
+    """Step 1: the policy (a fresh adapter, B = 0) is the reference (the adapter-disabled backbone), so the k3 KL is
+    0, and the training forward (each group's prompt once, its KV cache continued by the group's answers) gives the
+    sampling pass's log-probs: ratio 1, approx_kl 0, nothing clipped. Step 2 has moved away from the reference."""
+    first, second = _rows(grpo_run / "grpo" / "metrics.jsonl")
+    assert abs(first["kl"]) < 1e-4 and first["approx_kl"] < 1e-8 and abs(first["ratio"] - 1) < 1e-4
+    assert first["clip_low_frac"] == first["clip_high_frac"] == 0.0
+    assert 0.0 <= first["reward"] <= 1.0 and 1 <= first["response_length"] <= 12
     assert abs(second["kl"]) > 1e-3
 
 
