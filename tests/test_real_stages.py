@@ -9,6 +9,8 @@ steps each on short sequences, with the behaviour asserted:
 - DPO with each loss (LoRA from the base: policy = reference at step 1): the first loss is its value by hand
   (dpo, cdpo, rdpo, drdpo, kldpo: ln 2; ipo: 1/(2 beta)^2 = 25; hinge: 1; wdpo: ln 2 + rho * penalty), and over 3
   steps DPO's margin and accuracy move; a reward model's loss falls and its accuracy reaches 1 on its pairs.
+- generate (bf16 sampling, preference pairs): the written samples are the bf16 model's own, scored by the checker,
+  paired best against worst.
 - PPO and GRPO (LoRA, reward_fn builtin:constraints): the first step's KL is 0 and its ratio 1 (approx_kl 0,
   nothing clipped); the second step's KL is not (the adapter moved). (GRPO's grouped training forward on this model:
   tests/test_grpo.py, in this tier.)
@@ -274,6 +276,55 @@ def test_ppo_first_step_has_kl_0_and_ratio_1(ppo_run):
     assert abs(first["kl"]) < 1e-4 and first["approx_kl"] < 1e-8 and first["clipfrac"] == 0.0
     assert 0.0 <= first["score"] <= 1.0 and 1 <= first["response_length"] <= 12
     assert abs(second["kl"]) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------- generate
+
+
+def test_generate_writes_the_bf16_models_own_samples_scored_by_the_checker(tmp_path):
+    """A generate stage (dtype bfloat16, output preference) on the real model: the samples it writes are what the
+    bf16 model samples from the rendered chat prompts with the stage's seeds, each scored by builtin:constraints on
+    its text (end token stripped), and each pair is the prompt's best sample against its worst."""
+    from alignlab.generation import generate
+    from alignlab.models import load_frozen_model, load_tokenizer, resolve_base
+    from alignlab.recipe import parse_recipe
+    from alignlab.rewards import load_reward_fn
+    from alignlab.stages.generate import sample_seed
+
+    n, k, tokens = 3, 4, 16
+    gen = {"name": "pairs", "type": "generate", "dataset": {"path": "builtin:constraints", "split": "train", "size": n}}
+    gen.update(reward_fn="builtin:constraints", output="preference", num_samples=k, max_new_tokens=tokens)
+    gen.update(temperature=1.0, batch_size=n, dtype="bfloat16")
+    raw = {"name": "real-gen", "seed": 0, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": MODEL}}
+    _run({**raw, "stages": [gen]})
+    samples = [json.loads(line) for line in (tmp_path / "run" / "pairs" / "samples.jsonl").read_text().splitlines()]
+    pairs = [
+        json.loads(line) for line in (tmp_path / "run" / "pairs" / "data" / "train.jsonl").read_text().splitlines()
+    ]
+
+    recipe = parse_recipe({**raw, "stages": [gen]})
+    model = load_frozen_model(recipe, None).to(torch.bfloat16)
+    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(k)]
+    seeds = [sample_seed(0, "pairs", s["index"], j) for s in samples for j in range(k)]
+    ro = generate(
+        model,
+        load_tokenizer(recipe, resolve_base(recipe)),
+        prompts,
+        max_new_tokens=tokens,
+        temperature=1.0,
+        row_seeds=seeds,
+    )
+    assert [t for s in samples for t in s["texts"]] == ro.texts and len(samples) == n
+    assert not any("<|im_end|>" in t for t in ro.texts)
+
+    checker = load_reward_fn("builtin:constraints")
+    best_worst = []
+    for s in samples:
+        assert s["scores"] == checker([s["prompt"]] * k, s["texts"])
+        sc = s["scores"]
+        if max(sc) > min(sc):
+            best_worst.append((s["texts"][sc.index(max(sc))], s["texts"][sc.index(min(sc))]))
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == best_worst != []
 
 
 # --------------------------------------------------------------------------------------------- GRPO
