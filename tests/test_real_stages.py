@@ -39,6 +39,11 @@ CHATS = [  # a tiny repeated set: every SFT step sees both rows
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
 
+def _recipe(name: str, run_dir, stages: list[dict], peft: dict | None = LORA) -> dict:
+    raw = {"name": name, "seed": 0, "output_dir": str(run_dir), "model": {"name_or_path": MODEL}, "stages": stages}
+    return raw if peft is None else {**raw, "peft": peft}
+
+
 def _run(raw: dict):
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
@@ -68,13 +73,10 @@ def sft_run(tmp_path_factory):
     data = tmp / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
     train = {"max_steps": 3, "per_device_batch_size": 2, "learning_rate": 3e-3, "max_length": 64, "logging_steps": 1}
-    raw = {
-        "name": "real-sft",
-        "seed": 0,
-        "output_dir": str(tmp / "run"),
-        "model": {"name_or_path": MODEL},
-        "peft": LORA,
-        "stages": [
+    raw = _recipe(
+        "real-sft",
+        tmp / "run",
+        [
             {"name": "sft", "type": "sft", "dataset": {"path": str(data)}, "train": train},
             {
                 "name": "eval",
@@ -88,7 +90,7 @@ def sft_run(tmp_path_factory):
                 "num_samples_shown": 4,
             },
         ],
-    }
+    )
     _run(raw)
     return tmp / "run"
 
@@ -198,15 +200,7 @@ def preference_run(tmp_path_factory):
             "train": {**train, "max_steps": 3, "learning_rate": 3e-3},
         }
     )
-    raw = {
-        "name": "real-dpo",
-        "seed": 0,
-        "output_dir": str(tmp / "run"),
-        "model": {"name_or_path": MODEL},
-        "peft": LORA,
-        "stages": stages,
-    }
-    _run(raw)
+    _run(_recipe("real-dpo", tmp / "run", stages))
     return tmp / "run"
 
 
@@ -246,13 +240,10 @@ def test_reward_model_learns_its_pairs(preference_run):
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ppo")
-    raw = {
-        "name": "real-ppo",
-        "seed": 0,
-        "output_dir": str(tmp / "run"),
-        "model": {"name_or_path": MODEL},
-        "peft": LORA,
-        "stages": [
+    raw = _recipe(
+        "real-ppo",
+        tmp / "run",
+        [
             {
                 "name": "ppo",
                 "type": "ppo",
@@ -263,7 +254,7 @@ def ppo_run(tmp_path_factory):
                 "ppo": {"epochs": 1, "minibatch_size": 2, "learning_rate": 2e-3, "kl_coef": 0.05},
             }
         ],
-    }
+    )
     _run(raw)
     return tmp / "run"
 
@@ -295,14 +286,14 @@ def test_generate_writes_the_bf16_models_own_samples_scored_by_the_checker(tmp_p
     gen = {"name": "pairs", "type": "generate", "dataset": {"path": "builtin:constraints", "split": "train", "size": n}}
     gen.update(reward_fn="builtin:constraints", output="preference", num_samples=k, max_new_tokens=tokens)
     gen.update(temperature=1.0, batch_size=n, dtype="bfloat16")
-    raw = {"name": "real-gen", "seed": 0, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": MODEL}}
-    _run({**raw, "stages": [gen]})
+    raw = _recipe("real-gen", tmp_path / "run", [gen], peft=None)
+    _run(raw)
     samples = [json.loads(line) for line in (tmp_path / "run" / "pairs" / "samples.jsonl").read_text().splitlines()]
     pairs = [
         json.loads(line) for line in (tmp_path / "run" / "pairs" / "data" / "train.jsonl").read_text().splitlines()
     ]
 
-    recipe = parse_recipe({**raw, "stages": [gen]})
+    recipe = parse_recipe(raw)
     model = load_frozen_model(recipe, None).to(torch.bfloat16)
     prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(k)]
     seeds = [sample_seed(0, "pairs", s["index"], j) for s in samples for j in range(k)]
@@ -333,13 +324,10 @@ def test_generate_writes_the_bf16_models_own_samples_scored_by_the_checker(tmp_p
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo")
-    raw = {
-        "name": "real-grpo",
-        "seed": 0,
-        "output_dir": str(tmp / "run"),
-        "model": {"name_or_path": MODEL},
-        "peft": LORA,
-        "stages": [
+    raw = _recipe(
+        "real-grpo",
+        tmp / "run",
+        [
             {
                 "name": "grpo",
                 "type": "grpo",
@@ -355,7 +343,7 @@ def grpo_run(tmp_path_factory):
                 "logging_steps": 1,
             }
         ],
-    }
+    )
     _run(raw)
     return tmp / "run"
 
@@ -399,13 +387,10 @@ def qlora_run(tmp_path_factory):
         return out
 
     train = {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 3e-3, "max_length": 64, "logging_steps": 1}
-    raw = {
-        "name": "real-qlora",
-        "seed": 0,
-        "output_dir": str(tmp / "run"),
-        "model": {"name_or_path": MODEL},
-        "peft": {**LORA, "method": "qlora"},
-        "stages": [
+    raw = _recipe(
+        "real-qlora",
+        tmp / "run",
+        [
             {"name": "sft", "type": "sft", "dataset": {"path": str(data)}, "train": train},
             {
                 "name": "dpo",
@@ -414,7 +399,8 @@ def qlora_run(tmp_path_factory):
                 "train": {**train, "max_steps": 1},
             },
         ],
-    }
+        peft={**LORA, "method": "qlora"},
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sft_stage, "train_and_save", recording)
         _run(raw)
