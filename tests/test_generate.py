@@ -16,6 +16,14 @@ from alignlab.stages.generate import build_rows, sample_seed
 from alignlab.stages.registry import check_chain
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
+# The end-to-end tests sample the built-in base model, which knows no chat format: its answers to arith prompts are
+# rarely numbers (0 from builtin:arith whatever they say) and how rarely depends on the CPU that pretrained it. A
+# reward with partial credit on any text, and a higher temperature, give pairs on every machine.
+LENGTH_REWARD = "tests.test_generate:length_reward"
+
+
+def length_reward(prompts, completions):
+    return [float(len(c)) for c in completions]
 
 
 def _spec(**keys):
@@ -191,7 +199,7 @@ def test_reading_a_stage_that_has_not_finished_says_so(tmp_path):
 
 def chain_raw(out, prompts=8):
     """generate -> dpo -> generate -> dpo: iterative on-policy DPO. Small: the CPU is shared."""
-    gen = {"reward_fn": "builtin:arith", "num_samples": 4, "max_new_tokens": 4, "batch_size": 3}
+    gen = {"reward_fn": LENGTH_REWARD, "num_samples": 4, "max_new_tokens": 4, "batch_size": 3, "temperature": 2.0}
     train = {"per_device_batch_size": 4, "learning_rate": 1e-3, "max_length": 48, "logging_steps": 1}
     data = {"path": "builtin:arith", "split": "sft", "size": prompts}
     return {
@@ -229,9 +237,9 @@ def test_generated_pairs_are_the_scored_samples(chain):
     samples, rows = _jsonl(run / "pairs" / "samples.jsonl"), _jsonl(run / "pairs" / "data" / "train.jsonl")
     assert [s["index"] for s in samples] == list(range(8)) and all(len(s["texts"]) == 4 for s in samples)
     # Each sample's score is the reward function's on its text.
-    arith = load_reward_fn("builtin:arith")
+    reward = load_reward_fn(LENGTH_REWARD)
     for s in samples:
-        assert s["scores"] == arith([s["prompt"]] * 4, s["texts"])
+        assert s["scores"] == reward([s["prompt"]] * 4, s["texts"])
     # One pair per prompt whose scores differ: chosen the first best, rejected the first worst.
     expected = []
     for s in samples:
@@ -304,7 +312,8 @@ def test_sampling_from_an_adapter_folds_it_in_and_samples_the_same(chain):
     spec, samples = recipe.stages[2], _jsonl(run / "pairs2" / "samples.jsonl")
     prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(spec.num_samples)]
     seeds = [sample_seed(recipe.seed, spec.name, s["index"], j) for s in samples for j in range(spec.num_samples)]
-    out = generate(adapter, tok, prompts, max_new_tokens=spec.max_new_tokens, temperature=1.0, row_seeds=seeds)
+    out = generate(adapter, tok, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                   row_seeds=seeds)  # fmt: skip
     assert out.texts == [t for s in samples for t in s["texts"]]
 
 
@@ -388,7 +397,14 @@ def test_dtype_samples_from_the_model_in_that_precision(tmp_path):
     from alignlab.generation import generate
     from alignlab.models import load_frozen_model, load_tokenizer, resolve_base
 
-    gen = {**GEN_FN, "num_samples": 4, "max_new_tokens": 6, "batch_size": 4, "dtype": "bfloat16"}
+    gen = {
+        **GEN,
+        "reward_fn": LENGTH_REWARD,
+        "num_samples": 4,
+        "max_new_tokens": 6,
+        "batch_size": 4,
+        "dtype": "bfloat16",
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_raw([gen], tmp_path / "run")))
     assert main(["run", str(path)]) == 0

@@ -35,6 +35,16 @@ def even_first_reward(prompts, completions):
     return [1.0 if int(p.split()[-1].split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
 
 
+def length_reward(prompts, completions):
+    """The completion's length in characters: spread in a group whenever its answers differ, whatever the built-in
+    base model (which knows no chat format: its answers to arith prompts are rarely numbers, and how rarely depends
+    on the CPU that pretrained it) says."""
+    return [float(len(c)) for c in completions]
+
+
+LENGTH = {"reward_fn": "tests.test_grpo:length_reward", "temperature": 2.0}
+
+
 def operand_reward(prompts, completions):
     """The prompt's first operand / 100: the same for a whole group, so it never makes a flat group spread."""
     return [int(p.split()[-1].split("+")[0]) / 100 for p in prompts]
@@ -227,7 +237,7 @@ def test_beta_adds_the_k3_term_to_the_loss(tmp_path):
     beta = 0.5
     runs = {}
     for b in (0.0, beta):
-        stage = _grpo(beta=b, loss_agg="token_mean", watch_steps=1)  # the watch logs the KL for beta 0 too
+        stage = _grpo(beta=b, loss_agg="token_mean", watch_steps=1, **LENGTH)  # the watch logs the KL for beta 0 too
         _run(_recipe(tmp_path / f"beta{b}", [stage]))
         runs[b] = _steps(tmp_path / f"beta{b}" / "grpo")
     plain, with_kl = runs[0.0], runs[beta]
@@ -318,7 +328,7 @@ def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     _collapse_from_step(monkeypatch, 3, 16)
-    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5})
+    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
     outputs = _run(_recipe(tmp_path / "run", [stage]))
     stage_dir = tmp_path / "run" / "grpo"
     final = _rows(stage_dir)[-1]

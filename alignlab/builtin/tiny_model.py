@@ -2,7 +2,11 @@
 
 `builtin:tiny-llama` in a recipe resolves to a directory holding a randomly initialised ~3M-parameter
 `LlamaForCausalLM` and a byte-level BPE tokenizer trained here on a generated corpus (`tokenizer_corpus`), both
-saved with `save_pretrained` (safetensors). The build is deterministic: the same code gives bit-identical files.
+saved with `save_pretrained` (safetensors). The build is deterministic on a given CPU: the same code gives
+bit-identical files, whatever the thread count. Across CPU models it is not: the pretraining's float sums follow the
+CPU's matmul kernels, and 300 steps carry a last-bit difference into another model (seen: on an AMD EPYC the base
+answers nearly every arith chat prompt with ".", which broke 11 tests written on another CPU). Tests must
+not depend on which build they get.
 
 Tokenizer design (and why):
 - byte-level BPE (vocab 1024) with a digit pre-tokenizer, so every digit is one token and `a+b` is learnable;
