@@ -12,6 +12,7 @@
   component and sums them with their weights.
 """
 
+import copy
 import json
 import math
 
@@ -337,7 +338,7 @@ def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert final["stop_reason"] == (
         "grpo stopped at step 3 of 6: the share of repeated word 3-grams in step 3's responses is 0.900, above "
         f"stop_if.repetition = 0.5. The stage's model is the last good checkpoint, {stage_dir}/checkpoints/step-1 "
-        "(step 1), which sampled step 2's responses within the limits."
+        "(step 1), whose weights passed the checks of step 2."
     )
     assert outputs["grpo"].metrics["stop_reason"] == final["stop_reason"]
     assert [r["step"] for r in _steps(stage_dir)] == [1, 2]  # the updates that happened
@@ -363,6 +364,103 @@ def test_stop_if_without_a_good_checkpoint_fails(tmp_path, monkeypatch):
         "step 0, and no checkpoint at or before it is left"
     )
     assert not (tmp_path / "run" / "grpo" / "stage_output.json").exists()
+
+
+def _greedy_loops_after(monkeypatch, updates):
+    """The greedy probe's answers loop once the weights have had `updates` updates ("x y z x y z x y z": 7 word
+    3-grams, 3 distinct, so 1 - 3/7 = 4/7 repeated) and are plain before (0); every probe is recorded as (updates,
+    its prompts). The sampling passes (temperature > 0) are left alone."""
+    import dataclasses
+
+    import alignlab.rl.grpo as grpo
+
+    probes = []
+    real_generate = grpo.generate
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        if kw.get("temperature") != 0.0:
+            return real_generate(model, tokenizer, prompts, **kw)
+        trainer = probes_owner["trainer"]
+        probes.append((trainer.step, [p[-1]["content"] if isinstance(p, list) else p for p in prompts]))
+        text = "x y z x y z x y z" if trainer.step >= updates else "one two three four"
+        return dataclasses.replace(real_generate(model, tokenizer, prompts, **kw), texts=[text] * len(prompts))
+
+    probes_owner = {}
+    real_init = grpo.GRPOTrainer.__init__
+
+    def recording_init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        probes_owner["trainer"] = self
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording_init)
+    monkeypatch.setattr(grpo, "generate", fake_generate)
+    return probes
+
+
+def test_greedy_probe_keeps_the_last_checkpoint_that_passed(tmp_path, monkeypatch):
+    """save_steps 2, 6 steps: the probe decodes the same evenly spaced prompts greedily before step 1 (the input
+    model), at steps 3 and 5 (the weights of checkpoints 2 and 4) and after the loop (the final weights). Loops from
+    4 updates on: step 5's probe fails (checkpoint 4's weights), so the stage keeps checkpoint 2, which passed."""
+    probes = _greedy_loops_after(monkeypatch, 4)
+    stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    outputs = _run(_recipe(tmp_path / "run", [stage]))
+    stage_dir = tmp_path / "run" / "grpo"
+    assert [u for u, _ in probes] == [0, 2, 4]
+    prompts = {tuple(p) for _, p in probes}
+    assert len(prompts) == 1 and len(next(iter(prompts))) == 4  # the same 4 prompts every time
+    rows = _steps(stage_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r.get("greedy_repetition") for r in rows] == [0.0, None, 0.0, None]
+    final = _rows(stage_dir)[-1]
+    assert final["stopped_at_step"] == 5 and final["kept_checkpoint_step"] == 2
+    assert final["stop_reason"] == (
+        "grpo stopped at step 5 of 6: the greedy answers to 4 training prompts at step 5 (after 4 updates) repeat "
+        f"word 3-grams at a share of {4 / 7:.3f}, above stop_if.greedy_repetition = 0.5. The stage's model is the "
+        f"last good checkpoint, {stage_dir}/checkpoints/step-2 (step 2), whose weights passed the checks of step 3."
+    )
+    assert outputs["grpo"].metrics["kept_checkpoint_step"] == 2
+
+
+def test_greedy_probe_of_the_final_weights(tmp_path, monkeypatch):
+    """Only the final weights loop: every checkpoint passed, the stage keeps the newest (step 4 of 6)."""
+    from safetensors.torch import load_file
+
+    probes = _greedy_loops_after(monkeypatch, 6)
+    stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    _run(_recipe(tmp_path / "run", [stage]))
+    stage_dir = tmp_path / "run" / "grpo"
+    assert [u for u, _ in probes] == [0, 2, 4, 6]
+    final = _rows(stage_dir)[-1]
+    assert [r["step"] for r in _steps(stage_dir)] == [1, 2, 3, 4, 5, 6]
+    assert final["stopped_at_step"] == 6 and final["kept_checkpoint_step"] == 4
+    assert "the greedy answers to 4 training prompts of the final weights (after 6 updates)" in final["stop_reason"]
+    kept = load_file(str(stage_dir / "checkpoints" / "step-4" / "trainable.safetensors"))
+    saved = load_file(str(stage_dir / "model" / "adapter_model.safetensors"))
+    name = next(k for k in kept if "lora_B" in k)
+    torch.testing.assert_close(saved[name.removeprefix("policy.").replace(".default", "")], kept[name])
+
+
+def test_greedy_probe_of_the_input_model_fails_the_stage(tmp_path, monkeypatch):
+    from alignlab.contract import StageFailed
+
+    _greedy_loops_after(monkeypatch, 0)
+    stage = _grpo(steps=4, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    with pytest.raises(StageFailed, match=r"at step 1 \(after 0 updates\).* The input model itself fails this check"):
+        _run(_recipe(tmp_path / "run", [stage]))
+
+
+def test_greedy_probe_that_passes_changes_nothing(tmp_path):
+    """The probe decodes greedily (no random draws): a run it never stops trains exactly the run without it."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for name, extra in (("plain", {}), ("probed", {"stop_if": {"greedy_repetition": 1.0}, "greedy_prompts": 4})):
+        _run(_recipe(tmp_path / name, [_grpo(steps=4, save_steps=2, **LENGTH, **extra)]))
+        weights.append(load_file(str(tmp_path / name / "grpo" / "model" / "adapter_model.safetensors")))
+        rows = _steps(tmp_path / name / "grpo")
+    assert [r.get("greedy_repetition") is not None for r in rows] == [True, False, True, False]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_skip_zero_std_groups_counts_and_drops_flat_groups(tmp_path):
@@ -437,3 +535,46 @@ def test_qlora_default_recomputes_old_logprobs(tmp_path, monkeypatch):
     assert trainer.acc.mixed_precision == "no" and next(trainer.policy.parameters()).dtype == torch.float32
     assert quantized_compute_dtype(trainer.policy) == torch.bfloat16
     assert low_precision(trainer.acc, trainer.policy) is True
+
+
+def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch):
+    """sample_dtype: bfloat16, LoRA: every step's responses come from the bf16 copy, refreshed to the policy as it is
+    at that step (step 2: after step 1's update); the old log-probs come from the float32 training forward (no
+    SamplingRecorder), so the first pass's ratio is exactly 1; the responses are what generate() gives that copy."""
+    import alignlab.rl.grpo as grpo
+
+    seen = {"recorders": 0, "calls": []}
+    real_generate = grpo.generate
+
+    class CountingRecorder(grpo.SamplingRecorder):
+        def __init__(self, *a, **kw):
+            seen["recorders"] += 1
+            super().__init__(*a, **kw)
+
+    def recording_generate(model, *args, **kwargs):
+        trainer = seen["trainer"]
+        merged = dict(copy.deepcopy(trainer.policy).merge_and_unload().to(torch.bfloat16).named_parameters())
+        own = dict(model.named_parameters())
+        seen["calls"].append(
+            (
+                next(model.parameters()).dtype,
+                all(torch.equal(own[k], merged[k]) for k in merged),
+                len(own) == len(merged),
+            )
+        )
+        return real_generate(model, *args, **kwargs)
+
+    real_init = grpo.GRPOTrainer.__init__
+
+    def recording_init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen["trainer"] = self
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording_init)
+    monkeypatch.setattr(grpo, "generate", recording_generate)
+    monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
+    _run(_recipe(tmp_path / "run", [_grpo(sample_dtype="bfloat16", **LENGTH)]))
+    rows = _steps(tmp_path / "run" / "grpo")
+    assert seen["calls"] == [(torch.bfloat16, True, True)] * 2 and seen["recorders"] == 0
+    assert rows[0]["ratio"] == 1.0 and rows[0]["approx_kl"] == 0.0  # one epoch, one minibatch: the first pass
+    assert rows[1]["ratio"] == 1.0  # step 2's old log-probs: the updated float32 policy's own forward

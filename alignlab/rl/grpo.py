@@ -9,7 +9,8 @@ One step = one batch of groups, then `epochs` passes of the clipped policy-gradi
   3. group-relative advantages (`advantage`), the same for every token of a response; count the groups whose
      rewards are all equal (advantage 0: no signal) and, with `skip_zero_std_groups`, give them weight 0 in the loss;
   4. the sampling policy's log-probs, read off the sampling pass itself (or recomputed by a forward, the default in
-     low precision), and the reference's log-probs when needed (beta > 0, stop_if.kl, or a watch step);
+     low precision and with `sample_dtype`: sampling from a bf16 copy, alignlab/rl/sampler.py), and the reference's
+     log-probs when needed (beta > 0, stop_if.kl, or a watch step);
   5. the collapse watch: response length, share of repeated word 3-grams, KL to the reference (k3, summed over a
      response's tokens); every `watch_steps` a few samples go to samples.jsonl and the log; `stop_if` ends the run
      here, before the update, when a limit is passed (below);
@@ -61,6 +62,7 @@ from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
 from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn, low_precision
+from alignlab.rl.sampler import LowPrecisionSampler
 
 log = logging.getLogger("alignlab")
 
@@ -153,6 +155,8 @@ class GRPOTrainer(RLTrainer):
         self.rewards = rewards
         self.agg = spec.aggregation
         self._prepare(GroupedPolicy(policy), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        dtype = getattr(torch, spec.sample_dtype) if spec.sample_dtype else None
+        self.sampler = LowPrecisionSampler(policy, dtype) if dtype is not None else None
         self.samples_path = self.stage_dir / "samples.jsonl"
         self.logs.append(self.samples_path)
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
@@ -180,6 +184,8 @@ class GRPOTrainer(RLTrainer):
         stats = self._mean_over_processes(stats)
         if watch or "kl" in stats:
             self._watch(step, stats, texts, prompts, rewards, show=watch)
+        if self._probe_due():  # the weights are the input model's or the checkpoint just written
+            stats["greedy_repetition"] = self.greedy_repetition()
         reason = self._stop_reason(stats)
         if reason is not None:
             raise EndRun(self._stop(reason))
@@ -195,11 +201,12 @@ class GRPOTrainer(RLTrainer):
         row_seeds = [self.seed * 1_000_003 + k * size + j for k in stream for j in range(size)]
         recompute = spec.recompute_logprobs
         if recompute is None:  # in low precision, cached decoding drifts from the training forward
-            recompute = low_precision(self.acc, self.policy)
+            recompute = self.sampler is not None or low_precision(self.acc, self.policy)
         recorder = None if recompute else SamplingRecorder(spec.temperature)
+        model = self.policy if self.sampler is None else self.sampler.refresh(self.policy)
         with self.acc.autocast():
             ro = generate(
-                self.policy, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                model, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
                 row_seeds=row_seeds, observe=recorder, end_ids=self.end_ids,
             )  # fmt: skip
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
@@ -337,27 +344,92 @@ class GRPOTrainer(RLTrainer):
                 f"the KL to the reference on step {step}'s responses is {stats['kl']:.3f} nats per response, above "
                 f"stop_if.kl = {limits.kl}"
             )
+        if limits.greedy_repetition is not None and stats.get("greedy_repetition", 0.0) > limits.greedy_repetition:
+            return self._greedy_reason(f"at step {step}", stats["greedy_repetition"])
         return None
 
+    # ------------------------------------------------------------------------------------------ greedy probe
+
+    def _probe_due(self) -> bool:
+        """stop_if.greedy_repetition probes the weights a checkpoint holds: before step 1 (the input model, whose
+        checkpoint is the stage's input) and on the step after each checkpoint is written (its weights, not yet
+        updated), so a failed probe at step s condemns the weights after s - 1 updates and the newest checkpoint
+        at or before s - 2 passed its own probe: the rule of the sample checks (_stop). train() probes the final
+        weights."""
+        limits = self.spec.stop_if
+        return limits is not None and limits.greedy_repetition is not None and self.step % self.spec.save_steps == 0
+
+    @torch.no_grad()
+    def greedy_repetition(self) -> float:
+        """Mean share of repeated word 3-grams of the policy's greedy answers to `greedy_prompts` fixed, evenly
+        spaced training prompts (what the eval's repetition measures, on greedy answers as the eval decodes). Every
+        process decodes the same prompts with the same weights: the same value everywhere, no communication."""
+        n = min(self.spec.greedy_prompts, len(self.prompts))
+        prompts = [self.prompts[i * len(self.prompts) // n] for i in range(n)]
+        with self.acc.autocast():
+            ro = generate(
+                self.policy, self.tokenizer, prompts, max_new_tokens=self.spec.max_new_tokens, temperature=0.0,
+                end_ids=self.end_ids,
+            )  # fmt: skip
+        value = sum(map(repeated_ngram_share, ro.texts)) / n
+        if self.acc.is_main_process:
+            looped = max(range(n), key=lambda i: repeated_ngram_share(ro.texts[i]))
+            log.info(
+                "grpo greedy probe after %d updates: repeated 3-grams %.3f on %d prompts (most: %r)",
+                self.step, value, n, ro.texts[looped][:160],
+            )  # fmt: skip
+        return value
+
+    def _greedy_reason(self, when: str, value: float) -> str:
+        return (
+            f"the greedy answers to {min(self.spec.greedy_prompts, len(self.prompts))} training prompts {when} "
+            f"(after {self.step} updates) repeat word 3-grams at a share of {value:.3f}, above "
+            f"stop_if.greedy_repetition = {self.spec.stop_if.greedy_repetition}"
+        )
+
+    def train(self, resume: bool = False) -> dict:
+        """The loop (RLTrainer.train), then stop_if.greedy_repetition's probe of the final weights: when it fails,
+        the stage keeps the newest checkpoint (each passed its probe)."""
+        summary = super().train(resume=resume)
+        limits = self.spec.stop_if
+        if "stop_reason" in summary or limits is None or limits.greedy_repetition is None:
+            return summary
+        value = self.greedy_repetition()
+        summary["final_greedy_repetition"] = value
+        if value > limits.greedy_repetition:
+            summary.update(self._stop(self._greedy_reason("of the final weights", value)))
+        return summary
+
     def _stop(self, reason: str) -> dict:
-        """Step s = self.step + 1 failed stop_if: end with the newest checkpoint at step <= s - 2 (see module doc)."""
+        """Step s = self.step + 1 failed stop_if (s = steps + 1: the final weights failed the greedy probe): end with
+        the newest checkpoint at step <= s - 2 (see module doc)."""
         failed = self.step + 1
+        at = f"grpo stopped at step {min(failed, self.spec.steps)} of {self.spec.steps}: {reason}"
+        if failed == 1:
+            raise StageFailed(
+                f"{at}. The input model itself fails this check, before any update: raise the limit, or start from "
+                f"a model that passes it."
+            )
         good = [p for p in complete_checkpoints(self.ckpt_dir, "step") if step_of(p) <= failed - 2]
         if not good:
             raise StageFailed(
-                f"grpo stopped at step {failed} of {self.spec.steps}: {reason}. No good checkpoint to keep: the last "
-                f"good weights are those after step {failed - 2}, and no checkpoint at or before it is left "
-                f"(save_steps {self.spec.save_steps}, save_total_limit {self.spec.save_total_limit}). Lower "
-                f"learning_rate (now {self.spec.learning_rate}) or raise beta (now {self.spec.beta}); save more often."
+                f"{at}. No good checkpoint to keep: the last good weights are those after step {failed - 2}, and no "
+                f"checkpoint at or before it is left (save_steps {self.spec.save_steps}, save_total_limit "
+                f"{self.spec.save_total_limit}). Lower learning_rate (now {self.spec.learning_rate}) or raise beta (now "
+                f"{self.spec.beta}); save more often."
             )
         keep = max(good, key=step_of)
         self.load_checkpoint(keep)
         message = (
-            f"grpo stopped at step {failed} of {self.spec.steps}: {reason}. The stage's model is the last good "
-            f"checkpoint, {keep} (step {self.step}), which sampled step {self.step + 1}'s responses within the limits."
+            f"{at}. The stage's model is the last good checkpoint, {keep} (step {self.step}), whose weights passed the "
+            f"checks of step {self.step + 1}."
         )
         log.warning("%s", message)
-        return {"stop_reason": message, "stopped_at_step": failed, "kept_checkpoint_step": self.step}
+        return {
+            "stop_reason": message,
+            "stopped_at_step": min(failed, self.spec.steps),
+            "kept_checkpoint_step": self.step,
+        }
 
     # ------------------------------------------------------------------------------------------------ helpers
 

@@ -333,6 +333,29 @@ class StopIfSpec(Strict):
     kl: float | None = Field(
         None, gt=0, description="Stop when the KL to the reference (nats per response) exceeds this"
     )
+    greedy_repetition: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Stop when the greedy answers to greedy_prompts fixed training prompts repeat more than this (share "
+        "of repeated word 3-grams): checked on the input model, on each checkpoint's weights (the step after it is "
+        "written) and on the final weights; the stage keeps the newest checkpoint that passed. Samples at "
+        "temperature 1 rarely show the loops a sharpened policy falls into when it decodes greedily",
+    )
+
+
+def check_sampling_dtype(recipe, index: int) -> str | None:
+    """A generate stage's `dtype` (an RL stage's `sample_dtype`) casts the model it samples from; a 4-bit base cannot
+    be cast (it computes in peft.quantization.compute_dtype)."""
+    spec = recipe.stages[index]
+    key = "dtype" if spec.type == "generate" else "sample_dtype"
+    dtype = getattr(spec, key)
+    if dtype is None or recipe.peft.method != "qlora":
+        return None
+    return (
+        f"{key}: {dtype} casts the model it samples from, but a qlora base is 4-bit and computes in "
+        f"peft.quantization.compute_dtype (bfloat16 unless set). Remove {key}, or set that instead"
+    )
 
 
 @stage_type(
@@ -348,6 +371,7 @@ class StopIfSpec(Strict):
         f"set minibatch_size (now {spec.minibatch_size}) below the responses per step",
         f"lower max_new_tokens (now {spec.max_new_tokens})",
     ],
+    check=check_sampling_dtype,
 )
 class GRPOSpec(StageSpec):
     """Critic-free RL on rewards a program (or a reward model) gives: GRPO, Dr. GRPO, RLOO and DAPO's fixes
@@ -407,6 +431,9 @@ class GRPOSpec(StageSpec):
     )
     watch_samples: int = Field(3, ge=0, description="Samples shown at each watch step")
     stop_if: StopIfSpec | None = Field(None, description="Early stop on collapse, e.g. {repetition: 0.3, kl: 20}")
+    greedy_prompts: int = Field(
+        32, gt=0, description="Training prompts (evenly spaced, the same every time) stop_if.greedy_repetition decodes"
+    )
     forward_batch_size: int | None = Field(
         None, gt=0, description="Rows per no-grad forward (reference, reward model); default: minibatch size"
     )
@@ -415,7 +442,15 @@ class GRPOSpec(StageSpec):
         description="false: the sampling policy's log-probs come from the sampling pass itself; true: from one more "
         "forward (the training forward's exact arithmetic, so the first ratio is exactly 1). Default (null): true "
         "under mixed precision (accelerate bf16/fp16), a float16/bfloat16 model or a quantized base computing in "
-        "bf16/fp16 (QLoRA's default compute_dtype), where cached decoding drifts from a full forward; false otherwise",
+        "bf16/fp16 (QLoRA's default compute_dtype), where cached decoding drifts from a full forward, and with "
+        "sample_dtype; false otherwise",
+    )
+    sample_dtype: Literal["bfloat16", "float16"] | None = Field(
+        None,
+        description="Sample from a copy of the policy in this precision, its adapter merged and refreshed before "
+        "each step (alignlab/rl/sampler.py); training stays float32 and the old log-probs come from a float32 "
+        "forward. bfloat16 samples SmolLM2-135M ~1.75x as fast on a CPU with AMX (and on GPUs). Default: sample "
+        "with the policy itself",
     )
     logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume and stop_if)")
@@ -454,24 +489,18 @@ class GRPOSpec(StageSpec):
                 f"{self.num_generations}: a minibatch holds whole groups (each group's prompt is computed once). "
                 f"Use e.g. {max(1, self.minibatch_size // self.num_generations) * self.num_generations}"
             )
-        if self.stop_if is not None and self.stop_if.repetition is None and self.stop_if.kl is None:
-            raise ValueError("stop_if sets no limit; give repetition (e.g. 0.3) and/or kl (e.g. 20)")
+        limits = self.stop_if
+        if limits is not None and limits.repetition is None and limits.kl is None and limits.greedy_repetition is None:
+            raise ValueError("stop_if sets no limit; give repetition (e.g. 0.3), kl (e.g. 20) and/or greedy_repetition")
+        if self.sample_dtype is not None and self.recompute_logprobs is False:
+            raise ValueError(
+                f"sample_dtype: {self.sample_dtype} samples from a low-precision copy, whose log-probs are not the "
+                "float32 policy's the ratios start from: remove recompute_logprobs: false (or sample_dtype)"
+            )
         return self
 
 
 GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # output -> data format it writes
-
-
-def check_sampling_dtype(recipe, index: int) -> str | None:
-    """A generate stage's `dtype` casts the sampling model; a 4-bit base cannot be cast (it computes in
-    peft.quantization.compute_dtype)."""
-    spec = recipe.stages[index]
-    if spec.dtype is None or recipe.peft.method != "qlora":
-        return None
-    return (
-        f"dtype: {spec.dtype} casts the model it samples from, but a qlora base is 4-bit and computes in "
-        f"peft.quantization.compute_dtype (bfloat16 unless set). Remove dtype, or set that instead"
-    )
 
 
 @stage_type(
