@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CACHE, REPO, median, peak_memory, report, rss_mb, run_child, setup_worker, worker_main  # noqa: E402
-from grpo_vs_trl import _time_generate  # noqa: E402
+from grpo_vs_trl import _time_generate, time_grpo_steps  # noqa: E402
 
 CONTENDERS = {
     "fp32": {},
@@ -46,21 +46,11 @@ def worker(cfg: dict) -> dict:
 
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
-    from alignlab.rl.grpo import GRPOTrainer
 
     base = rss_mb()
     rec = {"step_s": [], "generate_s": []}
     _time_generate(rec)
-    train_step = GRPOTrainer.train_step
-
-    def timed_step(self):
-        rec["generate_s"].append(0.0)
-        t0 = time.perf_counter()
-        out = train_step(self)
-        rec["step_s"].append(time.perf_counter() - t0)
-        return out
-
-    GRPOTrainer.train_step = timed_step
+    time_grpo_steps(rec)
     raw = yaml.safe_load((REPO / cfg["recipe"]).read_text())
     stage = next(s for s in raw["stages"] if s["type"] == "grpo")
     stage.update(steps=cfg["steps"], input="base", save_steps=None, stop_if=None)

@@ -62,6 +62,25 @@ def _time_generate(rec: dict) -> None:
     GenerationMixin.generate = timed
 
 
+def time_grpo_steps(rec: dict, sync=lambda: None) -> None:
+    """Append each alignlab GRPO step's wall time to rec["step_s"] (and open its rec["generate_s"] slot); `sync`
+    waits for the device before each clock read."""
+    from alignlab.rl.grpo import GRPOTrainer
+
+    train_step = GRPOTrainer.train_step
+
+    def timed_step(self):
+        rec["generate_s"].append(0.0)
+        sync()
+        t0 = time.perf_counter()
+        out = train_step(self)
+        sync()
+        rec["step_s"].append(time.perf_counter() - t0)
+        return out
+
+    GRPOTrainer.train_step = timed_step
+
+
 def _peft(cfg: dict) -> dict:
     return {"method": "none"} if cfg["peft"] == "none" else {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
 
@@ -79,23 +98,11 @@ def alignlab_worker(cfg: dict) -> dict:
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
-    from alignlab.rl.grpo import GRPOTrainer
 
     base = rss_mb()
     rec = {"step_s": [], "generate_s": []}
     _time_generate(rec)
-    train_step = GRPOTrainer.train_step
-
-    def timed_step(self):
-        rec["generate_s"].append(0.0)
-        _sync(cfg)
-        t0 = time.perf_counter()
-        out = train_step(self)
-        _sync(cfg)
-        rec["step_s"].append(time.perf_counter() - t0)
-        return out
-
-    GRPOTrainer.train_step = timed_step
+    time_grpo_steps(rec, lambda: _sync(cfg))
     run_dir = CACHE / "runs" / f"grpo-alignlab-{int(time.time() * 1000)}"
     raw = {
         "name": "bench-grpo",

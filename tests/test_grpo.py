@@ -366,6 +366,21 @@ def test_stop_if_without_a_good_checkpoint_fails(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "grpo" / "stage_output.json").exists()
 
 
+def _record_trainer(monkeypatch) -> dict:
+    """A dict whose "trainer" is the GRPOTrainer the next run builds."""
+    import alignlab.rl.grpo as grpo
+
+    seen = {}
+    real_init = grpo.GRPOTrainer.__init__
+
+    def recording_init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen["trainer"] = self
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording_init)
+    return seen
+
+
 def _greedy_loops_after(monkeypatch, updates):
     """The greedy probe's answers loop once the weights have had `updates` updates ("x y z x y z x y z": 7 word
     3-grams, 3 distinct, so 1 - 3/7 = 4/7 repeated) and are plain before (0); every probe is recorded as (updates,
@@ -385,14 +400,7 @@ def _greedy_loops_after(monkeypatch, updates):
         text = "x y z x y z x y z" if trainer.step >= updates else "one two three four"
         return dataclasses.replace(real_generate(model, tokenizer, prompts, **kw), texts=[text] * len(prompts))
 
-    probes_owner = {}
-    real_init = grpo.GRPOTrainer.__init__
-
-    def recording_init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        probes_owner["trainer"] = self
-
-    monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording_init)
+    probes_owner = _record_trainer(monkeypatch)
     monkeypatch.setattr(grpo, "generate", fake_generate)
     return probes
 
@@ -545,6 +553,7 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
 
     seen = {"recorders": 0, "calls": []}
     real_generate = grpo.generate
+    trainer_of = _record_trainer(monkeypatch)
 
     class CountingRecorder(grpo.SamplingRecorder):
         def __init__(self, *a, **kw):
@@ -552,7 +561,7 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
             super().__init__(*a, **kw)
 
     def recording_generate(model, *args, **kwargs):
-        trainer = seen["trainer"]
+        trainer = trainer_of["trainer"]
         merged = dict(copy.deepcopy(trainer.policy).merge_and_unload().to(torch.bfloat16).named_parameters())
         own = dict(model.named_parameters())
         seen["calls"].append(
@@ -564,13 +573,6 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
         )
         return real_generate(model, *args, **kwargs)
 
-    real_init = grpo.GRPOTrainer.__init__
-
-    def recording_init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        seen["trainer"] = self
-
-    monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording_init)
     monkeypatch.setattr(grpo, "generate", recording_generate)
     monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
     _run(_recipe(tmp_path / "run", [_grpo(sample_dtype="bfloat16", **LENGTH)]))
