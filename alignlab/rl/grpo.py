@@ -155,8 +155,11 @@ class GRPOTrainer(RLTrainer):
         self.rewards = rewards
         self.agg = spec.aggregation
         self._prepare(GroupedPolicy(policy), lr=spec.learning_rate, weight_decay=spec.weight_decay)
-        dtype = getattr(torch, spec.sample_dtype) if spec.sample_dtype else None
-        self.sampler = LowPrecisionSampler(policy, dtype) if dtype is not None else None
+        self.sampler = LowPrecisionSampler(policy, getattr(torch, spec.sample_dtype)) if spec.sample_dtype else None
+        # stop_if.greedy_repetition's limit and the fixed, evenly spaced prompts its probe decodes
+        self.greedy_limit = spec.stop_if.greedy_repetition if spec.stop_if is not None else None
+        n = min(spec.greedy_prompts, len(prompts))
+        self.probe_prompts = [prompts[i * len(prompts) // n] for i in range(n)] if self.greedy_limit else []
         self.samples_path = self.stage_dir / "samples.jsonl"
         self.logs.append(self.samples_path)
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
@@ -344,7 +347,7 @@ class GRPOTrainer(RLTrainer):
                 f"the KL to the reference on step {step}'s responses is {stats['kl']:.3f} nats per response, above "
                 f"stop_if.kl = {limits.kl}"
             )
-        if limits.greedy_repetition is not None and stats.get("greedy_repetition", 0.0) > limits.greedy_repetition:
+        if self.greedy_limit is not None and stats.get("greedy_repetition", 0.0) > self.greedy_limit:
             return self._greedy_reason(f"at step {step}", stats["greedy_repetition"])
         return None
 
@@ -356,47 +359,43 @@ class GRPOTrainer(RLTrainer):
         updated), so a failed probe at step s condemns the weights after s - 1 updates and the newest checkpoint
         at or before s - 2 passed its own probe: the rule of the sample checks (_stop). train() probes the final
         weights."""
-        limits = self.spec.stop_if
-        return limits is not None and limits.greedy_repetition is not None and self.step % self.spec.save_steps == 0
+        return self.greedy_limit is not None and self.step % self.spec.save_steps == 0
 
     @torch.no_grad()
     def greedy_repetition(self) -> float:
         """Mean share of repeated word 3-grams of the policy's greedy answers to `greedy_prompts` fixed, evenly
         spaced training prompts (what the eval's repetition measures, on greedy answers as the eval decodes). Every
         process decodes the same prompts with the same weights: the same value everywhere, no communication."""
-        n = min(self.spec.greedy_prompts, len(self.prompts))
-        prompts = [self.prompts[i * len(self.prompts) // n] for i in range(n)]
         with self.acc.autocast():
             ro = generate(
-                self.policy, self.tokenizer, prompts, max_new_tokens=self.spec.max_new_tokens, temperature=0.0,
-                end_ids=self.end_ids,
+                self.policy, self.tokenizer, self.probe_prompts, max_new_tokens=self.spec.max_new_tokens,
+                temperature=0.0, end_ids=self.end_ids,
             )  # fmt: skip
-        value = sum(map(repeated_ngram_share, ro.texts)) / n
+        shares = [repeated_ngram_share(t) for t in ro.texts]
+        value = sum(shares) / len(shares)
         if self.acc.is_main_process:
-            looped = max(range(n), key=lambda i: repeated_ngram_share(ro.texts[i]))
+            looped = ro.texts[shares.index(max(shares))]
             log.info(
                 "grpo greedy probe after %d updates: repeated 3-grams %.3f on %d prompts (most: %r)",
-                self.step, value, n, ro.texts[looped][:160],
+                self.step, value, len(shares), looped[:160],
             )  # fmt: skip
         return value
 
     def _greedy_reason(self, when: str, value: float) -> str:
         return (
-            f"the greedy answers to {min(self.spec.greedy_prompts, len(self.prompts))} training prompts {when} "
-            f"(after {self.step} updates) repeat word 3-grams at a share of {value:.3f}, above "
-            f"stop_if.greedy_repetition = {self.spec.stop_if.greedy_repetition}"
+            f"the greedy answers to {len(self.probe_prompts)} training prompts {when} (after {self.step} updates) "
+            f"repeat word 3-grams at a share of {value:.3f}, above stop_if.greedy_repetition = {self.greedy_limit}"
         )
 
     def train(self, resume: bool = False) -> dict:
         """The loop (RLTrainer.train), then stop_if.greedy_repetition's probe of the final weights: when it fails,
         the stage keeps the newest checkpoint (each passed its probe)."""
         summary = super().train(resume=resume)
-        limits = self.spec.stop_if
-        if "stop_reason" in summary or limits is None or limits.greedy_repetition is None:
+        if "stop_reason" in summary or self.greedy_limit is None:
             return summary
         value = self.greedy_repetition()
         summary["final_greedy_repetition"] = value
-        if value > limits.greedy_repetition:
+        if value > self.greedy_limit:
             summary.update(self._stop(self._greedy_reason("of the final weights", value)))
         return summary
 

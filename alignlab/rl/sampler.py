@@ -34,12 +34,13 @@ class LowPrecisionSampler:
         self.model = _merged_copy(policy, dtype)
         self._params = dict(self.model.named_parameters())
         self._rule = _copy_rule(policy)
+        self._lora = list(_lora_layers(policy)) if self._rule == "lora" else []  # found once: the layers stay
 
     @torch.no_grad()
     def refresh(self, policy: nn.Module) -> nn.Module:
         """Copy the policy's current (merged) weights into the sampling copy; returns the copy."""
         if self._rule == "lora":
-            for name, layer in _lora_layers(policy):
+            for name, layer in self._lora:
                 merged = layer.get_base_layer().weight + layer.get_delta_weight(layer.active_adapters[0])
                 self._params[name].copy_(merged)
         elif self._rule == "full":
