@@ -41,6 +41,7 @@ RECIPES = {
     "revise_sft_2rounds_ul": "recipes/smollm2_revise_sft_2rounds_ul_lora.yaml",
     "revise_sft_dpo": "recipes/smollm2_revise_sft_dpo_lora.yaml",
     "revise_sft_grpo": "recipes/smollm2_revise_sft_grpo_lora.yaml",
+    "revise_sft_grpo_ul": "recipes/smollm2_revise_sft_grpo_ul_lora.yaml",
 }
 
 

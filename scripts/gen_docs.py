@@ -213,6 +213,7 @@ SMOLLM2_WHAT = {
     "revise_sft_2rounds_ul": "the same, round 2 for 2 epochs with unlikelihood against loops",
     "revise_sft_dpo": "round 1 of the same, then DPO with an NLL term on pairs from the SFT model's own answers",
     "revise_sft_grpo": "round 1 of the same, then GRPO from the SFT model, the checker as reward",
+    "revise_sft_grpo_ul": "the same GRPO with unlikelihood on its samples against greedy loops",
     "generate_dpo": "DPO on its own samples, best vs worst",
     "ppo": "PPO, the checker as reward",
     "grpo": "GRPO, the checker as reward",

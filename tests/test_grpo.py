@@ -4,6 +4,7 @@
   (greedy, 48 eval prompts) well above the base's; on the first step the ratio is 1 (the sampling pass's log-probs
   are the training forward's) and the KL to the reference (a frozen copy of the input weights) is 0;
 - beta > 0 adds exactly beta x the k3 KL term to the loss, and nothing else (same samples, same first update);
+- unlikelihood > 0 adds alpha x token-level unlikelihood on the samples, which lowers it on later samples;
 - after a LoRA SFT stage the reference is the SFT adapter's frozen copy (KL 0 before the first update), not the
   raw base; the saved adapter holds no "ref";
 - resume after a crash equals the uninterrupted run (metrics and weights);
@@ -248,6 +249,32 @@ def test_beta_adds_the_k3_term_to_the_loss(tmp_path):
     expected = beta * with_kl[1]["kl"] / with_kl[1]["response_length"]
     assert with_kl[0]["policy_loss"] == pytest.approx(plain[0]["policy_loss"], abs=1e-6)
     assert with_kl[1]["policy_loss"] - plain[1]["policy_loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_unlikelihood_is_the_whole_loss_of_flat_groups_and_unlearns_repeats(tmp_path):
+    """operand_reward gives a whole group one reward: every advantage is 0, so the surrogate is 0 and the loss is
+    exactly alpha x the unlikelihood term (token_mean, one minibatch). A run with alpha 1 and a control with alpha
+    1e-6 (it logs the term, with no pull) sample the same responses at step 1; over steps 5-8 the term on the
+    policy's own samples (the probability it gives tokens the answer already wrote) is under 0.6 of the control's
+    (measured: 0.42)."""
+    runs = {}
+    for alpha in (1e-6, 1.0):
+        stage = _grpo(
+            reward_fn="tests.test_grpo:operand_reward", unlikelihood=alpha, steps=8, max_new_tokens=16,
+            temperature=2.0, loss_agg="token_mean", learning_rate=1e-2,
+        )  # fmt: skip
+        _run(_recipe(tmp_path / f"ul{alpha}", [stage]))
+        runs[alpha] = _steps(tmp_path / f"ul{alpha}" / "grpo")
+    control, trained = runs[1e-6], runs[1.0]
+    assert trained[0]["unlikelihood"] == pytest.approx(control[0]["unlikelihood"], rel=1e-6)
+    assert trained[0]["unlikelihood"] > 0.01
+    for row in trained:
+        assert row["policy_loss"] == pytest.approx(row["unlikelihood"], rel=1e-5)
+
+    def late(rows):
+        return sum(r["unlikelihood"] for r in rows[4:]) / len(rows[4:])
+
+    assert late(trained) < 0.6 * late(control)
 
 
 def test_reference_after_lora_sft_is_the_sft_adapter(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from alignlab.losses import aggregate, clipped_surrogate, group_advantages, grpo_loss, zero_std_groups
+from alignlab.losses.sft import token_unlikelihood
 
 EPS = 1e-4  # GRPO's std epsilon (alignlab.losses.grpo.GRPO_STD_EPS)
 
@@ -150,6 +151,41 @@ def test_k3_term_value_and_gradient():
     assert loss0.item() == 0.0 and m0["kl"].item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
         grpo_loss(logprobs, logprobs.detach(), t([0.0]), mask, beta=0.5, **kw)
+
+
+# --- unlikelihood term ----------------------------------------------------------------------------------------
+
+
+def test_token_unlikelihood_hand_values():
+    """Uniform log-probs over 4 tokens, response 1 2 1 3 then a padding token: C_t is {}, {1}, {2} (not 1 itself),
+    {1, 2} (1 once), so the per-token terms are 0, u, u, 2u with u = -log(1 - 1/4); padding gets 0 and is never a
+    candidate (its token 2 would be one at a later position otherwise)."""
+    u = -math.log(0.75)
+    targets = torch.tensor([[1, 2, 1, 3, 2]])
+    logp = torch.full((1, 5, 4), math.log(0.25), dtype=torch.float64)
+    per_token = token_unlikelihood(logp, targets, t([[1, 1, 1, 1, 0]]))
+    assert per_token[0].tolist() == pytest.approx([0.0, u, u, 2 * u, 0.0])
+
+
+def test_unlikelihood_adds_alpha_times_its_aggregate():
+    """A = 0 and ratio 1: the surrogate is 0, so the loss is alpha x the aggregated term. Two responses, 2 and 1 real
+    tokens with terms (1, 3) and (2): token_mean 6 / 3 = 2, times alpha 0.5 = 1; sequence_mean (2 + 2) / 2 = 2, the
+    same; the gradient is alpha x the aggregation's weight per token."""
+    logprobs = t([[-1.0, -1.0], [-1.0, 0.0]])
+    ul = t([[1.0, 3.0], [2.0, 9.0]]).requires_grad_(True)  # 9 sits on padding: never counted
+    mask = t([[1, 1], [1, 0]])
+    kw = dict(clip_low=0.2, clip_high=0.2, max_length=2, unlikelihood=ul, ul_alpha=0.5)
+    loss, m = grpo_loss(logprobs, logprobs, t([0.0, 0.0]), mask, loss_agg="token_mean", **kw)
+    assert loss.item() == pytest.approx(1.0) and m["unlikelihood"].item() == pytest.approx(2.0)
+    loss.backward()
+    assert ul.grad.flatten().tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.5 / 3, 0.0])
+    seq, _ = grpo_loss(logprobs, logprobs, t([0.0, 0.0]), mask, loss_agg="sequence_mean", **kw)
+    assert seq.item() == pytest.approx(0.5 * (4 / 2 + 2 / 1) / 2)
+    # alpha 0: the term is measured, not trained on; alpha > 0 without the term is a bug in the caller
+    off, m0 = grpo_loss(logprobs, logprobs, t([0.0, 0.0]), mask, loss_agg="token_mean", **{**kw, "ul_alpha": 0.0})
+    assert off.item() == 0.0 and m0["unlikelihood"].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="needs the per-token unlikelihood"):
+        grpo_loss(logprobs, logprobs, t([0.0, 0.0]), mask, loss_agg="token_mean", **{**kw, "unlikelihood": None})
 
 
 def test_first_pass_ratio_one_gives_the_plain_policy_gradient():

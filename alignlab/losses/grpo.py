@@ -140,15 +140,19 @@ def grpo_loss(
     ref_logprobs: Tensor | None = None,
     beta: float = 0.0,
     weights: Tensor | None = None,
+    unlikelihood: Tensor | None = None,
+    ul_alpha: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO-family loss to minimise: per token the clipped surrogate (`clipped_surrogate`) plus, when beta > 0,
     beta * k3(pi, ref), with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 (differentiable through logp: a LOSS term,
     where k3's gradient is right; as a detached reward it would not pull pi toward ref, see losses.ppo.kl_estimate),
-    then reduced by `aggregate(loss_agg)`.
+    plus, when ul_alpha > 0, ul_alpha * unlikelihood (per token [B, T], with grad: losses.sft.token_unlikelihood on
+    the sampled responses, Welleck et al. 2019), then reduced by `aggregate(loss_agg)`.
 
     logprobs (with grad), old_logprobs (the sampling policy's), ref_logprobs, mask: [B, T]; advantages, weights:
     [B]. Metrics (0-dim, detached, token means over weighted real tokens): clip_low_frac, clip_high_frac,
-    approx_kl (0.5 mean (logp - old)^2), ratio (mean rho) and, with ref_logprobs, kl (mean k3 per token).
+    approx_kl (0.5 mean (logp - old)^2), ratio (mean rho), with ref_logprobs kl (mean k3 per token) and, with
+    unlikelihood, its mean per token.
     """
     mask = mask.to(logprobs.dtype)
     per_token, low, high = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
@@ -159,6 +163,10 @@ def grpo_loss(
             per_token = per_token + beta * kl
     elif beta > 0:
         raise ValueError("beta > 0 needs ref_logprobs (the KL term is to the reference)")
+    if ul_alpha > 0:
+        if unlikelihood is None:
+            raise ValueError("ul_alpha > 0 needs the per-token unlikelihood term")
+        per_token = per_token + ul_alpha * unlikelihood
     loss = aggregate(per_token, mask, loss_agg, max_length, weights)
 
     w = torch.ones(mask.shape[0], dtype=mask.dtype, device=mask.device) if weights is None else weights.to(mask.dtype)
@@ -174,4 +182,6 @@ def grpo_loss(
         }
         if kl is not None:
             metrics["kl"] = (kl * tokens).sum() / n
+        if unlikelihood is not None:
+            metrics["unlikelihood"] = (unlikelihood * tokens).sum() / n
     return loss, {k: v.detach() for k, v in metrics.items()}

@@ -41,6 +41,17 @@ def unlikelihood_candidates(targets: torch.Tensor, mask: torch.Tensor) -> torch.
     return before & first[:, None, :] & mask[:, :, None] & ~same
 
 
+def token_unlikelihood(logp: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token unlikelihood [B, T]: -sum_{c in C_t} log(1 - p(c | x_<t)), 0 where mask is 0. logp [B, T, V] are
+    the log-probabilities predicting targets [B, T] (each position's own token); mask [B, T] marks the tokens of the
+    response (C_t draws only on them). Shared by the sft loss and grpo's `unlikelihood` term."""
+    mask = mask.bool()
+    cand = unlikelihood_candidates(targets, mask)
+    T = targets.shape[1]
+    p = logp.gather(-1, targets[:, None, :].expand(-1, T, -1)).exp()  # p[b, t, s] = p(targets[b, s] | x_<t)
+    return -(torch.log((1 - p).clamp(min=MIN_ONE_MINUS_P)) * cand).sum(dim=-1)
+
+
 def sft_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -61,10 +72,7 @@ def sft_loss(
     total = nll.sum()
     stats = {"nll": total.detach() / count, "unlikelihood": torch.zeros((), device=logits.device)}
     if name == "unlikelihood":
-        cand = unlikelihood_candidates(targets, mask)
-        T = targets.shape[1]
-        p = logp.gather(-1, targets[:, None, :].expand(-1, T, -1)).exp()  # p[b, t, s] = p(targets[b, s] | x_<t)
-        ul = -(torch.log((1 - p).clamp(min=MIN_ONE_MINUS_P)) * cand).sum()
+        ul = token_unlikelihood(logp, targets, mask).sum()
         total = total + alpha * ul
         stats["unlikelihood"] = ul.detach() / count
     denominator = count if num_items is None else torch.as_tensor(num_items, device=logits.device).clamp(min=1)

@@ -61,6 +61,7 @@ from alignlab.generation import generate
 from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
+from alignlab.losses.sft import token_unlikelihood
 from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn, low_precision
 from alignlab.rl.sampler import LowPrecisionSampler
 
@@ -288,13 +289,19 @@ class GRPOTrainer(RLTrainer):
                         batch.prompt_ids[chosen], batch.prompt_mask[chosen], batch.response[idx], batch.mask[idx],
                         size, spec.temperature,
                     )  # fmt: skip
-                logprobs = token_logprobs(logits, batch.response[idx])
                 mask, weights = batch.mask[idx], batch.weights[idx]
+                if spec.unlikelihood > 0:  # one log-softmax serves both the taken tokens and the UL candidates
+                    logp = torch.log_softmax(logits, dim=-1)
+                    logprobs = logp.gather(-1, batch.response[idx].unsqueeze(-1)).squeeze(-1)
+                    ul = token_unlikelihood(logp, batch.response[idx], mask)
+                else:
+                    logprobs, ul = token_logprobs(logits, batch.response[idx]), None
                 loss, stats = grpo_loss(
                     logprobs, batch.logprobs[idx], batch.advantages[idx], mask,
                     clip_low=spec.clip_low, clip_high=spec.clip_high, loss_agg=self.agg,
                     max_length=spec.max_new_tokens,
                     ref_logprobs=batch.ref_logprobs[idx] if spec.beta > 0 else None, beta=spec.beta, weights=weights,
+                    unlikelihood=ul, ul_alpha=spec.unlikelihood,
                 )  # fmt: skip
                 # DDP averages the processes' gradients: each process weighs its loss by its share of the global
                 # denominator (responses or tokens kept), so the average is the loss over every process's rows.

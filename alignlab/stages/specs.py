@@ -418,6 +418,12 @@ class GRPOSpec(StageSpec):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
     beta: float = Field(0.0, ge=0, description="Weight of the k3 KL-to-reference term in the loss (0 = off)")
+    unlikelihood: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of token-level unlikelihood (Welleck et al. 2019) on the sampled responses: pushes down, "
+        "at each token, the probability of every token the response already wrote (against greedy loops; 0 = off)",
+    )
     skip_zero_std_groups: bool = Field(
         False,
         description="Drop groups whose rewards are all equal from the loss (DAPO's dynamic sampling); they are "
