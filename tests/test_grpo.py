@@ -8,7 +8,8 @@
 - after a LoRA SFT stage the reference is the SFT adapter's frozen copy (KL 0 before the first update), not the
   raw base; the saved adapter holds no "ref";
 - resume after a crash equals the uninterrupted run (metrics and weights);
-- stop_if ends the stage with the last good checkpoint and says why, or fails when there is none;
+- stop_if ends the stage with the last good checkpoint and says why, or with its input model when no checkpoint that
+  passed is left;
 - skip_zero_std_groups counts flat groups and drops them from the loss's denominator; a reward_fn list logs each
   component and sums them with their weights.
 """
@@ -378,19 +379,50 @@ def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not torch.equal(saved[short], later[name])
 
 
-def test_stop_if_without_a_good_checkpoint_fails(tmp_path, monkeypatch):
-    from alignlab.contract import StageFailed
+def _assert_input_adapter(stage_dir, checkpoint):
+    """The stage saved its input weights: a fresh LoRA adapter, lora_B all zero (PEFT's init), while the rejected
+    checkpoint's lora_B had moved."""
+    from safetensors.torch import load_file
 
+    saved = load_file(str(stage_dir / "model" / "adapter_model.safetensors"))
+    moved = load_file(str(stage_dir / "checkpoints" / f"step-{checkpoint}" / "trainable.safetensors"))
+    assert all(torch.count_nonzero(v) == 0 for k, v in saved.items() if "lora_B" in k)
+    assert any(torch.count_nonzero(v) > 0 for k, v in moved.items() if "lora_B" in k)
+
+
+def test_stop_if_without_a_good_checkpoint_keeps_the_input_model(tmp_path, monkeypatch):
+    """Step 2's samples (the weights after 1 update) collapse: the last good weights are the input's, which no
+    checkpoint holds; the stage ends with its input model and says so (it no longer fails)."""
     _collapse_from_step(monkeypatch, 2, 16)
-    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5})
-    with pytest.raises(StageFailed) as info:
-        _run(_recipe(tmp_path / "run", [stage]))
-    assert str(info.value).startswith(
-        "stage 'grpo' (grpo): grpo stopped at step 2 of 6: the share of repeated word 3-grams in step 2's responses "
-        "is 0.900, above stop_if.repetition = 0.5. No good checkpoint to keep: the last good weights are those after "
-        "step 0, and no checkpoint at or before it is left"
+    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
+    outputs = _run(_recipe(tmp_path / "run", [stage]))
+    stage_dir = tmp_path / "run" / "grpo"
+    final = _rows(stage_dir)[-1]
+    assert final["stopped_at_step"] == 2 and final["kept_checkpoint_step"] == 0
+    assert final["stop_reason"] == (
+        "grpo stopped at step 2 of 6: the share of repeated word 3-grams in step 2's responses is 0.900, above "
+        "stop_if.repetition = 0.5. The stage's model is its input model, whose weights passed the checks of step 1: "
+        "no checkpoint at or before step 0 is left (save_steps 1, save_total_limit None). Lower learning_rate (now "
+        "0.001) or raise beta (now 0.0); save more often."
     )
-    assert not (tmp_path / "run" / "grpo" / "stage_output.json").exists()
+    assert outputs["grpo"].metrics["stop_reason"] == final["stop_reason"]
+    _assert_input_adapter(stage_dir, 1)
+
+
+def test_greedy_probe_falls_back_to_the_input_model(tmp_path, monkeypatch):
+    """Measured on SmolLM2 (README): the input passed the probe, the first checkpoint's weights did not. The stage
+    keeps its input weights (the newest that passed) instead of failing; checkpoint 2 is left as it was."""
+    probes = _greedy_loops_after(monkeypatch, 2)
+    stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    _run(_recipe(tmp_path / "run", [stage]))
+    stage_dir = tmp_path / "run" / "grpo"
+    assert [u for u, _ in probes] == [0, 2]
+    final = _rows(stage_dir)[-1]
+    assert final["stopped_at_step"] == 3 and final["kept_checkpoint_step"] == 0
+    assert (
+        "(after 2 updates)" in final["stop_reason"] and "The stage's model is its input model" in final["stop_reason"]
+    )
+    _assert_input_adapter(stage_dir, 2)
 
 
 def _record_trainer(monkeypatch) -> dict:

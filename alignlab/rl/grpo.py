@@ -39,7 +39,8 @@ stream, checkpoints, the NaN guard and the process arithmetic are shared with PP
 
 stop_if: a limit passed on step s's samples says the weights after s - 1 updates have collapsed; those after s - 2
 updates produced step s - 1's samples, which passed. The stage ends with the newest complete checkpoint at step
-<= s - 2 as its model and records why (`stop_reason`); without one it fails (StageFailed) saying so.
+<= s - 2 as its model, or with its input weights when no such checkpoint is left (they passed step 1's checks), and
+records why (`stop_reason`); it fails (StageFailed) only when the input itself fails step 1's checks.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
 from alignlab.losses.sft import token_unlikelihood
-from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn, low_precision
+from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn, low_precision, trainable_state
 from alignlab.rl.sampler import LowPrecisionSampler
 
 log = logging.getLogger("alignlab")
@@ -161,6 +162,11 @@ class GRPOTrainer(RLTrainer):
         self.greedy_limit = spec.stop_if.greedy_repetition if spec.stop_if is not None else None
         n = min(spec.greedy_prompts, len(prompts))
         self.probe_prompts = [prompts[i * len(prompts) // n] for i in range(n)] if self.greedy_limit else []
+        # stop_if's fallback: the input's trainable weights (adapter, or the full model), on the CPU, taken before a
+        # resume loads a checkpoint
+        self.input_weights = (
+            {n: t.to("cpu", copy=True) for n, t in trainable_state(self.unwrapped).items()} if spec.stop_if else None
+        )
         self.samples_path = self.stage_dir / "samples.jsonl"
         self.logs.append(self.samples_path)
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
@@ -408,7 +414,7 @@ class GRPOTrainer(RLTrainer):
 
     def _stop(self, reason: str) -> dict:
         """Step s = self.step + 1 failed stop_if (s = steps + 1: the final weights failed the greedy probe): end with
-        the newest checkpoint at step <= s - 2 (see module doc)."""
+        the newest checkpoint at step <= s - 2, or the input weights when none is left (see module doc)."""
         failed = self.step + 1
         at = f"grpo stopped at step {min(failed, self.spec.steps)} of {self.spec.steps}: {reason}"
         if failed == 1:
@@ -417,19 +423,25 @@ class GRPOTrainer(RLTrainer):
                 f"a model that passes it."
             )
         good = [p for p in complete_checkpoints(self.ckpt_dir, "step") if step_of(p) <= failed - 2]
-        if not good:
-            raise StageFailed(
-                f"{at}. No good checkpoint to keep: the last good weights are those after step {failed - 2}, and no "
-                f"checkpoint at or before it is left (save_steps {self.spec.save_steps}, save_total_limit "
+        if good:
+            keep = max(good, key=step_of)
+            self.load_checkpoint(keep)
+            message = (
+                f"{at}. The stage's model is the last good checkpoint, {keep} (step {self.step}), whose weights passed "
+                f"the checks of step {self.step + 1}."
+            )
+        else:
+            own = dict(self.unwrapped.named_parameters())
+            with torch.no_grad():
+                for name, tensor in self.input_weights.items():
+                    own[name].copy_(tensor.to(own[name].device))
+            self.step = 0
+            message = (
+                f"{at}. The stage's model is its input model, whose weights passed the checks of step 1: no checkpoint "
+                f"at or before step {failed - 2} is left (save_steps {self.spec.save_steps}, save_total_limit "
                 f"{self.spec.save_total_limit}). Lower learning_rate (now {self.spec.learning_rate}) or raise beta (now "
                 f"{self.spec.beta}); save more often."
             )
-        keep = max(good, key=step_of)
-        self.load_checkpoint(keep)
-        message = (
-            f"{at}. The stage's model is the last good checkpoint, {keep} (step {self.step}), whose weights passed the "
-            f"checks of step {self.step + 1}."
-        )
         log.warning("%s", message)
         return {
             "stop_reason": message,
