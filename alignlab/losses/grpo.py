@@ -11,6 +11,9 @@ Sources (formulas: docs ALGORITHMS.md, "Critic-free RL"):
   G / (G - 1) (r_i - mean(r)): Dr. GRPO's advantage scaled by G / (G - 1).
 - DAPO, Yu et al. 2025 (arXiv 2503.14476): token-level mean over every token of the batch (eq. 12); clip-higher
   (eps_high > eps_low, eq. 10); dynamic sampling drops groups whose rewards are all equal (`zero_std_groups`).
+- Token-level unlikelihood, Welleck et al. 2019 (arXiv 1908.04319, eq. 4), on the sampled responses (optional,
+  `ul_alpha`): -sum_{c in C_t} log(1 - pi(c | x_<t)) per token, C_t the tokens the response already wrote
+  (alignlab.losses.sft.token_unlikelihood); against the greedy loops a sharpened policy can fall into.
 
 Shapes: N groups of G responses each; B = N x G responses laid out group by group (rows g*G ... g*G + G - 1 are
 group g); T response tokens. Per-token tensors are [B, T] with ``mask`` [B, T] 1 on real response tokens;

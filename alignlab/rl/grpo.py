@@ -48,6 +48,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,11 +163,11 @@ class GRPOTrainer(RLTrainer):
         self.greedy_limit = spec.stop_if.greedy_repetition if spec.stop_if is not None else None
         n = min(spec.greedy_prompts, len(prompts))
         self.probe_prompts = [prompts[i * len(prompts) // n] for i in range(n)] if self.greedy_limit else []
-        # stop_if's fallback: the input's trainable weights (adapter, or the full model), on the CPU, taken before a
-        # resume loads a checkpoint
-        self.input_weights = (
-            {n: t.to("cpu", copy=True) for n, t in trainable_state(self.unwrapped).items()} if spec.stop_if else None
-        )
+        # stop_if's fallback: the input's trainable weights (adapter, or the full model), written before a resume
+        # loads a checkpoint
+        self.input_path = self.ckpt_dir / "input.safetensors"
+        if spec.stop_if is not None:
+            self._save_input()
         self.samples_path = self.stage_dir / "samples.jsonl"
         self.logs.append(self.samples_path)
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
@@ -296,12 +297,10 @@ class GRPOTrainer(RLTrainer):
                         size, spec.temperature,
                     )  # fmt: skip
                 mask, weights = batch.mask[idx], batch.weights[idx]
-                if spec.unlikelihood > 0:  # one log-softmax serves both the taken tokens and the UL candidates
-                    logp = torch.log_softmax(logits, dim=-1)
-                    logprobs = logp.gather(-1, batch.response[idx].unsqueeze(-1)).squeeze(-1)
-                    ul = token_unlikelihood(logp, batch.response[idx], mask)
-                else:
-                    logprobs, ul = token_logprobs(logits, batch.response[idx]), None
+                logprobs, ul = token_logprobs(logits, batch.response[idx]), None
+                if spec.unlikelihood > 0:  # on the model's own distribution (temperature 1), as greedy decoding sees it
+                    raw = logits if spec.temperature == 1.0 else logits * spec.temperature
+                    ul = token_unlikelihood(torch.log_softmax(raw, dim=-1), batch.response[idx], mask)
                 loss, stats = grpo_loss(
                     logprobs, batch.logprobs[idx], batch.advantages[idx], mask,
                     clip_low=spec.clip_low, clip_high=spec.clip_high, loss_agg=self.agg,
@@ -402,7 +401,7 @@ class GRPOTrainer(RLTrainer):
 
     def train(self, resume: bool = False) -> dict:
         """The loop (RLTrainer.train), then stop_if.greedy_repetition's probe of the final weights: when it fails,
-        the stage keeps the newest checkpoint (each passed its probe)."""
+        the stage keeps the newest checkpoint (each passed its probe), or its input model when none is left."""
         summary = super().train(resume=resume)
         if "stop_reason" in summary or self.greedy_limit is None:
             return summary
@@ -411,6 +410,16 @@ class GRPOTrainer(RLTrainer):
         if value > self.greedy_limit:
             summary.update(self._stop(self._greedy_reason("of the final weights", value)))
         return summary
+
+    def _save_input(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.acc.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.input_path.with_suffix(".tmp")
+            save_file(trainable_state(self.unwrapped), str(tmp))
+            os.replace(tmp, self.input_path)
+        self.acc.wait_for_everyone()
 
     def _stop(self, reason: str) -> dict:
         """Step s = self.step + 1 failed stop_if (s = steps + 1: the final weights failed the greedy probe): end with
@@ -431,10 +440,12 @@ class GRPOTrainer(RLTrainer):
                 f"the checks of step {self.step + 1}."
             )
         else:
+            from safetensors.torch import load_file
+
             own = dict(self.unwrapped.named_parameters())
             with torch.no_grad():
-                for name, tensor in self.input_weights.items():
-                    own[name].copy_(tensor.to(own[name].device))
+                for name, tensor in load_file(str(self.input_path), device=str(self.acc.device)).items():
+                    own[name].copy_(tensor)
             self.step = 0
             message = (
                 f"{at}. The stage's model is its input model, whose weights passed the checks of step 1: no checkpoint "
