@@ -9,6 +9,13 @@ which the two runs are the same computation. They differ only by float summation
 processes, batches padded to other lengths). Measured, largest over the steps: SFT loss identical, DPO (KLDPO) loss
 2e-5 and reward loss 2e-6 relative, gradient norms up to 7e-4 relative (DPO); PPO scores and response lengths
 identical (same samples), KL 1e-5 relative, policy and value losses 3e-7 absolute; eval numbers 1e-5 relative.
+
+How far the two runs drift depends on the CPU's kernels. Each AdamW update turns float noise in a gradient
+coordinate near 0 into a full step of either sign (m / sqrt(v)), so the difference grows about tenfold per update.
+Measured on an AMD EPYC without AVX-512 (PPO / GRPO, largest over the logged numbers): 1e-6 at step 1 (the updated
+SFT adapter, then one rollout: float order alone), 5e-5 at step 2, 3e-4 / 1.3e-3 at step 3; the final adapters
+differ by 0.26% / 0.35% of their update's norm; eval's sampled KL 0.2%. So the first RL step is held to float
+noise, the later ones and the eval to 1%, and the weights to 1% of the update.
 """
 
 import json
@@ -159,6 +166,22 @@ def runs(tmp_path_factory):
     return tmp / "one", tmp / "two", done
 
 
+def _tolerance(step: int) -> tuple[float, float]:
+    """(rel, abs) for an RL step's logged numbers: float noise at step 1, 1% after updates (module docstring)."""
+    return (1e-4, 1e-5) if step == 1 else (1e-2, 1e-4)
+
+
+def _assert_same_update(stage1, stage2, start):
+    """The two runs' final adapters differ by under 1% of what the stage changed (the norm of final - start)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b, s = (load_file(str(Path(d) / "model" / "adapter_model.safetensors")) for d in (stage1, stage2, start))
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    update = torch.cat([(a[k] - s[k]).flatten() for k in a]).norm()
+    assert update > 0 and diff < 0.01 * update, (float(diff), float(update))
+
+
 def test_two_processes_ran_as_one_data_parallel_job(runs):
     one, two, done = runs
     assert sorted(p.name for p in (two / "logs").iterdir()) == ["run.0.log", "run.1.log"]
@@ -197,11 +220,13 @@ def test_ppo_matches_one_process(runs):
         # (equal lengths; the mean score equal up to the float32 rounding of a gathered mean, ~1e-8).
         assert b["response_length"] == a["response_length"]
         assert b["score"] == pytest.approx(a["score"], rel=0, abs=1e-6)
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-5)
         assert b["kl_coef"] == pytest.approx(a["kl_coef"], rel=1e-6)  # one KL controller, fed the global KL
-        for key in ("policy_loss", "value_loss", "entropy", "clipfrac"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (key, a["step"])
-    assert rows1[-1]["kl"] > 0.01  # the policy moved: the comparison covers updates, not only sampling
+        rel, tol = _tolerance(a["step"])
+        for key in ("kl", "policy_loss", "value_loss", "entropy", "clipfrac"):
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=tol), (key, a["step"])
+    # The policy moved off its reference (k1, a sampled estimate, can be negative): the comparison covers updates.
+    assert abs(rows1[-1]["kl"]) > 0.01
+    _assert_same_update(one / "ppo", two / "ppo", one / "sft")
 
 
 def test_grpo_matches_one_process(runs):
@@ -217,17 +242,22 @@ def test_grpo_matches_one_process(runs):
         assert b["response_length"] == a["response_length"]  # the same responses
         for key in ("reward", "reward/builtin:arith", "zero_std_groups"):
             assert b[key] == pytest.approx(a[key], rel=0, abs=1e-6), (key, a["step"])
+        rel, tol = _tolerance(a["step"])
         for key in ("policy_loss", "kl", "entropy", "ratio", "clip_low_frac", "clip_high_frac"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=tol), (key, a["step"])
     assert rows1[-1]["kl"] > 0.01  # the policy moved: the comparison covers updates, not only sampling
+    _assert_same_update(one / "grpo", two / "grpo", one / "sft")
 
 
 def test_eval_matches_one_process(runs):
     one, two, _ = runs
     ev1 = json.loads((one / "eval" / "eval.json").read_text())
     ev2 = json.loads((two / "eval" / "eval.json").read_text())
-    for key in ("true_reward", "true_reward_reference", "win_rate", "mean_score", "mean_score_reference", "kl"):
-        assert ev1[key] is not None and ev2[key] == pytest.approx(ev1[key], rel=1e-4, abs=1e-6), key
+    for key in ("true_reward", "true_reward_reference", "win_rate"):  # greedy answers: the same texts
+        assert ev1[key] is not None and ev2[key] == pytest.approx(ev1[key], rel=0, abs=1e-9), key
+    # The reward model's scores and the KL: models after 4 (reward) and 3 (PPO) updates (see the module docstring).
+    for key in ("mean_score", "mean_score_reference", "kl"):
+        assert ev1[key] is not None and ev2[key] == pytest.approx(ev1[key], rel=1e-2, abs=1e-6), key
     outputs = {n: json.loads((two / n / "stage_output.json").read_text()) for n in ("reward", "ppo", "eval")}
     assert outputs["reward"]["head"] == "sequence_classification" and outputs["ppo"]["kind"] == "adapter"
 
