@@ -388,12 +388,33 @@ def test_revise_fn_rewrites_samples_before_scoring(tmp_path, monkeypatch):
     assert stage_parts(recipe, recipe.stages[0], {})["revise_fn.source"].startswith("sha256:")
 
 
-def test_dtype_samples_from_the_model_in_that_precision(tmp_path):
+def test_slow_half_precision_is_named_with_its_key_and_fix(monkeypatch):
+    """bf16/fp16 sampling on a CPU without native kernels for it is a warning that names the key and the fix; on a
+    CPU with them, on a GPU, in float32, and where torch cannot tell, nothing."""
+    from alignlab import generation
+
+    for native, expected in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(generation, "native_half_precision", lambda dtype, native=native: native)
+        note = generation.slow_half_precision_note("bfloat16", "stages.pairs.dtype", "cpu")
+        assert (note is not None) == expected, native
+    monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)
+    note = generation.slow_half_precision_note("float16", "stages.grpo.sample_dtype", "cpu")
+    assert note.startswith("stages.grpo.sample_dtype: float16 on this CPU (") and "slower than float32" in note
+    assert "Remove stages.grpo.sample_dtype for speed" in note
+    assert generation.slow_half_precision_note("bfloat16", "k", "cuda:0") is None
+    assert generation.slow_half_precision_note("float32", "k", "cpu") is None
+
+
+def test_dtype_samples_from_the_model_in_that_precision(tmp_path, monkeypatch):
     """`dtype: bfloat16`: the stage samples from the model cast to bf16 (exactly what that model samples with the
-    same random streams), and most samples match the float32 model's, since only the precision differs."""
+    same random streams), and most samples match the float32 model's, since only the precision differs. On a CPU
+    without native bf16 kernels the run log says it is slow, naming the key."""
     import torch
 
+    from alignlab import generation
     from alignlab.cli import main
+
+    monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)
     from alignlab.generation import generate
     from alignlab.models import load_frozen_model, load_tokenizer, resolve_base
 
@@ -420,6 +441,8 @@ def test_dtype_samples_from_the_model_in_that_precision(tmp_path):
         texts[dtype] = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, row_seeds=seeds).texts
     assert written == texts[torch.bfloat16]
     assert sum(a == b for a, b in zip(written, texts[torch.float32])) >= len(written) // 2
+    log = (tmp_path / "run" / "logs" / "run.0.log").read_text()
+    assert "stages.pairs.dtype: bfloat16 on this CPU (" in log and "slower than float32" in log
 
 
 def test_dtype_with_a_4bit_base_is_refused(write_recipe):

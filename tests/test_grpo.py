@@ -655,8 +655,12 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
 
     monkeypatch.setattr(grpo, "generate", recording_generate)
     monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
+    from alignlab import generation
+
+    monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)  # a CPU without native bf16
     _run(_recipe(tmp_path / "run", [_grpo(sample_dtype="bfloat16", **LENGTH)]))
     rows = _steps(tmp_path / "run" / "grpo")
     assert seen["calls"] == [(torch.bfloat16, True, True)] * 2 and seen["recorders"] == 0
+    assert "stages.grpo.sample_dtype: bfloat16 on this CPU (" in (tmp_path / "run" / "logs" / "run.0.log").read_text()
     assert rows[0]["ratio"] == 1.0 and rows[0]["approx_kl"] == 0.0  # one epoch, one minibatch: the first pass
     assert rows[1]["ratio"] == 1.0  # step 2's old log-probs: the updated float32 policy's own forward

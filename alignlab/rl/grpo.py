@@ -59,7 +59,7 @@ from alignlab.checkpoints import complete_checkpoints, step_of
 from alignlab.contract import StageFailed
 from alignlab.data import prompt_text
 from alignlab.evaluation.repetition import repeated_ngram_share
-from alignlab.generation import generate
+from alignlab.generation import generate, slow_half_precision_note
 from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
@@ -158,7 +158,13 @@ class GRPOTrainer(RLTrainer):
         self.rewards = rewards
         self.agg = spec.aggregation
         self._prepare(GroupedPolicy(policy), lr=spec.learning_rate, weight_decay=spec.weight_decay)
-        self.sampler = LowPrecisionSampler(policy, getattr(torch, spec.sample_dtype)) if spec.sample_dtype else None
+        self.sampler = None
+        if spec.sample_dtype:
+            if note := slow_half_precision_note(
+                spec.sample_dtype, f"stages.{spec.name}.sample_dtype", accelerator.device
+            ):
+                log.warning("%s", note)
+            self.sampler = LowPrecisionSampler(policy, getattr(torch, spec.sample_dtype))
         # stop_if.greedy_repetition's limit and the fixed, evenly spaced prompts its probe decodes
         self.greedy_limit = spec.stop_if.greedy_repetition if spec.stop_if is not None else None
         n = min(spec.greedy_prompts, len(prompts))

@@ -49,7 +49,7 @@ from alignlab.contract import StageContext, StageFailed, StageOutput
 from alignlab.data import build_datasets, prompt_text
 from alignlab.data.formats import STAGE_DATA_FILE
 from alignlab.evaluation.stats import mean
-from alignlab.generation import end_token_ids, generate
+from alignlab.generation import end_token_ids, generate, slow_half_precision_note
 from alignlab.models import load_frozen_model, load_tokenizer, merged_for_sampling, output_tokenizer_dir, resolve_base
 from alignlab.rewards import (
     load_revise_fn,
@@ -76,6 +76,8 @@ def run(ctx: StageContext) -> StageOutput:
     prompts = list(rows["prompt"])
     model = merged_for_sampling(load_frozen_model(recipe, ctx.input))  # an adapter folded in: faster, same model
     if spec.dtype is not None:
+        if note := slow_half_precision_note(spec.dtype, f"stages.{spec.name}.dtype", state.device):
+            log.warning("%s", note)
         model = model.to(getattr(torch, spec.dtype))
     score = _scorer(ctx)
     revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None
