@@ -413,10 +413,10 @@ def test_dtype_samples_from_the_model_in_that_precision(tmp_path, monkeypatch):
 
     from alignlab import generation
     from alignlab.cli import main
-
-    monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)
     from alignlab.generation import generate
     from alignlab.models import load_frozen_model, load_tokenizer, resolve_base
+
+    monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)  # a CPU without native bf16
 
     gen = {
         **GEN,

@@ -630,6 +630,7 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
     at that step (step 2: after step 1's update); the old log-probs come from the float32 training forward (no
     SamplingRecorder), so the first pass's ratio is exactly 1; the responses are what generate() gives that copy."""
     import alignlab.rl.grpo as grpo
+    from alignlab import generation
 
     seen = {"recorders": 0, "calls": []}
     real_generate = grpo.generate
@@ -655,8 +656,6 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
 
     monkeypatch.setattr(grpo, "generate", recording_generate)
     monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
-    from alignlab import generation
-
     monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)  # a CPU without native bf16
     _run(_recipe(tmp_path / "run", [_grpo(sample_dtype="bfloat16", **LENGTH)]))
     rows = _steps(tmp_path / "run" / "grpo")
