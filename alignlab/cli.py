@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         help="(experimental) estimate the label-flip rate of a preference stage's pairs (the eps of cdpo/rdpo) and "
         "list the most suspect pairs, from cross-fitted reward-model margins",
         description="EXPERIMENTAL. Trains K reward models, each on K-1 folds of the stage's pairs, scores the held-out "
-        "fold, and fits a mirrored mixture to the margins (README: Auditing preference labels). Writes audit.json and "
+        "fold, and fits a mirrored mixture to the margins (docs/robustness.md). Writes audit.json and "
         "audit.md into <output_dir>/audit/<stage>/.",
     )
     aud.add_argument("recipe")

@@ -1,5 +1,5 @@
-"""How well `alignlab audit preferences` recovers an injected label-flip rate: the README's "Auditing preference
-labels" table.
+"""How well `alignlab audit preferences` recovers an injected label-flip rate: the "Auditing preference labels"
+table of docs/robustness.md.
 
 For each flip rate, the quickstart recipe's dpo stage (builtin:arith `preference` split, builtin:tiny-llama) with
 `dataset.flip_rate` (and `dataset.flip_mode`) set, audited with 5 folds; the truth is the fraction of rows whose

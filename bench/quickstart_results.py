@@ -1,4 +1,4 @@
-"""What the CPU recipes reach on `builtin:arith`: the numbers of the README's "What the quickstart shows" table.
+"""What the CPU recipes reach on `builtin:arith`: the numbers of docs/results.md's quickstart table.
 
 Runs recipes/quickstart.yaml (SFT -> DPO -> its eval stage), recipes/sft_ppo_reward_fn.yaml and
 recipes/sft_reward_ppo.yaml, each whole, in bench/.cache/quickstart/<name> (stages finished there with the same
@@ -6,7 +6,7 @@ settings are reused, as `alignlab run` does; --fresh deletes them first); evalua
 policies with the quickstart's eval stage (`alignlab eval .../ppo --recipe recipes/quickstart.yaml --reference
 sft`: same prompts, decoding and pairs), and writes bench/results/quickstart.json: every eval.json (without the
 samples), the reward model's held-out accuracy, PPO's first and last logged EOS rate, the time the recipe's stages
-took (from each stage's started.json to its stage_output.json), the machine and the versions. `python scripts/gen_docs.py` then rewrites the README's table from that file.
+took (from each stage's started.json to its stage_output.json), the machine and the versions. `python scripts/gen_docs.py` then rewrites the docs/results.md table from that file.
 
     python bench/quickstart_results.py                       # all three (~20-40 min on 2 shared CPU cores)
     python bench/quickstart_results.py --recipes quickstart  # one; the others keep their stored results

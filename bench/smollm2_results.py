@@ -1,4 +1,4 @@
-"""What alignment reaches on a real model: the numbers of the README's "On a real model" table.
+"""What alignment reaches on a real model: the numbers of docs/results.md's "On a real model" table.
 
 Runs the SmolLM2-135M-Instruct recipes (`recipes/smollm2_*_lora.yaml`) on `builtin:constraints`, each whole, at the
 seeds given, in bench/.cache/smollm2/<name>-s<seed> (stages finished there with the same settings are reused, as
@@ -6,7 +6,7 @@ seeds given, in bench/.cache/smollm2/<name>-s<seed> (stages finished there with 
 held-out topics and combinations), greedy answers of the policy and of the base model on the same prompts, KL on
 answers sampled at temperature 1, NLL on a fixed text. Writes bench/results/smollm2.json: per recipe and seed, its
 eval.json (without the samples, with the first 3 of them), the time its stages took, the machine and the versions;
-`python scripts/gen_docs.py` then rewrites the README's table from that file.
+`python scripts/gen_docs.py` then rewrites the docs/results.md tables from that file.
 
     python bench/smollm2_results.py --recipes sft_dpo,grpo --seeds 0,1,2     # ~15-60 min per run on 2 CPU cores
     python bench/smollm2_results.py --recipes ppo --seeds 0 --collect runs/my-ppo-run --minutes 35   # a run by hand

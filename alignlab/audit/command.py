@@ -4,7 +4,7 @@ flipped, and which pairs.
     alignlab audit preferences recipes/quickstart.yaml --stage dpo
     alignlab audit preferences recipes/robust_dpo_noisy.yaml --stage dpo --folds 5 --epochs 2 --drop-suspect 100
 
-cDPO and rDPO take the label-flip rate eps as a parameter (docs: ALGORITHMS.md); this command estimates it.
+cDPO and rDPO take the label-flip rate eps as a parameter (docs/algorithms.md); this command estimates it.
 
 1. The pairs: the stage's training dataset exactly as the stage reads it (alignlab.data.build_datasets, with the
    recipe's overrides and any injected `flip_rate`), indexed by row from 0.
@@ -17,9 +17,9 @@ cDPO and rDPO take the label-flip rate eps as a parameter (docs: ALGORITHMS.md);
    (alignlab.audit.mixture: assumptions, the fit and the interval). The scorer's own mistakes on clean pairs are
    f's tail below 0, not flips. Per-pair suspicion: the posterior P(flipped | m_i).
 
-Assumptions (also in the README, "Auditing preference labels"): flips are independent of how hard a pair is (a flip
-rate that is the same for pairs the scorer separates well and for pairs it cannot tell apart); a flipped pair's
-margin is the mirror image of a clean one's; the margins of one fold's scorer are comparable with another's (each
+Assumptions (also in docs/robustness.md, "Auditing preference labels"): flips are independent of how hard a pair
+is (a flip rate that is the same for pairs the scorer separates well and for pairs it cannot tell apart); a flipped
+pair's margin is the mirror image of a clean one's; the margins of one fold's scorer are comparable with another's (each
 fold's margins are divided by their RMS, which a sign flip leaves alone). Flips of pairs the scorer cannot
 separate are invisible: the estimate is the flip rate among the pairs the scorer can see, carried over to the rest.
 

@@ -13,7 +13,7 @@ raw disagreement rate P(m < 0) would count them (on builtin:arith about a fifth 
 is the asymmetry: a component with mu_g well above 0 shows its flipped share as a mirror bump at -mu_g. A component
 at mu_g = 0 is its own mirror, so flips of pairs the scorer cannot tell apart are invisible to the fit: eps is
 learned from the pairs the scorer sees, and assumed the same for the others (the assumption near-tie noise breaks:
-see the README, "Auditing preference labels").
+see docs/robustness.md, "Auditing preference labels").
 
 Fit: EM on the latent (flip z_i, component g_i); the M-step for mu_g uses the un-flipped values z_i m_i' (m_i for
 z = 0, -m_i for z = 1), clipped at 0, so the mirror stays a mirror. Several starts, the best log-likelihood wins.

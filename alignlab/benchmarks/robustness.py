@@ -103,11 +103,11 @@ PRESETS: dict[str, dict] = {
         },
         "eval": _arith_eval(80, 200),
     },
-    # The real built-in model on the verifiable-instruction task (issue 18): the base model's own answers, 4 per
+    # The real built-in model on the verifiable-instruction task: the base model's own answers, 4 per
     # prompt, ranked by the constraint checker into pairs (generate stages, run once and shared by every seed), DPO
     # cells straight from the base model (it is already instruction-tuned: no SFT stage), and held-out pairs on the
     # eval split's prompts and constraint combinations, whose labels never flip. The measure is the implicit-reward
-    # accuracy on those pairs; the power calculation behind the sizes is in the README ("Robustness on a real model").
+    # accuracy on those pairs; the power calculation behind the sizes is in docs/robustness.md ("On a real model").
     "smollm2": {
         "model": {"name_or_path": "builtin:smollm2-135m-instruct"},
         "losses": ("dpo", "cdpo", "rdpo"),

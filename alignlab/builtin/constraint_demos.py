@@ -318,7 +318,7 @@ def revise(prompts: list, completions: list, seed: int = 0) -> list[str | None]:
 
     SFT on revised answers teaches the instructions without the script of the code-written demonstrations: on
     SmolLM2-135M-Instruct their KL to the base stays a few nats where the scripted SFT -> DPO reached 60-85
-    (README, "On a real model")."""
+    (docs/results.md, "On a real model")."""
     out = []
     for prompt, completion in _texts(prompts, completions, "revise"):
         sentences = answer_sentences(completion)

@@ -98,8 +98,8 @@ def near_tie_weights(ds: Dataset, spec: DatasetSpec, recipe: Recipe | None, wher
     """[n] weights exp(-d_i / NEAR_TIE_SCALE) for `flip_mode: near_tie`, d_i = the pair's true reward margin
     r(chosen) - r(rejected) >= 0: the `margin` column when the data has one, else the builtin task's reward.
     A pair with d = 0.1 is e (2.7) times as likely to be flipped as one with d = 0.2: annotators confuse pairs of
-    nearly equal quality more often (label noise that a scorer partly cannot see; README, "Auditing preference
-    labels")."""
+    nearly equal quality more often (label noise that a scorer partly cannot see; docs/robustness.md, "Auditing
+    preference labels")."""
     import math
 
     if "margin" in ds.column_names:

@@ -9,7 +9,7 @@ Policy and reference complete the SAME prompts: greedy when `temperature: 0`; wh
 its own random stream (seeded from the recipe seed and i, whatever its batch), so equal models give equal samples
 and two checkpoints share their random numbers (a paired comparison). Aggregates use the `evaluate` modules in
 alignlab/metrics/<name>/ (loaded from that path) and the statistics of stats.py (Wilson intervals for rates of
-prompts, normal intervals for means, delta-method for ratios, paired differences; ALGORITHMS.md "Reporting
+prompts, normal intervals for means, delta-method for ratios, paired differences; docs/algorithms.md, "Reporting
 statistics"); the models are run in evaluator.py.
 
 eval.json keys (EVAL_KEYS; a value is null when the input it needs was not given). Every measured number KEY

@@ -1,4 +1,4 @@
-"""Reporting statistics (docs: ALGORITHMS.md, "Reporting statistics"): small pure functions, standard library only.
+"""Reporting statistics (docs/algorithms.md, "Reporting statistics"): small pure functions, standard library only.
 
 Every summary is a dict {"value", "stderr", "ci": [lo, hi], "n"} at 95% (z = 1.959964):
 - `rate`: a fraction of 0/1 outcomes, p = k / n; stderr sqrt(p (1 - p) / n); the Wilson score interval (Wilson 1927),

@@ -2,7 +2,7 @@
 policy-gradient loss with separate low / high clip ranges (DAPO's clip-higher), an optional k3 KL term to the
 reference, and the three ways of reducing per-token losses to one number.
 
-Sources (formulas: docs ALGORITHMS.md, "Critic-free RL"):
+Sources (formulas: docs/algorithms.md, "GRPO, Dr. GRPO, RLOO, DAPO"):
 - GRPO, Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300, eq. 3): A_i = (r_i - mean(r)) / std(r), the same for
   every token of response i; per-token clipped surrogate, averaged per response, then over responses; beta * k3.
 - Dr. GRPO, Liu et al. 2025 (arXiv 2503.20783, sec. 3.1): A_i = r_i - mean(r) (no std division), token sums

@@ -14,7 +14,7 @@ batch unless stated) and a dict of extra 0-dim detached metrics (usually empty).
 ``PREFERENCE_LOSSES`` maps a name to its function; the accepted parameters and their defaults are read from the
 function's signature, so adding a loss means writing one function and one registry line, never an if/elif on names.
 ``preference_loss`` is the entry point the stages call: it validates, computes h and the reward metrics, and
-dispatches. Formulas and sources: the docstring of each function, and the design notes (ALGORITHMS.md).
+dispatches. Formulas and sources: the docstring of each function, and docs/algorithms.md ("Preference losses").
 
 Notation: l(z) = -log sigma(z), computed as softplus(-z) (never log(sigmoid(z)), which underflows to -inf).
 """
@@ -65,7 +65,7 @@ def ipo_loss(h: Tensor, beta: float) -> tuple[Tensor, Metrics]:
     """IPO, Azar et al. 2023 (arXiv 2310.12036, eq. 17): L = mean_i (h_i - 1/(2 tau))^2, with tau = beta.
 
     h: [B]. The function uses the log-probs it is given; the IPO stage passes length-averaged log-probs
-    (as TRL does), see ALGORITHMS.md. At h = 0, L = (1/(2 beta))^2.
+    (as TRL does), see docs/algorithms.md. At h = 0, L = (1/(2 beta))^2.
     """
     return (h - 1.0 / (2.0 * beta)).pow(2).mean(), {}
 

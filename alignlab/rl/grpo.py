@@ -1,5 +1,5 @@
 """Critic-free RL (GRPO, Dr. GRPO, RLOO, DAPO's fixes) on accelerate: alignlab's own loop. The stage that builds
-its inputs is alignlab/stages/grpo.py; the formulas are in alignlab/losses/grpo.py (see ALGORITHMS.md).
+its inputs is alignlab/stages/grpo.py; the formulas are in alignlab/losses/grpo.py (see docs/algorithms.md).
 
 One step = one batch of groups, then `epochs` passes of the clipped policy-gradient loss over it:
   1. take `prompts_per_step` prompts (per process) and sample `num_generations` responses to each (a group), every

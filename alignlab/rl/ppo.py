@@ -1,5 +1,5 @@
 """PPO for RLHF on accelerate: alignlab's own loop (TRL 1.x has no PPO trainer). The stage that builds its
-inputs is alignlab/stages/ppo.py; the formulas are in alignlab/losses/ppo.py (see ALGORITHMS.md).
+inputs is alignlab/stages/ppo.py; the formulas are in alignlab/losses/ppo.py (see docs/algorithms.md).
 
 One step = one rollout batch, then `epochs` passes of clipped PPO over minibatches of it:
   1. sample one response per prompt (left-padded prompts, temperature, up to max_new_tokens or EOS; no top-p:

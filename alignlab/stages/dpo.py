@@ -188,7 +188,7 @@ def loss_inputs(length_normalized: bool, mask, chosen, rejected, ref_chosen, ref
     (precomputed ones come from the dataset as float64 on the CPU)."""
     refs = [None if r is None else r.to(chosen) for r in (ref_chosen, ref_rejected)]
     if length_normalized:
-        # IPO on per-token averages is TRL's choice, confirmed with the IPO authors (ALGORITHMS.md); ln_dpo
+        # IPO on per-token averages is TRL's choice, confirmed with the IPO authors (docs/algorithms.md); ln_dpo
         # (Tulu 3), SimPO and ORPO are defined on them.
         n_c, n_r = mask.sum(1).clamp(min=1).chunk(2)
         chosen, rejected = chosen / n_c, rejected / n_r

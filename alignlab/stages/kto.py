@@ -6,10 +6,10 @@
 For each example, with r = log pi(y|x) - log pi_ref(y|x) and z_ref = max(0, KL estimate), detached:
     desirable:    lambda_D (1 - sigma(beta (r - z_ref)))
     undesirable:  lambda_U (1 - sigma(beta (z_ref - r)))
-averaged over the batch (TRL's kto loss, eq. 7 of the paper; ALGORITHMS.md). The KL estimate is the batch mean of
-log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs: TRL pairs each prompt with the previous row's completion
-within a batch, hence sequential sampling (KTOConfig's default) and at least 2 rows per device batch (checked by
-the recipe). At the start policy = reference, so every term is 1 - sigma(0) = 1/2 (with unit weights).
+averaged over the batch (TRL's kto loss, eq. 7 of the paper; docs/algorithms.md, "KTO"). The KL estimate is the
+batch mean of log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs: TRL pairs each prompt with the previous row's
+completion within a batch, hence sequential sampling (KTOConfig's default) and at least 2 rows per device batch
+(checked by the recipe). At the start policy = reference, so every term is 1 - sigma(0) = 1/2 (with unit weights).
 
 TRL does the tokenisation, batching, KL pairs, loss and logging; alignlab adds its checkpoints and nan/inf stop
 (GuardedTrainer) and the hand-off: the reference is the stage's INPUT model, frozen. After a LoRA/QLoRA SFT stage

@@ -217,7 +217,7 @@ class RolloutSpec(Strict):
     batch_size: int = Field(16, gt=0, description="Prompts per PPO update (per process)")
     max_new_tokens: int = Field(32, gt=0, description="Maximum response length; generation also stops at EOS")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs use logits / temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; PPO accepts only 1.0 (off): see README")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; PPO takes only 1.0 (off): docs/stages.md")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="Subtracted from the score of a response that hit max_new_tokens without EOS"
     )
@@ -255,7 +255,7 @@ class RolloutSpec(Strict):
 
 
 class PPOHyperSpec(Strict):
-    """PPO optimisation (formulas: docs ALGORITHMS.md, code alignlab/losses/ppo.py)."""
+    """PPO optimisation (formulas: docs/algorithms.md, code alignlab/losses/ppo.py)."""
 
     epochs: int = Field(4, gt=0, description="PPO epochs over each rollout batch")
     minibatch_size: int = Field(8, gt=0, description="Responses per optimizer step (per process)")
@@ -375,7 +375,7 @@ def check_sampling_dtype(recipe, index: int) -> str | None:
 )
 class GRPOSpec(StageSpec):
     """Critic-free RL on rewards a program (or a reward model) gives: GRPO, Dr. GRPO, RLOO and DAPO's fixes
-    (alignlab's own loop; formulas: ALGORITHMS.md, code: alignlab/losses/grpo.py, alignlab/rl/grpo.py)."""
+    (alignlab's own loop; formulas: docs/algorithms.md, code: alignlab/losses/grpo.py, alignlab/rl/grpo.py)."""
 
     type: Literal["grpo"] = "grpo"
     dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
