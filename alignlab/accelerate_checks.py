@@ -1,6 +1,6 @@
 """Accelerate launch settings checked against a recipe before any model loads.
 
-`alignlab validate RECIPE --accelerate-config recipes/accelerate/fsdp.yaml` reads the file with accelerate's own
+`alignlab validate RECIPE --accelerate-config recipes/accelerate/fsdp2.yaml` reads the file with accelerate's own
 loader; `alignlab run` under `accelerate launch` reads the same settings from the environment the launcher sets.
 Known-bad combinations are errors (all listed at once); doubtful ones come back as "warning: ..." notes.
 
@@ -10,8 +10,9 @@ Known-bad combinations are errors (all listed at once); doubtful ones come back 
   zero3_init_flag: true (warnings).
 - wdpo under FSDP or ZeRO-3: its penalty is a gradient taken with create_graph and differentiated again; sharded
   parameters are gathered per module and freed, which that double backprop does not survive.
-- ppo under FSDP or DeepSpeed: alignlab's own loop generates with the unwrapped (whole) policy and prepares no
-  dataloader, which DeepSpeed needs for its batch size: DDP only.
+- ppo, grpo and generate under DeepSpeed: alignlab's own loops shard their models themselves with FSDP2 (under an
+  FSDP config or `parallel.shard: fsdp2`, alignlab/parallel.py) and prepare no dataloader, which DeepSpeed needs for
+  its batch size: DDP or FSDP.
 - ZeRO-3 without zero3_save_16bit_model: the final model cannot be gathered from the shards.
 - DeepSpeed gradient_accumulation_steps / gradient_clipping unequal to the recipe's train keys: the Trainer refuses
   the mismatch, but only after the model has loaded.
@@ -82,6 +83,7 @@ def launch_config_from_env(env=os.environ) -> dict | None:
     if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") != "none":
         ds.update(_deepspeed_json(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"])))
     fsdp = {
+        "version": env.get("FSDP_VERSION", "1"),
         "use_orig_params": env.get("FSDP_USE_ORIG_PARAMS"),
         "cpu_ram_efficient_loading": env.get("FSDP_CPU_RAM_EFFICIENT_LOADING"),
     }
@@ -137,7 +139,7 @@ def check_launch(recipe: Recipe, cfg: dict) -> list[str]:
             )
         if fsdp is not None and not _true(fsdp.get("cpu_ram_efficient_loading")):
             warnings.append("QLoRA under FSDP: set fsdp_cpu_ram_efficient_loading: true (PEFT's FSDP-QLoRA guide)")
-        if fsdp is not None and _true(fsdp.get("use_orig_params")):
+        if fsdp is not None and str(fsdp.get("version", 1)) != "2" and _true(fsdp.get("use_orig_params")):
             warnings.append("QLoRA under FSDP: PEFT's FSDP-QLoRA guide sets fsdp_use_orig_params: false")
         if zero == 3 and str(ds.get("zero3_init_flag")).lower() == "false":
             warnings.append("QLoRA under ZeRO-3: set zero3_init_flag: true (PEFT's DeepSpeed QLoRA guide)")
@@ -155,9 +157,11 @@ def check_launch(recipe: Recipe, cfg: dict) -> list[str]:
             )
         elif unshardable_loss and ds is not None:
             warnings.append(f"{where}: {loss.name} under DeepSpeed ZeRO-{zero} is untested; DDP is the tested setup")
-        whole = stage_record(spec.type).needs_whole_model
-        if whole and (fsdp is not None or ds is not None):
-            problems.append(f"{where}: {whole}; it runs under DDP (ddp.yaml, multinode.yaml), not {engine}")
+        why = stage_record(spec.type).not_under_deepspeed
+        if why and ds is not None:
+            problems.append(
+                f"{where}: {why}; it runs under DDP (ddp.yaml, multinode.yaml) or FSDP (fsdp2.yaml), not {engine}"
+            )
         train = getattr(spec, "train", None)
         if train is None:
             continue

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument(
         "--accelerate-config",
         metavar="FILE",
-        help="also check an `accelerate launch --config_file` config against the recipe (e.g. recipes/accelerate/fsdp.yaml)",
+        help="also check an `accelerate launch --config_file` config against the recipe (e.g. recipes/accelerate/fsdp2.yaml)",
     )
 
     bi = sub.add_parser(

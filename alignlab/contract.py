@@ -35,6 +35,7 @@ class StageOutput:
     merged_path: str | None = None
     metrics: dict = field(default_factory=dict)
     origin: dict = field(default_factory=dict)  # what it was made from (alignlab/freshness.py); {}: not recorded
+    parallel: dict = field(default_factory=dict)  # {shard, world_size, params_per_rank} (alignlab/parallel.py)
 
     def save(self, stage_dir: Path) -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ NOT_RESULT_KEYS = frozenset(
         "save_total_limit",
         "num_samples_shown",
         "model.gradient_checkpointing",
+        "parallel",  # sharded = unsharded (as N processes = 1): the same computation in other float sums
     }
 )
 LARGE_FILE = 32 * 2**20  # bytes: bigger files (model weights) are digested by size and their first and last MiB

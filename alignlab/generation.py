@@ -108,6 +108,7 @@ def generate(
     row_seeds: list[int] | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     end_ids: Sequence[int] | None = None,
+    synced: bool = False,
 ) -> Rollout:
     """Sample (temperature > 0) or decode greedily (temperature == 0) one completion per prompt.
 
@@ -118,6 +119,8 @@ def generate(
     `end_ids`: the tokens that end a response (default `end_token_ids(tokenizer, model)`; callers that generate
     often collect them once). Texts decode each row's real tokens before its end token: never the padding after
     it, which would otherwise decode as text (id 0 is "!" in the GPT-2, Llama 3 and Qwen2 vocabularies).
+    `synced`: every process keeps running forward passes until all are done (a model sharded with per-layer gathers:
+    each forward is collective; alignlab/parallel.py).
 
     Only the options given here shape the distribution: the model's generation_config.json (e.g. a repetition
     penalty or top_k shipped with an instruct model) is set aside, so samples come from softmax(logits /
@@ -143,6 +146,7 @@ def generate(
             top_p=top_p if sample and not per_row else None,
             top_k=0 if sample and not per_row else None,
             logits_processor=[RowSeededSampler(row_seeds, temperature, top_p, observe)] if per_row else None,
+            synced_gpus=synced,
         )
     model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1] :]

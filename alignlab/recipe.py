@@ -20,8 +20,10 @@ import alignlab.stages.specs  # noqa: F401, I001  (registers the stage types)
 from alignlab.schema import (  # noqa: F401  (re-exported: the recipe's sections are part of its API)
     CANONICAL_COLUMNS,
     MAX_SEED,
+    SHARDABLE_STAGE_TYPES,
     DatasetSpec,
     ModelSpec,
+    ParallelSpec,
     PeftSpec,
     QuantizationSpec,
     RecipeError,
@@ -39,6 +41,9 @@ class Recipe(Strict):
     model: ModelSpec
     peft: PeftSpec = Field(default_factory=PeftSpec)
     stages: list[StageSpec] = Field(min_length=1)
+    parallel: ParallelSpec = Field(
+        default_factory=ParallelSpec, description="Sharding of the stages alignlab runs itself (ppo, grpo, generate)"
+    )
 
     # Where the recipe was read from: relative data paths resolve against it. Not a YAML key.
     source: Path | None = Field(None, exclude=True)
@@ -48,6 +53,12 @@ class Recipe(Strict):
     def load_notes(self) -> list[str]:
         """What loading changed that the user did not write (e.g. loss parameters dropped by a loss switch)."""
         return self._load_notes
+
+    def parallel_for(self, spec: StageSpec) -> ParallelSpec:
+        """The sharding a stage runs with: its own `parallel`, else the recipe's; `none` for the trainer stages."""
+        if spec.type not in SHARDABLE_STAGE_TYPES:
+            return ParallelSpec()
+        return spec.parallel if spec.parallel is not None else self.parallel
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:

@@ -188,6 +188,29 @@ def reward_fn_refs(value: str | list[RewardFnSpec] | None) -> list[str]:
     return [component.fn for component in value]
 
 
+# The stage types that run alignlab's own loops and shard their models themselves (parallel.shard); the trainer
+# stages (TRL) are sharded by an FSDP accelerate config instead. eval runs on the main process alone, whole models.
+SHARDABLE_STAGE_TYPES = ("ppo", "grpo", "generate")
+
+
+class ParallelSpec(Strict):
+    """How alignlab's own loops (ppo, grpo, generate) hold their models over the processes of a run
+    (docs/multi-gpu.md). Set at the top of the recipe and overridable per stage."""
+
+    shard: Literal["none", "fsdp2"] = Field(
+        "none",
+        description="none: every process holds whole parameters (DDP); fsdp2: torch's fully_shard per decoder layer "
+        "and on the root: parameters, gradients and optimizer state split over the processes (a 1-process run says "
+        "so and runs unsharded). Trainer stages (sft, dpo, kto, reward) take FSDP from the accelerate config",
+    )
+    gather: Literal["once", "per_layer"] = Field(
+        "once",
+        description="Sampling from a sharded model: once (every layer's weights gathered once per sampling pass and "
+        "kept until it ends: fast, the whole model's weights on each device meanwhile) or per_layer (each layer "
+        "gathered whenever it runs: one all-gather per layer per token, 1/N of the weights plus one layer held)",
+    )
+
+
 class StageSpec(Strict):
     """Keys common to every stage. `input` says which model the stage starts from: `previous` (default: the
     output of the stage before it), `base` (the recipe's base model), or the name of an earlier stage."""
@@ -196,6 +219,19 @@ class StageSpec(Strict):
     type: str
     input: str = "previous"
     merge: bool = Field(False, description="Also write merged full weights (adapters merged into the base)")
+    parallel: ParallelSpec | None = Field(
+        None, description="This stage's sharding (ppo, grpo, generate), in place of the recipe's `parallel`"
+    )
+
+    @model_validator(mode="after")
+    def _parallel_where_it_applies(self):
+        if self.parallel is not None and self.type not in SHARDABLE_STAGE_TYPES:
+            raise ValueError(
+                f"parallel: a {self.type} stage runs on TRL's trainer, which accelerate shards (an FSDP accelerate "
+                f"config: recipes/accelerate/fsdp2.yaml), not the recipe; `parallel` applies to "
+                f"{', '.join(SHARDABLE_STAGE_TYPES)}. Remove it from this stage"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -23,11 +23,13 @@ QWEN = ROOT / "recipes" / "examples" / "qwen2.5-0.5b-instruct-sft-dpo-lora.yaml"
 LLAMA = ROOT / "recipes" / "examples" / "llama-3.1-8b-qlora-sft-dpo.yaml"  # QLoRA, bf16, quant_storage bf16
 EXPECTED = {
     "ddp.yaml": ("MULTI_GPU", QWEN),
-    "fsdp.yaml": ("FSDP", QWEN),
+    "fsdp2.yaml": ("FSDP", QWEN),
+    "fsdp2_qlora.yaml": ("FSDP", LLAMA),
     "fsdp_qlora.yaml": ("FSDP", LLAMA),
     "zero2.yaml": ("DEEPSPEED", QWEN),
     "zero3.yaml": ("DEEPSPEED", LLAMA),
     "multinode.yaml": ("MULTI_GPU", QWEN),
+    "multinode_fsdp2.yaml": ("FSDP", QWEN),
 }
 NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
 
@@ -53,11 +55,15 @@ def test_config_parses_with_accelerate_and_launch_accepts_it(name):
         kind == "MULTI_GPU",
     )
     assert args.mixed_precision == "bf16"
-    if name == "multinode.yaml":
+    if name.startswith("multinode"):
         assert (cfg.num_machines, cfg.machine_rank, cfg.main_process_ip) == (2, 0, "10.0.0.1")
-    if kind == "FSDP":
-        assert cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    if kind == "FSDP":  # FSDP1: FULL_SHARD; FSDP2 says the same with reshard_after_forward
+        if cfg.fsdp_config["fsdp_version"] == 2:
+            assert cfg.fsdp_config["fsdp_reshard_after_forward"] is True
+        else:
+            assert cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
         assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert cfg.fsdp_config["fsdp_version"] == (1 if name == "fsdp_qlora.yaml" else 2)
     if name == "fsdp_qlora.yaml":  # PEFT's FSDP-QLoRA settings
         assert cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
         assert cfg.fsdp_config["fsdp_use_orig_params"] is False
@@ -98,7 +104,7 @@ def _config(tmp_path, base: str, **changes) -> Path:
 QLORA_TINY = ROOT / "recipes" / "sft_dpo_qlora.yaml"  # QLoRA with the default uint8 storage, float32 model
 
 
-@pytest.mark.parametrize("config", ["fsdp_qlora.yaml", "zero3.yaml"])
+@pytest.mark.parametrize("config", ["fsdp_qlora.yaml", "fsdp2_qlora.yaml", "zero3.yaml"])
 def test_qlora_sharded_needs_float_storage_equal_to_model_dtype(config):
     msg = _error(QLORA_TINY, CONFIGS / config)
     assert f"recipes/sft_dpo_qlora.yaml cannot run with {CONFIGS / config}:" in msg
@@ -128,7 +134,7 @@ def test_fsdp_qlora_settings_from_peft_guide_are_warned(tmp_path):
     assert "warning: QLoRA under FSDP: PEFT's FSDP-QLoRA guide sets fsdp_use_orig_params: false" in notes
 
 
-@pytest.mark.parametrize("config", ["fsdp.yaml", "zero3.yaml"])
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "fsdp_qlora.yaml", "zero3.yaml"])
 def test_wdpo_double_backprop_is_refused_with_sharded_parameters(config):
     msg = _error(QWEN, CONFIGS / config, ["stages.dpo.loss.name=wdpo"])
     assert "stages[1] (dpo).loss.name: wdpo differentiates its loss twice" in msg
@@ -136,12 +142,32 @@ def test_wdpo_double_backprop_is_refused_with_sharded_parameters(config):
     validate_recipe(QWEN, ["stages.dpo.loss.name=wdpo"], CONFIGS / "ddp.yaml")  # DDP: fine
 
 
-@pytest.mark.parametrize("config", ["fsdp.yaml", "zero2.yaml", "zero3.yaml"])
-def test_ppo_runs_under_ddp_only(config):
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
+def test_own_loops_run_under_ddp_or_fsdp_not_deepspeed(config):
+    """ppo, grpo and generate shard their models themselves (FSDP2) and prepare no dataloader for DeepSpeed."""
     recipe = ROOT / "recipes" / "sft_ppo_reward_fn.yaml"
     msg = _error(recipe, CONFIGS / config)
-    assert "stages[1] (ppo): the ppo stage runs alignlab's own loop" in msg and "runs under DDP (ddp.yaml" in msg
-    validate_recipe(recipe, accelerate_config=CONFIGS / "ddp.yaml")
+    assert "stages[1] (ppo): the ppo stage runs alignlab's own loop, which shards its models itself" in msg
+    assert "runs under DDP (ddp.yaml, multinode.yaml) or FSDP (fsdp2.yaml)" in msg
+    for ok in ("ddp.yaml", "fsdp2.yaml", "multinode_fsdp2.yaml"):
+        validate_recipe(recipe, accelerate_config=CONFIGS / ok)
+    generate = ROOT / "recipes" / "smollm2_generate_dpo_lora.yaml"
+    assert "the generate stage samples with alignlab's own loop" in _error(generate, CONFIGS / config)
+
+
+def test_slurm_template_launches_a_checked_multinode_config():
+    """recipes/slurm/alignlab.sbatch: valid bash, one `accelerate launch` per node with the multi-node FSDP2 config
+    and the machine keys from the allocation, after `alignlab validate --accelerate-config` of the same config."""
+    import subprocess
+
+    script = ROOT / "recipes" / "slurm" / "alignlab.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "CONFIG=${ACCELERATE_CONFIG:-recipes/accelerate/multinode_fsdp2.yaml}" in text
+    assert text.index('alignlab validate "$RECIPE" --accelerate-config "$CONFIG"') < text.index("srun --")
+    for key in ("--num_machines $NODES", "--machine_rank \\$SLURM_NODEID", "--main_process_ip $MAIN"):
+        assert key in text, key
+    assert load_launch_config(CONFIGS / "multinode_fsdp2.yaml")["distributed_type"] == "FSDP"
 
 
 def test_deepspeed_values_must_equal_the_recipes(tmp_path):
@@ -216,7 +242,7 @@ def test_run_under_launch_refuses_a_bad_combination_before_loading(tmp_path, mon
         raise AssertionError("the pipeline started")
 
     monkeypatch.setattr("alignlab.pipeline.run_pipeline", refuse)
-    for key, value in _launch_env("fsdp.yaml").items():
+    for key, value in _launch_env("fsdp2.yaml").items():
         monkeypatch.setenv(key, value)
     raw = yaml.safe_load((ROOT / "recipes" / "robust_dpo_noisy.yaml").read_text())
     raw["output_dir"] = str(tmp_path / "run")

@@ -150,10 +150,11 @@ class GRPOTrainer(RLTrainer):
         spec,  # GRPOSpec
         seed: int,
         stage_dir: Path,
+        sharding=None,  # alignlab.parallel.Sharding
     ):
         super().__init__(
             accelerator=accelerator, policy=policy, tokenizer=tokenizer, prompts=prompts, reference=reference,
-            spec=spec, seed=seed, stage_dir=stage_dir,
+            spec=spec, seed=seed, stage_dir=stage_dir, sharding=sharding,
         )  # fmt: skip
         self.rewards = rewards
         self.agg = spec.aggregation
@@ -197,7 +198,8 @@ class GRPOTrainer(RLTrainer):
         the update (EndRun, with _stop's summary entries)."""
         step = self.step + 1  # 1-based, as logged
         watch = self.spec.watch_steps is not None and (step == 1 or step % self.spec.watch_steps == 0)
-        batch, stats, texts, prompts, rewards = self.make_groups(watch)
+        with self._sampling():
+            batch, stats, texts, prompts, rewards = self.make_groups(watch)
         stats = self._mean_over_processes(stats)
         if watch or "kl" in stats:
             self._watch(step, stats, texts, prompts, rewards, show=watch)
@@ -224,7 +226,7 @@ class GRPOTrainer(RLTrainer):
         with self.acc.autocast():
             ro = generate(
                 model, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                row_seeds=row_seeds, observe=recorder, end_ids=self.end_ids,
+                row_seeds=row_seeds, observe=recorder, end_ids=self.end_ids, synced=self.sharding.synced,
             )  # fmt: skip
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
         prompt_ids, prompt_mask = ro.prompt_ids[::size].to(device), ro.prompt_mask[::size].to(device)  # [N, P]
@@ -384,10 +386,10 @@ class GRPOTrainer(RLTrainer):
         """Mean share of repeated word 3-grams of the policy's greedy answers to `greedy_prompts` fixed, evenly
         spaced training prompts (what the eval's repetition measures, on greedy answers as the eval decodes). Every
         process decodes the same prompts with the same weights: the same value everywhere, no communication."""
-        with self.acc.autocast():
+        with self._sampling(), self.acc.autocast():
             ro = generate(
                 self.policy, self.tokenizer, self.probe_prompts, max_new_tokens=self.spec.max_new_tokens,
-                temperature=0.0, end_ids=self.end_ids,
+                temperature=0.0, end_ids=self.end_ids, synced=self.sharding.synced,
             )  # fmt: skip
         shares = [repeated_ngram_share(t) for t in ro.texts]
         value = sum(shares) / len(shares)
@@ -420,10 +422,12 @@ class GRPOTrainer(RLTrainer):
     def _save_input(self) -> None:
         from safetensors.torch import save_file
 
+        # whole tensors (gathered from the shards on the main process when sharded)
+        weights = self.sharding.full_state(self.unwrapped, True) if self.sharding.enabled else None
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.input_path.with_suffix(".tmp")
-            save_file(trainable_state(self.unwrapped), str(tmp))
+            save_file(weights if weights is not None else trainable_state(self.unwrapped), str(tmp))
             os.replace(tmp, self.input_path)
         self.acc.wait_for_everyone()
 
@@ -448,10 +452,7 @@ class GRPOTrainer(RLTrainer):
         else:
             from safetensors.torch import load_file
 
-            own = dict(self.unwrapped.named_parameters())
-            with torch.no_grad():
-                for name, tensor in load_file(str(self.input_path), device=str(self.acc.device)).items():
-                    own[name].copy_(tensor)
+            self.sharding.load_full_state(self.unwrapped, load_file(str(self.input_path), device=str(self.acc.device)))
             self.step = 0
             message = (
                 f"{at}. The stage's model is its input model, whose weights passed the checks of step 1: no checkpoint "

@@ -24,7 +24,13 @@ sees a nan or inf.
 Checkpoints: checkpoints/step-N holds trainable.safetensors (the trainable weights: adapter or full, and PPO's
 value head), optimizer.pt, trainer_state.json ({"step": N} plus what the algorithm adds, e.g. PPO's KL controller)
 and the COMPLETE marker; written to .step-N.tmp, marked complete last, then renamed, so a cut-off write is never
-resumed from (alignlab/checkpoints.py).
+resumed from (alignlab/checkpoints.py). A recipe with `parallel.shard: fsdp2` writes a distributed checkpoint
+instead (dcp/: each process its shards of the trainable weights and of the optimizer state, keyed by parameter
+name, with torch.distributed.checkpoint), so a checkpoint written by N processes resumes on M.
+
+Sharding (alignlab/parallel.py): with `parallel.shard: fsdp2` and several processes the trainer's model (the policy,
+and PPO's value head) is sharded with FSDP2 instead of wrapped in DDP; sampling passes run inside `_sampling()`,
+which gathers the weights the way `parallel.gather` says.
 """
 
 from __future__ import annotations
@@ -46,8 +52,11 @@ from alignlab.console import progress
 from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.generation import end_token_ids
 from alignlab.losses import entropy_from_logits
+from alignlab.parallel import Sharding
+from alignlab.schema import ParallelSpec
 
 log = logging.getLogger("alignlab")
+DCP_DIR = "dcp"  # a sharded recipe's checkpoint: torch.distributed.checkpoint's files
 ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion texts) -> [B] float scores
 Reference = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (input_ids, attention_mask, C) -> [B, C]
 
@@ -72,8 +81,9 @@ class RLTrainer:
     lr_key: str
 
     def __init__(self, *, accelerator, policy: nn.Module, tokenizer, prompts: list, reference, spec, seed: int,
-                 stage_dir: Path):  # fmt: skip
+                 stage_dir: Path, sharding: Sharding | None = None):  # fmt: skip
         self.acc, self.tokenizer, self.prompts = accelerator, tokenizer, prompts
+        self.sharding = sharding or Sharding(ParallelSpec(), accelerator, self.name)
         self.reference, self.spec, self.seed, self.stage_dir = reference, spec, seed, Path(stage_dir)
         self.end_ids = end_token_ids(tokenizer, policy)  # what ends a response: sampling, mask, eos_rate
         self.step = 0
@@ -83,15 +93,27 @@ class RLTrainer:
         self.logs = [self.metrics_path]  # files of per-step rows, cut back to the resumed step
 
     def _prepare(self, model: nn.Module, **adamw) -> None:
-        """Dropout off, AdamW over the trainable parameters, both through accelerator.prepare."""
+        """Dropout off, AdamW over the trainable parameters, both through accelerator.prepare (DDP); or, sharded,
+        the model sharded with FSDP2 (alignlab/parallel.py) and AdamW over its shards."""
         disable_dropout(model)
+        if self.sharding.enabled:
+            self.model = self.sharding.shard(model)
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            adamw.pop("fused", None)  # the fused kernel takes plain tensors, not shards
+            self.optimizer = torch.optim.AdamW(self.params, **adamw)
+            return
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, **adamw)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.acc.unwrap_model(self.model)
+        return self.model if self.sharding.enabled else self.acc.unwrap_model(self.model)
+
+    def _sampling(self):
+        """The context every sampling pass (and the rollout's other no-grad passes) runs in: the sharded weights
+        gathered as `parallel.gather` says; nothing unsharded."""
+        return self.sharding.gathered(self.model)
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -204,9 +226,14 @@ class RLTrainer:
         """One optimizer step on a minibatch's `loss` (already weighed by this process's share): the NaN guard first,
         so a non-finite loss never reaches the weights, then backward, clipping (max_grad_norm > 0) and AdamW."""
         self._check_finite(torch.isfinite(loss), f"the {self.name.upper()} loss is nan or inf")
-        self.acc.backward(loss)
-        if max_grad_norm > 0:
-            self.acc.clip_grad_norm_(self.params, max_grad_norm)
+        if self.sharding.enabled:  # FSDP2 reduce-scatters the gradients; clipping takes the norm over every shard
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        else:
+            self.acc.backward(loss)
+            if max_grad_norm > 0:
+                self.acc.clip_grad_norm_(self.params, max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -241,13 +268,19 @@ class RLTrainer:
     def save_checkpoint(self) -> None:
         from safetensors.torch import save_file
 
+        final = self.ckpt_dir / f"step-{self.step}"
+        tmp = self.ckpt_dir / f".step-{self.step}.tmp"
         if self.acc.is_main_process:
-            final = self.ckpt_dir / f"step-{self.step}"
-            tmp = self.ckpt_dir / f".step-{self.step}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(trainable_state(self.unwrapped), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if self.sharding.requested:  # every process writes its shards
+            self.acc.wait_for_everyone()
+            self._save_distributed(tmp / DCP_DIR)
+            self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            if not self.sharding.requested:
+                save_file(trainable_state(self.unwrapped), str(tmp / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             state = {"step": self.step, **self._extra_state()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
@@ -257,9 +290,48 @@ class RLTrainer:
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if (path / DCP_DIR).is_dir():
+            self._load_distributed(path / DCP_DIR)
+        elif self.sharding.enabled:
+            raise ValueError(
+                f"checkpoint {path} was written by a run without parallel.shard fsdp2 (whole weights in "
+                "trainable.safetensors); resume it with parallel.shard none, or start this stage over without --resume"
+            )
+        else:
+            self._load_whole(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        self._load_extra_state(state)
+        self.step = int(state["step"])
+
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # the trainable tensors only (dcp.load fails on any of them missing from the checkpoint), so strict=False
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+    def _save_distributed(self, folder: Path) -> None:
+        """The trainable weights and AdamW's state, keyed by parameter name: each process writes its shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.unwrapped, self.optimizer, options=self._state_options())
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(folder))
+
+    def _load_distributed(self, folder: Path) -> None:
+        """A distributed checkpoint, written by any number of processes, into this run's (sharded or whole)
+        weights and optimizer."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        options = self._state_options()
+        model, optim = get_state_dict(self.unwrapped, self.optimizer, options=options)
+        dcp.load({"model": model, "optim": optim}, checkpoint_id=str(folder))
+        set_state_dict(self.unwrapped, self.optimizer, model_state_dict=model, optim_state_dict=optim, options=options)
+
+    def _load_whole(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        path = Path(path)
         saved = load_file(str(path / "trainable.safetensors"), device=str(self.acc.device))
         own = dict(self.unwrapped.named_parameters())
         missing = set(trainable_state(self.unwrapped)) - set(saved)
@@ -271,9 +343,6 @@ class RLTrainer:
         self.optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location=self.acc.device, weights_only=True)
         )
-        state = json.loads((path / "trainer_state.json").read_text())
-        self._load_extra_state(state)
-        self.step = int(state["step"])
 
 
 class SamplingRecorder:

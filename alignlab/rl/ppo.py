@@ -142,10 +142,11 @@ class PPOTrainer(RLTrainer):
         spec,  # PPOSpec
         seed: int,
         stage_dir: Path,
+        sharding=None,  # alignlab.parallel.Sharding
     ):
         super().__init__(
             accelerator=accelerator, policy=model.policy, tokenizer=tokenizer, prompts=prompts, reference=reference,
-            spec=spec, seed=seed, stage_dir=stage_dir,
+            spec=spec, seed=seed, stage_dir=stage_dir, sharding=sharding,
         )  # fmt: skip
         self.score_fn = score_fn
         self.ro, self.hp = spec.rollout, spec.ppo
@@ -163,7 +164,8 @@ class PPOTrainer(RLTrainer):
     def train_step(self) -> dict[str, float]:
         samples = self._stream(self.ro.batch_size)
         prompts = [self.prompts[self._prompt_index(k)] for k in samples]
-        batch, stats = self.make_rollout(prompts, row_seeds=[self.seed * 1_000_003 + k for k in samples])
+        with self._sampling():
+            batch, stats = self.make_rollout(prompts, row_seeds=[self.seed * 1_000_003 + k for k in samples])
         stats.update(self.optimize(batch, torch.Generator().manual_seed(self._seed())))
         stats = self._mean_over_processes(stats)
         self.kl_ctl.update(stats["kl"], n_steps=self.ro.batch_size * self.acc.num_processes)
@@ -191,6 +193,7 @@ class PPOTrainer(RLTrainer):
                 row_seeds=row_seeds,
                 observe=recorder,
                 end_ids=self.end_ids,
+                synced=self.sharding.synced,
             )
         device = self.acc.device
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)

@@ -16,12 +16,16 @@ from alignlab.models import REF_ADAPTER, load_causal_lm
 from alignlab.rl.loop import disable_dropout
 
 
-def reference_logprobs(recipe, policy, input_path: str, temperature: float, device):
-    """(input_ids, attention_mask, C) -> [B, C] log-probs of the last C tokens under the reference policy."""
+def reference_logprobs(recipe, policy, input_path: str, temperature: float, device, sharding=None):
+    """(input_ids, attention_mask, C) -> [B, C] log-probs of the last C tokens under the reference policy.
+    `sharding` (alignlab.parallel.Sharding): a full-weights reference is sharded like the policy (its own FSDP2 root,
+    each layer gathered when it runs); under PEFT the reference is the policy's own (sharded) modules."""
     if not hasattr(policy, "peft_config"):
         # Full fine-tuning: the reference is a frozen copy of the input weights.
         ref = load_causal_lm(recipe, input_path).to(device).eval().requires_grad_(False)
         disable_dropout(ref)
+        if sharding is not None:
+            sharding.shard(ref)
     else:
         ref = policy
 

@@ -51,6 +51,7 @@ from alignlab.data.formats import STAGE_DATA_FILE
 from alignlab.evaluation.stats import mean
 from alignlab.generation import end_token_ids, generate, slow_half_precision_note
 from alignlab.models import load_frozen_model, load_tokenizer, merged_for_sampling, output_tokenizer_dir, resolve_base
+from alignlab.parallel import Sharding
 from alignlab.rewards import (
     load_revise_fn,
     load_reward_fn,
@@ -79,27 +80,40 @@ def run(ctx: StageContext) -> StageOutput:
         if note := slow_half_precision_note(spec.dtype, f"stages.{spec.name}.dtype", state.device):
             log.warning("%s", note)
         model = model.to(getattr(torch, spec.dtype))
+    sharding = Sharding(recipe.parallel_for(spec), state, f"stage '{spec.name}'")
+    sharding.shard(model)
     score = _scorer(ctx)
     revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None
 
-    # Sample and score: fixed groups of prompts, every world_size-th group on this process.
+    # Sample and score: fixed groups of prompts, every world_size-th group on this process. Sharded, every process
+    # takes as many turns as the busiest (gathering weights needs them all): a process with no group left only
+    # gathers (once), or samples one prompt it throws away (per_layer: each layer gathers whenever it runs).
     groups = [list(range(i, min(i + spec.batch_size, len(prompts)))) for i in range(0, len(prompts), spec.batch_size)]
     mine = groups[state.process_index :: state.num_processes]
+    turns = -(-len(groups) // state.num_processes) if sharding.enabled else len(mine)
     end_ids = end_token_ids(tokenizer, model)
     results, started = [], time.time()
-    for g, idx in enumerate(mine):
+    for g in range(turns):
+        spare = g >= len(mine)  # a turn taken only to keep step with the other processes
+        idx = [0] if spare else mine[g]
         batch = [prompts[i] for i in idx for _ in range(spec.num_samples)]
         seeds = [sample_seed(recipe.seed, spec.name, i, j) for i in idx for j in range(spec.num_samples)]
-        out = generate(
-            model,
-            tokenizer,
-            batch,
-            max_new_tokens=spec.max_new_tokens,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            row_seeds=seeds,
-            end_ids=end_ids,
-        )
+        with sharding.gathered(model):
+            if spare and not sharding.synced:
+                continue
+            out = generate(
+                model,
+                tokenizer,
+                batch,
+                max_new_tokens=spec.max_new_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                row_seeds=seeds,
+                end_ids=end_ids,
+                synced=sharding.synced,
+            )
+        if spare:
+            continue
         texts, scores = out.texts, score(batch, out.texts)
         if revise is not None:
             texts = revise_texts(revise, batch, out.texts, spec.revise_fn)
@@ -112,6 +126,7 @@ def run(ctx: StageContext) -> StageOutput:
                 results[-1].update(raw_texts=out.texts[sl], raw_scores=raw_scores[sl])
         if state.is_main_process and (g + 1) % max(1, len(mine) // 10) == 0:
             log.info("generate %s: %d/%d prompt groups (%.0f s)", spec.name, g + 1, len(mine), time.time() - started)
+    record = sharding.record(model)
     del model
 
     # Gather every process's prompts (in prompt order), build the dataset on the main process.
@@ -136,7 +151,9 @@ def run(ctx: StageContext) -> StageOutput:
         spec.output,
         data_file,
     )
-    return StageOutput(spec.name, "generate", path="", kind="none", base=resolve_base(recipe), metrics=metrics)
+    return StageOutput(
+        spec.name, "generate", path="", kind="none", base=resolve_base(recipe), metrics=metrics, parallel=record
+    )
 
 
 def sample_seed(seed: int, stage: str, prompt: int, sample: int) -> int:

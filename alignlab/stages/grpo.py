@@ -44,6 +44,7 @@ from alignlab.stages import rl_glue
 def run(ctx: StageContext):
     spec, recipe = ctx.spec, ctx.recipe
     accelerator = rl_glue.start(ctx)
+    sharding = rl_glue.sharding(ctx, accelerator)
 
     # Policy and reference (one backbone under PEFT)
     policy, base, tokenizer = rl_glue.load_policy(
@@ -53,7 +54,9 @@ def run(ctx: StageContext):
     )
     wants_reference = spec.beta > 0 or spec.watch_steps is not None or (spec.stop_if and spec.stop_if.kl)
     reference = (
-        reference_logprobs(recipe, policy, base, spec.temperature, accelerator.device) if wants_reference else None
+        reference_logprobs(recipe, policy, base, spec.temperature, accelerator.device, sharding)
+        if wants_reference
+        else None
     )
     prompts = rl_glue.load_prompts(ctx, tokenizer)
 
@@ -75,8 +78,11 @@ def run(ctx: StageContext):
         spec=spec,
         seed=recipe.seed,
         stage_dir=ctx.stage_dir,
+        sharding=sharding,
     )
     metrics = trainer.train(resume=ctx.resume)
 
     # Save, report
-    return rl_glue.finish(ctx, accelerator, trainer.policy, tokenizer, base, trainer.step, metrics)
+    return rl_glue.finish(
+        ctx, accelerator, trainer.policy, tokenizer, base, trainer.step, metrics, sharding, trainer.unwrapped
+    )

@@ -36,12 +36,13 @@ log = logging.getLogger("alignlab")
 def run(ctx: StageContext):
     spec, recipe = ctx.spec, ctx.recipe
     accelerator = rl_glue.start(ctx)
+    sharding = rl_glue.sharding(ctx, accelerator)
 
     # Policy and reference (one backbone under PEFT)
     policy, base, tokenizer = rl_glue.load_policy(
         ctx, "Set `input:` to the stage whose policy PPO trains, e.g. `input: sft`."
     )
-    reference = reference_logprobs(recipe, policy, base, spec.rollout.temperature, accelerator.device)
+    reference = reference_logprobs(recipe, policy, base, spec.rollout.temperature, accelerator.device, sharding)
     prompts = rl_glue.load_prompts(ctx, tokenizer)
 
     # Reward, and the value head (from the reward model's score head when it fits)
@@ -63,15 +64,17 @@ def run(ctx: StageContext):
         spec=spec,
         seed=recipe.seed,
         stage_dir=ctx.stage_dir,
+        sharding=sharding,
     )
     metrics = trainer.train(resume=ctx.resume)
 
     # Save (the value head beside the model), report
     model = trainer.unwrapped
+    value_state = sharding.full_state(model.value_head)  # gathered on the main process when sharded
     if accelerator.is_main_process:
-        value_state = {k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}
+        value_state = {k: v.detach().contiguous() for k, v in value_state.items()}
         save_file(value_state, str(ctx.stage_dir / "value_head.safetensors"))
-    return rl_glue.finish(ctx, accelerator, model.policy, tokenizer, base, trainer.step, metrics)
+    return rl_glue.finish(ctx, accelerator, model.policy, tokenizer, base, trainer.step, metrics, sharding, model)
 
 
 def init_value_head(value_head: nn.Linear, reward_model) -> None:

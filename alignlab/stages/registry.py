@@ -37,7 +37,8 @@ class StageType:
     references: dict[str, str | None] = field(default_factory=dict)
     memory_knobs: Callable[[Any], list[str]] = lambda spec: []  # "lower X (now N)" advice for out-of-memory errors
     check: Callable[[Recipe, int], str | None] | None = None  # a type-specific recipe check (validate)
-    needs_whole_model: str | None = None  # why the stage cannot run with sharded parameters (FSDP, ZeRO-3)
+    # why the stage cannot run under DeepSpeed (alignlab's own loops: they shard themselves under FSDP, parallel.py)
+    not_under_deepspeed: str | None = None
 
     def run(self, ctx):
         return importlib.import_module(self.runner).run(ctx)

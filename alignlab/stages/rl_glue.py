@@ -13,6 +13,7 @@ from transformers import set_seed
 from alignlab.contract import StageContext, StageOutput, append_final_metrics
 from alignlab.data import build_datasets
 from alignlab.models import check_target_modules, load_stage_model, load_tokenizer, save_stage_model
+from alignlab.parallel import Sharding
 from alignlab.recipe import RecipeError
 from alignlab.rewards import load_reward_model, reward_model_scorer
 from alignlab.stages.trl_glue import available_trackers
@@ -27,6 +28,11 @@ def start(ctx: StageContext) -> Accelerator:
         accelerator.init_trackers(f"{recipe.name}-{spec.name}")
     set_seed(recipe.seed)
     return accelerator
+
+
+def sharding(ctx: StageContext, accelerator: Accelerator) -> Sharding:
+    """The stage's sharding (`parallel`: the stage's own, else the recipe's) on this run's processes."""
+    return Sharding(ctx.recipe.parallel_for(ctx.spec), accelerator, f"stage '{ctx.spec.name}'")
 
 
 def load_policy(ctx: StageContext, fix: str):
@@ -62,9 +68,13 @@ def load_reward_scorer(ctx: StageContext, device, batch_size: int):
     return reward_model, reward_model_scorer(reward_model, reward_tokenizer, batch_size)
 
 
-def finish(ctx: StageContext, accelerator, policy, tokenizer, base: str, step: int, metrics: dict) -> StageOutput:
-    """Save the trained policy (main process: the adapter without "ref", or full weights; merged when the stage says
-    so), append the final metrics row, wait for every process and close the trackers."""
+def finish(
+    ctx: StageContext, accelerator, policy, tokenizer, base: str, step: int, metrics: dict, sharding: Sharding,
+    trained=None,
+) -> StageOutput:  # fmt: skip
+    """Save the trained policy (main process: the adapter without "ref", or full weights, gathered from the shards
+    when sharded; merged when the stage says so), append the final metrics row, record the sharding (`trained`: the
+    module the trainer held, policy and value head), wait for every process and close the trackers."""
     out = StageOutput(
         stage=ctx.spec.name,
         type=ctx.spec.type,
@@ -72,9 +82,12 @@ def finish(ctx: StageContext, accelerator, policy, tokenizer, base: str, step: i
         kind="adapter" if hasattr(policy, "peft_config") else "full",
         base=base,
         metrics=metrics,
+        parallel=sharding.record(trained if trained is not None else policy),
     )
+    # Every process takes part in the gather; an adapter needs only its own (trainable) tensors, not the base's.
+    whole = sharding.full_state(policy, trainable_only=out.kind == "adapter") if sharding.enabled else None
     if accelerator.is_main_process:
-        save_stage_model(ctx.recipe, ctx.spec, policy, tokenizer, out, ctx.stage_dir)
+        save_stage_model(ctx.recipe, ctx.spec, policy, tokenizer, out, ctx.stage_dir, state_dict=whole)
         append_final_metrics(ctx.stage_dir, step, metrics)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would also end the process group

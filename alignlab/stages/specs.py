@@ -279,18 +279,51 @@ class PPOHyperSpec(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
+def check_sharding(recipe, index: int) -> str | None:
+    """What `parallel.shard: fsdp2` cannot hold: a 4-bit base (fully_shard splits floating-point tensors; the packed
+    bitsandbytes weights are not) and a bf16 sampling copy of the policy (it would be a whole second model on every
+    process, which sharding is there to avoid)."""
+    spec = recipe.stages[index]
+    if recipe.parallel_for(spec).shard != "fsdp2":
+        return None
+    where = f"stages.{spec.name}.parallel.shard" if spec.parallel is not None else "parallel.shard"
+    if recipe.peft.method == "qlora":
+        return (
+            f"{where}: fsdp2 shards floating-point tensors, but a qlora base is 4-bit: use peft.method lora (the base "
+            "in bfloat16 is sharded), or shard: none"
+        )
+    if getattr(spec, "sample_dtype", None):
+        return (
+            f"{where}: fsdp2 with sample_dtype: {spec.sample_dtype} would keep a whole {spec.sample_dtype} copy of the "
+            "policy on every process: remove sample_dtype (sampling gathers the sharded float32 weights once per "
+            "pass), or shard: none"
+        )
+    return None
+
+
+def _checks(*checks):
+    """One record `check` from several: every problem found, joined."""
+
+    def check(recipe, index: int) -> str | None:
+        problems = [p for p in (c(recipe, index) for c in checks) if p]
+        return "; ".join(problems) or None
+
+    return check
+
+
 @stage_type(
     "ppo",
     runner="alignlab.stages.ppo",
     datasets={"dataset": PROMPTS},
     references={"reward_model": "reward"},
-    needs_whole_model="the ppo stage runs alignlab's own loop, which generates with the whole (unwrapped) policy "
-    "and prepares no dataloader",
+    not_under_deepspeed="the ppo stage runs alignlab's own loop, which shards its models itself (FSDP2) and prepares "
+    "no dataloader",
     memory_knobs=lambda spec: [
         f"lower rollout.batch_size (now {spec.rollout.batch_size}) and ppo.minibatch_size "
         f"(now {spec.ppo.minibatch_size})",
         f"lower rollout.max_new_tokens (now {spec.rollout.max_new_tokens})",
     ],
+    check=check_sharding,
 )
 class PPOSpec(StageSpec):
     """PPO for RLHF (alignlab's own loop on accelerate). Reward: a reward stage / model, or a Python
@@ -363,15 +396,15 @@ def check_sampling_dtype(recipe, index: int) -> str | None:
     runner="alignlab.stages.grpo",
     datasets={"dataset": PROMPTS},
     references={"reward_model": "reward"},
-    needs_whole_model="the grpo stage runs alignlab's own loop, which generates with the whole (unwrapped) policy "
-    "and prepares no dataloader",
+    not_under_deepspeed="the grpo stage runs alignlab's own loop, which shards its models itself (FSDP2) and "
+    "prepares no dataloader",
     memory_knobs=lambda spec: [
         f"lower prompts_per_step (now {spec.prompts_per_step}) or num_generations (now {spec.num_generations}): "
         f"{spec.prompts_per_step * spec.num_generations} responses are sampled at once",
         f"set minibatch_size (now {spec.minibatch_size}) below the responses per step",
         f"lower max_new_tokens (now {spec.max_new_tokens})",
     ],
-    check=check_sampling_dtype,
+    check=_checks(check_sampling_dtype, check_sharding),
 )
 class GRPOSpec(StageSpec):
     """Critic-free RL on rewards a program (or a reward model) gives: GRPO, Dr. GRPO, RLOO and DAPO's fixes
@@ -516,12 +549,12 @@ GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # 
     writes_model=False,
     writes_data=lambda spec: GENERATED_FORMATS[spec.output],
     references={"reward_model": "reward"},
-    needs_whole_model="the generate stage samples with the whole (unwrapped) model",
+    not_under_deepspeed="the generate stage samples with alignlab's own loop, which shards its model itself (FSDP2)",
     memory_knobs=lambda spec: [
         f"lower batch_size (now {spec.batch_size}: prompts per generate call, x num_samples rows)",
         f"lower max_new_tokens (now {spec.max_new_tokens})",
     ],
-    check=check_sampling_dtype,
+    check=_checks(check_sampling_dtype, check_sharding),
 )
 class GenerateSpec(StageSpec):
     """Sample `num_samples` completions per prompt from the input model, score them with `reward_fn` or
