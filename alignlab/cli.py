@@ -34,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also check an `accelerate launch --config_file` config against the recipe (e.g. recipes/accelerate/fsdp2.yaml)",
     )
 
+    pl = sub.add_parser(
+        "plan",
+        help="memory per GPU of each stage under DDP, FSDP2 and FSDP2 + CPU offload, from the model's config alone",
+    )
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the recipe runs on (default 1)")
+    pl.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 24GB, 141GiB (default 80GB)")
+    pl.add_argument("--prompt-length", type=int, default=256, help="prompt tokens assumed for sampling stages")
+    pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: float32, eager attention")
+    pl.add_argument("--config", metavar="FILE", help="a config.json to read instead of the recipe's model's (offline)")
+
     bi = sub.add_parser(
         "builtin", help="build (tiny-llama) or fetch (smollm2-135m-instruct) a builtin model and print its path"
     )
@@ -154,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "builtin":
             return _builtin(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "run":
             return _run(args)
         if args.command == "eval":
@@ -212,6 +226,22 @@ def _validate(args) -> int:
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.name for s in recipe.stages)})")
     for note in notes:
         print(f"  {note}" if note.startswith("warning:") else f"  note: {note}")
+    return 0
+
+
+def _plan(args) -> int:
+    from alignlab.plan import parse_memory, plan
+    from alignlab.recipe import RecipeError
+    from alignlab.validate import validate_recipe
+
+    try:
+        memory = parse_memory(args.gpu_memory)
+    except ValueError:
+        raise RecipeError(f"--gpu-memory: expected a size such as 80GB or 24GiB, got '{args.gpu_memory}'") from None
+    if args.gpus < 1:
+        raise RecipeError(f"--gpus: expected a positive number of GPUs, got {args.gpus}")
+    recipe, _ = validate_recipe(args.recipe, args.overrides)
+    print(plan(recipe, args.gpus, memory, args.prompt_length, args.device, args.config))
     return 0
 
 

@@ -42,7 +42,8 @@ class Recipe(Strict):
     peft: PeftSpec = Field(default_factory=PeftSpec)
     stages: list[StageSpec] = Field(min_length=1)
     parallel: ParallelSpec = Field(
-        default_factory=ParallelSpec, description="Sharding of the stages alignlab runs itself (ppo, grpo, generate)"
+        default_factory=ParallelSpec,
+        description="Sharding of the stages alignlab runs itself (ppo, grpo, generate, eval)",
     )
 
     # Where the recipe was read from: relative data paths resolve against it. Not a YAML key.

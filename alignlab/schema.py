@@ -189,12 +189,12 @@ def reward_fn_refs(value: str | list[RewardFnSpec] | None) -> list[str]:
 
 
 # The stage types that run alignlab's own loops and shard their models themselves (parallel.shard); the trainer
-# stages (TRL) are sharded by an FSDP accelerate config instead. eval runs on the main process alone, whole models.
-SHARDABLE_STAGE_TYPES = ("ppo", "grpo", "generate")
+# stages (TRL) are sharded by an FSDP accelerate config instead.
+SHARDABLE_STAGE_TYPES = ("ppo", "grpo", "generate", "eval")
 
 
 class ParallelSpec(Strict):
-    """How alignlab's own loops (ppo, grpo, generate) hold their models over the processes of a run
+    """How alignlab's own loops (ppo, grpo, generate, eval) hold their models over the processes of a run
     (docs/multi-gpu.md). Set at the top of the recipe and overridable per stage."""
 
     shard: Literal["none", "fsdp2"] = Field(
@@ -220,7 +220,7 @@ class StageSpec(Strict):
     input: str = "previous"
     merge: bool = Field(False, description="Also write merged full weights (adapters merged into the base)")
     parallel: ParallelSpec | None = Field(
-        None, description="This stage's sharding (ppo, grpo, generate), in place of the recipe's `parallel`"
+        None, description="This stage's sharding (ppo, grpo, generate, eval), in place of the recipe's `parallel`"
     )
 
     @model_validator(mode="after")

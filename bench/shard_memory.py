@@ -146,7 +146,9 @@ def main() -> None:
         m["state_total_mb"] = sum(m["state_mb"].values())
     ddp, sharded = memory
     ratio = sharded["state_total_mb"] / ddp["state_total_mb"]
-    sampling = [launch("generate", s, g, args) for s, g in (("none", "once"), ("fsdp2", "once"), ("fsdp2", "per_layer"))]
+    sampling = [
+        launch("generate", s, g, args) for s, g in (("none", "once"), ("fsdp2", "once"), ("fsdp2", "per_layer"))
+    ]
 
     rows = [
         [

@@ -7,6 +7,8 @@ state.
   reference: a second, frozen model, sharded too), and for generate (the written dataset, byte for byte). The
   tolerances are tests/test_multiprocess.py's: float noise at step 1, 1% after AdamW updates, final weights within 1%
   of their update.
+- sampling gathers the weights once per pass (the recipe's `parallel`), or layer by layer (the LoRA grpo stage's own
+  `parallel: {gather: per_layer}`).
 - stage_output.json records the sharding, with the parameter elements process 0 holds (about half).
 - resume under sharding equals the uninterrupted run; a distributed checkpoint written by 2 processes loads on 1 and
   the other way round, to the bit (weights and AdamW state).
@@ -59,6 +61,8 @@ def _recipe(output_dir, batch: int, peft: str) -> dict:
                 "name": "grpo",
                 "type": "grpo",
                 "input": start,
+                # LoRA: this stage's own setting, each layer gathered whenever it runs (sampling steps in sync)
+                **({"parallel": {"shard": "fsdp2", "gather": "per_layer"}} if lora else {}),
                 "dataset": prompts,
                 "reward_fn": "tests.test_ppo:length_reward",
                 "steps": 3,
@@ -92,8 +96,24 @@ def _recipe(output_dir, batch: int, peft: str) -> dict:
                 "max_new_tokens": 4,
                 "batch_size": 3,  # 4 groups of prompts: 2 per process
             },
+            *([_EVAL] if lora else []),
         ],
     }
+
+
+# Sharded, every process runs the same evaluation; the policy is an adapter over the reference's weights (one
+# backbone, the adapter switched off for the reference), as after a LoRA SFT stage.
+_EVAL = {
+    "name": "eval",
+    "type": "eval",
+    "input": "sft",
+    "reference": "base",
+    "reward_fn": "alignlab.builtin.tasks:arith_reward",
+    "dataset": {"path": "builtin:arith", "split": "eval", "size": 8},
+    "num_prompts": 8,
+    "max_new_tokens": 6,
+    "batch_size": 4,
+}
 
 
 def _run_one(recipe_path, *args) -> str:
@@ -189,6 +209,18 @@ def test_sharded_generate_writes_the_one_process_dataset(runs):
     tmp, _, _ = runs
     for name in ("data/train.jsonl", "samples.jsonl"):
         assert (tmp / "two" / "pairs" / name).read_text() == (tmp / "one" / "pairs" / name).read_text(), name
+
+
+def test_sharded_eval_matches_one_process(runs):
+    tmp, _, peft = runs
+    if peft != "lora":
+        pytest.skip("the LoRA recipe evaluates")
+    ev1, ev2 = (json.loads((tmp / d / "eval" / "eval.json").read_text()) for d in ("one", "two"))
+    for key in ("true_reward", "true_reward_reference", "win_rate"):  # greedy answers: the same texts
+        assert ev1[key] is not None and ev2[key] == pytest.approx(ev1[key], rel=0, abs=1e-9), key
+    assert ev2["kl"] == pytest.approx(ev1["kl"], rel=1e-2, abs=1e-6)
+    record = json.loads((tmp / "two" / "eval" / "stage_output.json").read_text())["parallel"]
+    assert record == {"shard": "fsdp2", "world_size": 2}
 
 
 def test_stage_output_records_the_sharding(runs):

@@ -116,13 +116,25 @@ class ModelPair:
     """Policy and reference. One model when they are the same checkpoint; one backbone with the adapter
     switched off for the reference when the policy is an adapter over the reference's weights."""
 
-    def __init__(self, recipe: Recipe, policy: StageOutput | None, reference: StageOutput | None):
+    def __init__(self, recipe: Recipe, policy: StageOutput | None, reference: StageOutput | None, sharding=None):
         self.policy = load_frozen_model(recipe, policy)
         ref_weights = resolve_base(recipe) if reference is None else reference.path
         self.adapter_off = policy is not None and policy.kind == "adapter" and policy.base == ref_weights
         self.adapter_off = self.adapter_off and (reference is None or reference.kind == "full")
         shared = _same(policy, reference) or self.adapter_off
         self.reference = self.policy if shared else load_frozen_model(recipe, reference)
+        self.sharding = sharding  # alignlab.parallel.Sharding: each model sharded over the processes
+        if sharding is not None:
+            for model in {id(m): m for m in (self.policy, self.reference)}.values():
+                sharding.shard(model)
+
+    def sampling(self, model):
+        """The context a generate() call on `model` runs in: its weights gathered (sharded), else nothing."""
+        return self.sharding.gathered(model) if self.sharding is not None else contextlib.nullcontext()
+
+    @property
+    def synced(self) -> bool:
+        return self.sharding is not None and self.sharding.synced
 
     @contextlib.contextmanager
     def ref(self) -> Iterator[Any]:
@@ -182,9 +194,11 @@ def evaluate_models(
     reference: StageOutput | None,
     *,
     reward_model: StageOutput | None = None,
+    sharding=None,
 ) -> dict:
     """Every metric of the module docstring for `policy` against `reference`, as the eval.json dict.
-    `spec` is an EvalSpec (alignlab/stages/specs.py)."""
+    `spec` is an EvalSpec (alignlab/stages/specs.py). `sharding` (alignlab.parallel.Sharding): the models sharded over
+    the processes, every one of which runs this same evaluation (each forward gathers the weights from all)."""
     tokenizer = load_tokenizer(recipe, output_tokenizer_dir(recipe, policy))
     chat = tokenizer.chat_template is not None
     rows = build_datasets(spec.dataset, recipe, "eval", chat, with_eval=False)[0]
@@ -205,7 +219,7 @@ def evaluate_models(
         "prompts_sha256": hashlib.sha256(json.dumps([prompt_text(p) for p in prompts]).encode()).hexdigest(),
     }
     per_prompt: dict[str, list] = {}
-    models = ModelPair(recipe, policy, reference)
+    models = ModelPair(recipe, policy, reference, sharding)
 
     # Completions of the same prompts (sampled ones from per-prompt seeds, so a prompt's sample does not depend on
     # its batch, and two checkpoints evaluated alike share their random numbers), and KL(pi || ref) on responses
@@ -217,16 +231,21 @@ def evaluate_models(
     for idx in progress(index_batches, total=len(index_batches), desc="eval: generating", unit="batch"):
         batch = [prompts[i] for i in idx]
         gen = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, end_ids=end_ids)
+        gen["synced"] = models.synced
         if spec.temperature > 0:
             gen["row_seeds"] = [row_seed(recipe.seed, "eval", i) for i in idx]
-        pol = generate(models.policy, tokenizer, batch, **gen)
-        with models.ref() as ref_model:
+        with models.sampling(models.policy):
+            pol = generate(models.policy, tokenizer, batch, **gen)
+        with models.ref() as ref_model, models.sampling(ref_model):
             ref = generate(ref_model, tokenizer, batch, **gen)
         if spec.temperature == 1.0:
             kl_roll = pol
         else:
             kl_seeds = [row_seed(recipe.seed, "kl", i) for i in idx]
-            kl_roll = generate(models.policy, tokenizer, batch, **{**gen, "temperature": 1.0, "row_seeds": kl_seeds})
+            with models.sampling(models.policy):
+                kl_roll = generate(
+                    models.policy, tokenizer, batch, **{**gen, "temperature": 1.0, "row_seeds": kl_seeds}
+                )
         k1, exact = _kl_along_samples(models, kl_roll)
         kl_k1 += k1
         kl_exact += exact

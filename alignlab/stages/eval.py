@@ -11,7 +11,9 @@ perplexity on held-out SFT data (`sft_dataset`) and NLL on a fixed held-out text
 interval; what each number is exactly, and the eval.json keys: alignlab/evaluation/__init__.py.
 
 Writes <run>/<stage>/eval.json, eval.md (printed at the end of `alignlab run`) and plots/*.png of the earlier
-stages' training curves. Runs on the main process only; other processes wait.
+stages' training curves. Runs on the main process only, other processes waiting; sharded (`parallel.shard: fsdp2`)
+every process runs the same evaluation, each holding 1/N of the weights (alignlab/parallel.py), and the main one
+writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from alignlab.contract import StageContext, StageOutput, checkpoint_output
 from alignlab.evaluation.evaluator import evaluate_models, numeric
 from alignlab.evaluation.report import write_results
 from alignlab.models import resolve_base
+from alignlab.parallel import Sharding
 from alignlab.recipe import RecipeError
 
 
@@ -42,10 +45,23 @@ def run(ctx: StageContext) -> StageOutput:
         reward_model = rm if rm is not None else checkpoint_output(recipe.resolve_path(spec.reward_model))
     curves = {n: ctx.stage_dir.parent / n / "metrics.jsonl" for n, o in ctx.outputs.items() if o.kind != "none"}
 
-    # Evaluate and write the report.
+    # Evaluate and write the report: on the main process with whole models, or, sharded, on every process at once
+    # (the same prompts everywhere, each process holding 1/N of the weights), the main one writing.
+    sharding = Sharding(recipe.parallel_for(spec), state, f"stage '{spec.name}'")
     results = {}
+    if sharding.enabled or state.is_main_process:
+        results = evaluate_models(
+            recipe,
+            spec,
+            ctx.input,
+            reference,
+            reward_model=reward_model,
+            sharding=sharding if sharding.enabled else None,
+        )
     if state.is_main_process:
-        results = evaluate_models(recipe, spec, ctx.input, reference, reward_model=reward_model)
         write_results(results, ctx.stage_dir, curves)
     state.wait_for_everyone()
-    return StageOutput(spec.name, "eval", path="", kind="none", base=resolve_base(recipe), metrics=numeric(results))
+    return StageOutput(
+        spec.name, "eval", path="", kind="none", base=resolve_base(recipe), metrics=numeric(results),
+        parallel={"shard": sharding.mode, "world_size": sharding.world_size},
+    )  # fmt: skip

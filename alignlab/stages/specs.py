@@ -644,7 +644,7 @@ def check_eval_has_two_models(recipe, index: int) -> str | None:
         f"lower batch_size (now {spec.batch_size})",
         f"lower max_new_tokens (now {spec.max_new_tokens})",
     ],
-    check=check_eval_has_two_models,
+    check=_checks(check_eval_has_two_models, check_sharding),
 )
 class EvalSpec(StageSpec):
     """Evaluate the input model against a reference: ground-truth reward, win rate, KL, preference accuracy,
