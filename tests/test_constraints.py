@@ -379,10 +379,10 @@ def test_demonstrations_cover_almost_every_prompt_and_every_kind():
     from alignlab.builtin.constraint_demos import _SENTENCES, demonstrate, near_miss
 
     prompts = generate_task("constraints", "train", 2000)
-    missing = [r for r in prompts if demonstrate(r) is None]
-    assert len(missing) <= 20
-    assert sum(near_miss(r) is None for r in prompts if demonstrate(r) is not None) <= 200
-    done = Counter(k for r in prompts if demonstrate(r) is not None for k in r["kinds"])
+    found = [r for r in prompts if demonstrate(r) is not None]  # the layout search, once per prompt
+    assert len(prompts) - len(found) <= 20
+    assert sum(near_miss(r) is None for r in found) <= 200
+    done = Counter(k for r in found for k in r["kinds"])
     assert set(done) == set(C.KINDS) and min(done.values()) > 100
     for letter in C.AVOID_LETTERS:
         assert sum(letter not in s.format(t="").lower() for s in _SENTENCES) >= 4, letter

