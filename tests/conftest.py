@@ -1,5 +1,10 @@
-"""Shared fixtures. Everything runs offline on the built-in tiny model; the model is built once per session
-into a temporary cache (deterministic, so every test sees the same weights)."""
+"""Shared fixtures. Everything runs offline on the built-in tiny model, built once into the alignlab cache
+($ALIGNLAB_CACHE, else ~/.cache/alignlab; deterministic, so every test sees the same weights). One thread policy
+for the whole session (alignlab/threads.py), and one finished SFT-LoRA run that tests starting from an SFT adapter
+copy (tests/helpers.py). Recipe builders and shared reward functions: tests/helpers.py.
+
+Tiers: `pytest` runs the default tier (neither `slow` nor `real`), `pytest -m slow` the end-to-end training tests
+on the tiny model, `pytest -m real` the real-model tier; CI runs all three (README, .ci/run)."""
 
 import os
 
@@ -11,6 +16,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers are disjoint: a test is `slow` or `real` or neither, never both (CI runs each tier once)."""
+    both = [item.nodeid for item in items if item.get_closest_marker("slow") and item.get_closest_marker("real")]
+    if both:
+        raise pytest.UsageError(f"tests marked both slow and real (pick one tier): {', '.join(both)}")
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +44,29 @@ def write_recipe(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session", autouse=True)
+def thread_policy():
+    """One thread policy for every test: alignlab's (alignlab/threads.py: ALIGNLAB_THREADS=N, else fewer threads
+    only on a busy machine, and OMP_NUM_THREADS set by you is left alone), applied once at the start of the session.
+    `alignlab run` applies it itself at its start; a test that calls run_pipeline directly would otherwise run on
+    torch's default count whatever the load. Returns the count the session runs on."""
+    import torch
+
+    from alignlab.threads import apply_thread_policy
+
+    apply_thread_policy()
+    return torch.get_num_threads()
+
+
+@pytest.fixture(scope="session")
+def sft_lora_run(tmp_path_factory):
+    """A finished run folder holding the shared SFT-LoRA stage (tests/helpers.py SFT_LORA), trained once per session.
+    A test that starts from it copies it (helpers.copy_run) into its own output_dir and runs a recipe that begins
+    with the same stage (helpers.sft_lora_recipe): the stage is reused as finished, and only what follows trains."""
+    from tests.helpers import run, sft_lora_recipe
+
+    out = tmp_path_factory.mktemp("sft-lora") / "run"
+    run(sft_lora_recipe(out, name="sft-lora"))
+    return out

@@ -1,5 +1,6 @@
 """`alignlab audit preferences` (experimental): the flip-rate fit on margins with a known eps, the per-pair posterior
-by hand, the command's errors, and one small audit on the tiny model that sees injected flips."""
+by hand, the command's errors, and one small audit on the tiny model that sees injected flips (slow tier: it trains
+eight scorers)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from alignlab.audit.mixture import fit_flip_rate, flip_posterior
 from alignlab.cli import main
+from tests.helpers import make_recipe
 
 
 def _mirrored(n: int, eps: float, seed: int, parts=((1.0, 2.0, 1.0),)) -> tuple[np.ndarray, np.ndarray]:
@@ -66,33 +68,14 @@ def test_posterior_by_hand():
 
 
 def _recipe(write_recipe, tiny_model_path, size: int = 40, flip_rate: float = 0.0) -> str:
-    return str(
-        write_recipe(
-            {
-                "name": "audit",
-                "seed": 0,
-                "model": {"name_or_path": tiny_model_path},
-                "stages": [
-                    {"name": "sft", "type": "sft", "dataset": {"path": "builtin:arith", "split": "sft", "size": 20}},
-                    {
-                        "name": "dpo",
-                        "type": "dpo",
-                        "dataset": {
-                            "path": "builtin:arith",
-                            "split": "preference",
-                            "size": size,
-                            "flip_rate": flip_rate,
-                        },
-                        "train": {
-                            "per_device_batch_size": 16,
-                            "learning_rate": 3e-4,
-                            "max_length": 64,
-                        },  # scorers: 3e-3
-                    },
-                ],
-            }
-        )
-    )
+    sft = {"name": "sft", "type": "sft", "dataset": {"path": "builtin:arith", "split": "sft", "size": 20}}
+    dpo = {
+        "name": "dpo",
+        "type": "dpo",
+        "dataset": {"path": "builtin:arith", "split": "preference", "size": size, "flip_rate": flip_rate},
+        "train": {"per_device_batch_size": 16, "learning_rate": 3e-4, "max_length": 64},  # scorers: 3e-3
+    }
+    return str(write_recipe(make_recipe([sft, dpo], name="audit", model=tiny_model_path)))
 
 
 def test_unknown_stage_is_named(write_recipe, tiny_model_path, capsys):
@@ -149,6 +132,7 @@ def test_too_few_pairs_names_the_count_and_the_fix(write_recipe, tiny_model_path
     ]
 
 
+@pytest.mark.slow
 def test_audit_writes_its_files_and_sees_injected_flips(write_recipe, tiny_model_path, tmp_path, capsys):
     """120 pairs, 2 folds, 4 epochs of a reward model per fold (lr 3e-3: 10x the stage's): with 40% of the labels
     flipped the estimated flip rate is higher than with none, the intervals apart (measured: 0.374, 0.263 to 0.493;

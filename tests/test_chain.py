@@ -5,7 +5,6 @@ reference is the SFT model (not the raw base): the reference log-probs DPO cache
 separately loaded SFT model, and DPO's first loss is ln 2 (policy == reference at step 0).
 """
 
-import json
 import math
 
 import pytest
@@ -14,66 +13,37 @@ from safetensors.torch import load_file
 
 from alignlab.cli import main
 from alignlab.contract import StageOutput
+from tests.helpers import assert_reused, copy_run, sft_lora_recipe, write_yaml
+from tests.helpers import rows as _metrics
 
 pytestmark = pytest.mark.slow
 
 
-def _chain_recipe(peft_method="lora"):
-    return {
-        "name": "chain",
-        "seed": 0,
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": peft_method, "r": 8, "alpha": 16, "dropout": 0.0},
-        "stages": [
-            {
-                "name": "sft",
-                "type": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 1600, "eval_size": 64},
-                "train": {
-                    "max_steps": 100,
-                    "per_device_batch_size": 16,
-                    "learning_rate": 3e-3,
-                    "max_length": 48,
-                    "logging_steps": 10,
-                },
-            },
-            {
-                "name": "dpo",
-                "type": "dpo",
-                "dataset": {
-                    "path": "builtin:arith",
-                    "split": "preference",
-                    "size": 960,
-                    "eval_size": 96,
-                    "eval_split": "preference_eval",
-                },  # pairs on held-out prompts
-                "loss": {"name": "dpo", "beta": 0.2},
-                "precompute_ref_logps": True,
-                "train": {
-                    "epochs": 1,
-                    "per_device_batch_size": 16,
-                    "learning_rate": 2e-3,
-                    "max_length": 48,
-                    "logging_steps": 5,
-                },
-            },
-        ],
-    }
-
-
-def _metrics(stage_dir):
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+DPO = {
+    "name": "dpo",
+    "type": "dpo",
+    "dataset": {
+        "path": "builtin:arith",
+        "split": "preference",
+        "size": 960,
+        "eval_size": 96,
+        "eval_split": "preference_eval",
+    },  # pairs on held-out prompts
+    "loss": {"name": "dpo", "beta": 0.2},
+    "precompute_ref_logps": True,
+    "train": {"epochs": 1, "per_device_batch_size": 16, "learning_rate": 2e-3, "max_length": 48, "logging_steps": 5},
+}
 
 
 @pytest.fixture(scope="module")
-def chain_run(tmp_path_factory):
-    import yaml
-
+def chain_run(tmp_path_factory, sft_lora_run):
+    """`alignlab run` on SFT (LoRA, tests/helpers.py SFT_LORA) -> DPO. The SFT stage is the session's shared run,
+    copied into this run's folder (so reused as finished, tests/helpers.py); everything checked of it below is what
+    its training left."""
     tmp = tmp_path_factory.mktemp("chain")
-    recipe = _chain_recipe()
-    recipe["output_dir"] = str(tmp / "run")
-    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["run", str(tmp / "r.yaml")]) == 0
+    copy_run(sft_lora_run, tmp / "run")
+    assert main(["run", write_yaml(tmp / "r.yaml", sft_lora_recipe(tmp / "run", DPO, name="chain"))]) == 0
+    assert_reused(sft_lora_run, tmp / "run")
     return tmp / "run"
 
 

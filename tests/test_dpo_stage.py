@@ -12,35 +12,28 @@ import math
 import pytest
 
 from alignlab.cli import main
+from tests.helpers import TINY, lora, make_recipe
 
 pytestmark = pytest.mark.slow
+LORA_R4 = lora(r=4, alpha=8, dropout=0.0)
 
 
 def _run(write_recipe, tmp_path, loss: dict, attn=None):
-    model = {"name_or_path": "builtin:tiny-llama"}
-    if attn:
-        model["attn_implementation"] = attn
-    recipe = {
-        "name": "dpo-stage",
-        "seed": 0,
-        "model": model,
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "stages": [
-            {
-                "name": "dpo",
-                "type": "dpo",
-                "dataset": {"path": "builtin:arith", "split": "preference", "size": 32, "eval_size": 16},
-                "loss": loss,
-                "train": {
-                    "max_steps": 2,
-                    "per_device_batch_size": 8,
-                    "learning_rate": 1e-3,
-                    "max_length": 48,
-                    "logging_steps": 1,
-                },
-            }
-        ],
+    model = {"name_or_path": TINY, **({"attn_implementation": attn} if attn else {})}
+    dpo = {
+        "name": "dpo",
+        "type": "dpo",
+        "dataset": {"path": "builtin:arith", "split": "preference", "size": 32, "eval_size": 16},
+        "loss": loss,
+        "train": {
+            "max_steps": 2,
+            "per_device_batch_size": 8,
+            "learning_rate": 1e-3,
+            "max_length": 48,
+            "logging_steps": 1,
+        },
     }
+    recipe = make_recipe([dpo], name="dpo-stage", model=model, peft=LORA_R4)
     assert main(["run", str(write_recipe(recipe))]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r and "final" not in r]
@@ -92,35 +85,16 @@ def test_simpo_stage_uses_no_reference_and_learns(write_recipe, tmp_path, monkey
 
     monkeypatch.setattr(trl.DPOTrainer, "compute_ref_log_probs", no_reference_forward)
     monkeypatch.setattr(dpo_stage, "train_and_save", spy)
-    recipe = {
-        "name": "simpo-stage",
-        "seed": 0,
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "stages": [
-            {
-                "name": "dpo",
-                "type": "dpo",
-                "dataset": {
-                    "path": "builtin:arith",
-                    "split": "preference",
-                    "size": 48,
-                    "eval_size": 16,
-                    "eval_split": "preference_eval",
-                },
-                "loss": {"name": "simpo"},  # beta 2, gamma 1 (catalog defaults)
-                "train": {
-                    "max_steps": 6,
-                    "per_device_batch_size": 8,
-                    "eval_batch_size": 16,
-                    "learning_rate": 3e-3,
-                    "max_length": 48,
-                    "logging_steps": 1,
-                    "extra": {"eval_on_start": True},
-                },
-            }
-        ],
-    }
+    dpo = {
+        "name": "dpo",
+        "type": "dpo",
+        "dataset": {"path": "builtin:arith", "split": "preference", "size": 48, "eval_size": 16,
+                    "eval_split": "preference_eval"},
+        "loss": {"name": "simpo"},  # beta 2, gamma 1 (catalog defaults)
+        "train": {"max_steps": 6, "per_device_batch_size": 8, "eval_batch_size": 16, "learning_rate": 3e-3,
+                  "max_length": 48, "logging_steps": 1, "extra": {"eval_on_start": True}},
+    }  # fmt: skip
+    recipe = make_recipe([dpo], name="simpo-stage", peft=LORA_R4)
     assert main(["run", str(write_recipe(recipe))]) == 0
     assert seen == {"ref_model": None, "adapters": {"default"}}
     rows = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()]
@@ -142,14 +116,7 @@ def _nll_run(write_recipe, tmp_path, nll_alpha: float) -> list[dict]:
         "train": {"max_steps": 6, "per_device_batch_size": 8, "eval_batch_size": 16, "learning_rate": 3e-3,
                   "max_length": 48, "logging_steps": 1, "extra": {"eval_on_start": True}},
     }  # fmt: skip
-    recipe = {
-        "name": "dpo-nll",
-        "seed": 0,
-        "output_dir": str(tmp_path / f"run-{nll_alpha}"),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "stages": [stage],
-    }
+    recipe = make_recipe([stage], tmp_path / f"run-{nll_alpha}", name="dpo-nll", peft=LORA_R4)
     assert main(["run", str(write_recipe(recipe, name=f"nll-{nll_alpha}.yaml"))]) == 0
     path = tmp_path / f"run-{nll_alpha}" / "dpo" / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()]

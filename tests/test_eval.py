@@ -19,6 +19,7 @@ from alignlab.evaluation.report import write_results
 from alignlab.logprobs import completion_logps
 from alignlab.recipe import RecipeError, parse_recipe
 from alignlab.rewards import load_reward_fn, reward_fn_scores
+from tests.helpers import make_recipe
 
 ARITH = "alignlab.builtin.tasks:arith_reward"
 N = 8  # prompts (and pairs, and SFT rows) in the end-to-end evaluations: small, the CPU is shared
@@ -120,8 +121,7 @@ def _recipe(out: Path, **eval_keys):
         "num_samples_shown": 3,
         **eval_keys,
     }
-    raw = {"name": "evaltest", "seed": 0, "output_dir": str(out), "model": {"name_or_path": "builtin:tiny-llama"}}
-    return parse_recipe({**raw, "stages": [stage]})
+    return parse_recipe(make_recipe([stage], out, name="evaltest"))
 
 
 @pytest.fixture(scope="module")

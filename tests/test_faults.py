@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from alignlab.cli import main
+from tests.helpers import lora, make_recipe, write_yaml
+from tests.helpers import rows as _rows
 
 pytestmark = pytest.mark.slow
 REWARD_CALLS = {"n": 0}
@@ -23,16 +24,8 @@ def nan_on_third_call(prompts, completions):
 
 
 def _write(tmp_path, stage, peft="lora"):
-    recipe = {
-        "name": "faults",
-        "seed": 0,
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": peft, "r": 4, "alpha": 8},
-        "stages": [stage],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    return str(tmp_path / "r.yaml")
+    raw = make_recipe([stage], tmp_path / "run", name="faults", peft=lora(r=4, alpha=8, dropout=None, method=peft))
+    return write_yaml(tmp_path / "r.yaml", raw)
 
 
 SFT = {
@@ -112,7 +105,7 @@ def test_nan_reward_stops_ppo(tmp_path, capsys):
                 "name": "ppo",
                 "type": "ppo",
                 "dataset": {"path": "builtin:arith", "split": "sft"},
-                "reward_fn": "tests.test_ppo:length_reward",
+                "reward_fn": "tests.helpers:length_reward",
             },
             RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"),
             [
@@ -135,9 +128,3 @@ def test_out_of_memory_names_the_settings_to_change(tmp_path, monkeypatch, capsy
     for text in advice:
         assert text in err
     assert not (tmp_path / "run" / stage["name"] / "stage_output.json").exists()
-
-
-def _rows(stage_dir):
-    import json
-
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,16 +14,13 @@ from alignlab.recipe import RecipeError, parse_recipe
 from alignlab.rewards import load_reward_fn
 from alignlab.stages.generate import build_rows, sample_seed
 from alignlab.stages.registry import check_chain
+from tests.helpers import lora, make_recipe
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
 # The end-to-end tests sample the built-in base model, which knows no chat format: its answers to arith prompts are
 # rarely numbers (0 from builtin:arith whatever they say) and how rarely depends on the CPU that pretrained it. A
 # reward with partial credit on any text, and a higher temperature, give pairs on every machine.
-LENGTH_REWARD = "tests.test_generate:length_reward"
-
-
-def length_reward(prompts, completions):
-    return [float(len(c)) for c in completions]
+LENGTH_REWARD = "tests.helpers:char_length_reward"
 
 
 def _spec(**keys):
@@ -102,13 +99,7 @@ def test_sample_seeds_depend_on_the_sample_only():
 
 
 def _raw(stages, out="/tmp/alignlab-unused"):
-    return {
-        "name": "gen",
-        "seed": 0,
-        "output_dir": str(out),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "stages": stages,
-    }
+    return make_recipe(stages, out, name="gen")
 
 
 GEN = {"name": "pairs", "type": "generate", "dataset": {"path": "builtin:arith", "split": "sft", "size": 8}}
@@ -202,19 +193,13 @@ def chain_raw(out, prompts=8):
     gen = {"reward_fn": LENGTH_REWARD, "num_samples": 4, "max_new_tokens": 4, "batch_size": 3, "temperature": 2.0}
     train = {"per_device_batch_size": 4, "learning_rate": 1e-3, "max_length": 48, "logging_steps": 1}
     data = {"path": "builtin:arith", "split": "sft", "size": prompts}
-    return {
-        "name": "generate-chain",
-        "seed": 0,
-        "output_dir": str(out),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "stages": [
-            {"name": "pairs", "type": "generate", "dataset": data, **gen},
-            {"name": "dpo", "type": "dpo", "dataset": {"path": "stage:pairs"}, "train": train},
-            {"name": "pairs2", "type": "generate", "dataset": {**data, "seed": 1}, **gen},
-            {"name": "dpo2", "type": "dpo", "dataset": {"path": "stage:pairs2"}, "train": {**train, "max_steps": 1}},
-        ],
-    }
+    stages = [
+        {"name": "pairs", "type": "generate", "dataset": data, **gen},
+        {"name": "dpo", "type": "dpo", "dataset": {"path": "stage:pairs"}, "train": train},
+        {"name": "pairs2", "type": "generate", "dataset": {**data, "seed": 1}, **gen},
+        {"name": "dpo2", "type": "dpo", "dataset": {"path": "stage:pairs2"}, "train": {**train, "max_steps": 1}},
+    ]
+    return make_recipe(stages, out, name="generate-chain", peft=lora(dropout=0.0))
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from alignlab.gguf import (
     file_sha256,
     read_gguf_header,
 )
+from tests.helpers import make_recipe, write_yaml
 
 SMOL = "smollm2-135m-instruct"
 
@@ -134,15 +135,10 @@ def test_missing_file_and_unsupported_architecture(tmp_path):
 
 def _recipe(tmp_path, model: dict, **stage) -> Path:
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "What is 1+1?", "completion": "2"}) + "\n")
-    raw = {
-        "name": "g",
-        "output_dir": str(tmp_path / "run"),
-        "model": model,
-        "stages": [{"name": "sft", "type": "sft", "dataset": {"path": str(tmp_path / "sft.jsonl")}, **stage}],
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    sft = {"name": "sft", "type": "sft", "dataset": {"path": str(tmp_path / "sft.jsonl")}, **stage}
+    return Path(
+        write_yaml(tmp_path / "recipe.yaml", make_recipe([sft], tmp_path / "run", name="g", seed=None, model=model))
+    )
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""GRPO stage end to end on the built-in tiny model (one torch thread: these steps are too small for two).
+"""GRPO stage end to end on the built-in tiny model (one torch thread: these steps are too small for two); the runs
+are in the slow tier, the grouped forward and the repetition measure in the default tier (SmolLM2's in the real one).
 
 - learning: full-weight GRPO from the base on builtin:arith with its exact reward raises the held-out true reward
   (greedy, 48 eval prompts) well above the base's; on the first step the ratio is 1 (the sampling pass's log-probs
@@ -21,7 +22,10 @@ import math
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+from tests.helpers import assert_reused, copy_run, make_recipe, sft_lora_recipe
+from tests.helpers import rows as _rows
+from tests.helpers import run as _run
+from tests.helpers import steps as _steps
 
 
 @pytest.fixture(autouse=True)
@@ -38,14 +42,7 @@ def even_first_reward(prompts, completions):
     return [1.0 if int(p.split()[-1].split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
 
 
-def length_reward(prompts, completions):
-    """The completion's length in characters: spread in a group whenever its answers differ, whatever the built-in
-    base model (which knows no chat format: its answers to arith prompts are rarely numbers, and how rarely depends
-    on the CPU that pretrained it) says."""
-    return [float(len(c)) for c in completions]
-
-
-LENGTH = {"reward_fn": "tests.test_grpo:length_reward", "temperature": 2.0}
+LENGTH = {"reward_fn": "tests.helpers:char_length_reward", "temperature": 2.0}  # spread in every group
 
 
 def operand_reward(prompts, completions):
@@ -71,29 +68,7 @@ def _grpo(**kw):
 
 
 def _recipe(output_dir, stages, peft="lora"):
-    return {
-        "name": "grpo-test",
-        "seed": 0,
-        "output_dir": str(output_dir),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": peft, "r": 8, "alpha": 16, "dropout": 0.05},
-        "stages": stages,
-    }
-
-
-def _run(raw, resume=False):
-    from alignlab.pipeline import run_pipeline
-    from alignlab.recipe import parse_recipe
-
-    return run_pipeline(parse_recipe(raw), resume=resume)
-
-
-def _rows(stage_dir):
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _steps(stage_dir):
-    return [r for r in _rows(stage_dir) if not r.get("final")]
+    return make_recipe(stages, output_dir, name="grpo-test", peft=peft)  # LoRA: r 8, alpha 16, dropout 0.05
 
 
 def _heldout_reward(model_dir, n=48):
@@ -188,6 +163,7 @@ def test_grouped_forward_is_the_full_forward(model_name, lora, new_tokens, tol):
         assert (a - b).norm() <= 10 * tol * b.norm(), float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow
 def test_grpo_raises_heldout_true_reward(tmp_path):
     stage = _grpo(
         dataset={"path": "builtin:arith", "split": "sft", "size": 512},
@@ -223,6 +199,7 @@ def test_grpo_raises_heldout_true_reward(tmp_path):
     assert out.kind == "full" and out.metrics["first_reward"] == rows[0]["reward"]
 
 
+@pytest.mark.slow
 def test_recomputed_old_logprobs_give_ratio_one(tmp_path):
     """recompute_logprobs: the sampling policy's log-probs come from the training forward's own arithmetic (whole
     groups, shared prompts), so the first pass's ratio is 1 to float precision. One epoch, one minibatch: the
@@ -233,6 +210,7 @@ def test_recomputed_old_logprobs_give_ratio_one(tmp_path):
     assert row["clip_low_frac"] == row["clip_high_frac"] == 0.0
 
 
+@pytest.mark.slow
 def test_beta_adds_the_k3_term_to_the_loss(tmp_path):
     """Same seed, same samples. Step 1: pi = ref, so k3 and its gradient are 0 and both runs take the same update.
     Step 2 samples the same responses again, and with token_mean the loss differs by exactly beta x (k3 summed
@@ -267,6 +245,7 @@ def _unlikelihood_of(model_dir, rollout) -> float:
     return (token_unlikelihood(torch.log_softmax(logits, dim=-1), ids, mask).sum() / mask.sum()).item()
 
 
+@pytest.mark.slow
 def test_unlikelihood_is_the_whole_loss_of_flat_groups_and_unlearns_repeats(tmp_path):
     """operand_reward gives a whole group one reward: every advantage is 0, so without the term nothing would train,
     and the loss is exactly alpha x the unlikelihood term (token_mean, one minibatch). After 8 steps, on 32 fixed
@@ -297,8 +276,19 @@ def test_unlikelihood_is_the_whole_loss_of_flat_groups_and_unlearns_repeats(tmp_
     assert after < 0.5 * before, (before, after)
 
 
-def test_reference_after_lora_sft_is_the_sft_adapter(tmp_path):
-    outputs = _run(_recipe(tmp_path / "run", [SFT, _grpo(watch_steps=1, learning_rate=1.0e-2)]))
+def _after_sft(sft_lora_run, run_dir, stage):
+    """SFT (LoRA) -> `stage`: the session's finished SFT-LoRA run copied into run_dir, so the recipe's `sft` stage is
+    reused as finished (tests/helpers.py) and only `stage` trains."""
+    copy_run(sft_lora_run, run_dir)
+    outputs = _run(sft_lora_recipe(run_dir, stage, name="grpo-test"))
+    assert_reused(sft_lora_run, run_dir)
+    assert outputs["sft"].path == str(run_dir / "sft" / "model")
+    return outputs
+
+
+@pytest.mark.slow
+def test_reference_after_lora_sft_is_the_sft_adapter(tmp_path, sft_lora_run):
+    outputs = _after_sft(sft_lora_run, tmp_path / "run", _grpo(watch_steps=1, learning_rate=1.0e-2))
     rows = _steps(tmp_path / "run" / "grpo")
     # KL 0 before the first update: the reference is the SFT adapter's frozen copy, not the base (the SFT adapter
     # moved the model away from the base: the adapter-disabled backbone would give a KL far above 0).
@@ -310,6 +300,7 @@ def test_reference_after_lora_sft_is_the_sft_adapter(tmp_path):
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "ref").exists()
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -366,6 +357,7 @@ def _collapse_from_step(monkeypatch, step, responses_per_step):
     monkeypatch.setattr(grpo, "repeated_ngram_share", fake)
 
 
+@pytest.mark.slow
 def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -392,14 +384,6 @@ def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not torch.equal(saved[short], later[name])
 
 
-SFT = {
-    "name": "sft",
-    "type": "sft",
-    "dataset": {"path": "builtin:arith", "split": "sft", "size": 96, "eval_size": 16},
-    "train": {"max_steps": 3, "per_device_batch_size": 32, "learning_rate": 3.0e-3, "max_length": 64},
-}
-
-
 def _assert_kept_the_sft_adapter(run_dir, rejected_checkpoint):
     """GRPO saved its input, the SFT adapter, tensor for tensor; the rejected checkpoint had moved away from it."""
     from safetensors.torch import load_file
@@ -412,13 +396,14 @@ def _assert_kept_the_sft_adapter(run_dir, rejected_checkpoint):
     assert not torch.equal(moved[name], sft[name.removeprefix("policy.").replace(".default", "")])
 
 
-def test_stop_if_without_a_good_checkpoint_keeps_the_input_model(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_stop_if_without_a_good_checkpoint_keeps_the_input_model(tmp_path, monkeypatch, sft_lora_run):
     """SFT, then GRPO from its adapter. Step 2's samples (the weights after 1 update) collapse: the last good weights
     are the input's, which no checkpoint holds (checkpoint 1 holds those after the update); the stage ends with its
     input model, the SFT adapter, and says so (it no longer fails)."""
     _collapse_from_step(monkeypatch, 2, 16)
     stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
-    outputs = _run(_recipe(tmp_path / "run", [SFT, stage]))
+    outputs = _after_sft(sft_lora_run, tmp_path / "run", stage)
     final = _rows(tmp_path / "run" / "grpo")[-1]
     assert final["stopped_at_step"] == 2 and final["kept_checkpoint_step"] == 0
     assert final["stop_reason"] == (
@@ -431,12 +416,13 @@ def test_stop_if_without_a_good_checkpoint_keeps_the_input_model(tmp_path, monke
     _assert_kept_the_sft_adapter(tmp_path / "run", 1)
 
 
-def test_greedy_probe_falls_back_to_the_input_model(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_greedy_probe_falls_back_to_the_input_model(tmp_path, monkeypatch, sft_lora_run):
     """Measured on SmolLM2 (README): the SFT model passed the probe, the first checkpoint's weights did not. The
     stage keeps its input weights (the newest that passed) instead of failing; checkpoint 2 is left as it was."""
     probes = _greedy_loops_after(monkeypatch, 2)
     stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
-    _run(_recipe(tmp_path / "run", [SFT, stage]))
+    _after_sft(sft_lora_run, tmp_path / "run", stage)
     assert [u for u, _ in probes] == [0, 2]
     final = _rows(tmp_path / "run" / "grpo")[-1]
     assert final["stopped_at_step"] == 3 and final["kept_checkpoint_step"] == 0
@@ -485,6 +471,7 @@ def _greedy_loops_after(monkeypatch, updates):
     return probes
 
 
+@pytest.mark.slow
 def test_greedy_probe_keeps_the_last_checkpoint_that_passed(tmp_path, monkeypatch):
     """save_steps 2, 6 steps: the probe decodes the same evenly spaced prompts greedily before step 1 (the input
     model), at steps 3 and 5 (the weights of checkpoints 2 and 4) and after the loop (the final weights). Loops from
@@ -509,6 +496,7 @@ def test_greedy_probe_keeps_the_last_checkpoint_that_passed(tmp_path, monkeypatc
     assert outputs["grpo"].metrics["kept_checkpoint_step"] == 2
 
 
+@pytest.mark.slow
 def test_greedy_probe_of_the_final_weights(tmp_path, monkeypatch):
     """Only the final weights loop: every checkpoint passed, the stage keeps the newest (step 4 of 6)."""
     from safetensors.torch import load_file
@@ -528,6 +516,7 @@ def test_greedy_probe_of_the_final_weights(tmp_path, monkeypatch):
     torch.testing.assert_close(saved[name.removeprefix("policy.").replace(".default", "")], kept[name])
 
 
+@pytest.mark.slow
 def test_greedy_probe_of_the_input_model_fails_the_stage(tmp_path, monkeypatch):
     from alignlab.contract import StageFailed
 
@@ -537,6 +526,7 @@ def test_greedy_probe_of_the_input_model_fails_the_stage(tmp_path, monkeypatch):
         _run(_recipe(tmp_path / "run", [stage]))
 
 
+@pytest.mark.slow
 def test_greedy_probe_that_passes_changes_nothing(tmp_path):
     """The probe decodes greedily (no random draws): a run it never stops trains exactly the run without it."""
     from safetensors.torch import load_file
@@ -551,6 +541,7 @@ def test_greedy_probe_that_passes_changes_nothing(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.slow
 def test_skip_zero_std_groups_counts_and_drops_flat_groups(tmp_path):
     """8 prompts, all in step 1. Flat groups (even first operand: reward 1 for every response) have advantage 0, so
     they add nothing to the loss's numerator; dropping them only shrinks its denominator: with Dr. GRPO's constant
@@ -583,6 +574,7 @@ def test_skip_zero_std_groups_counts_and_drops_flat_groups(tmp_path):
     assert math.isclose(kept["reward"], total, rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_qlora_default_recomputes_old_logprobs(tmp_path, monkeypatch):
     """QLoRA from the base, recompute_logprobs left null: the 4-bit layers compute in bfloat16 (QLoRA's default
     compute_dtype) while the trainable and norm weights stay float32, so neither accelerate's mixed precision nor the
@@ -625,6 +617,7 @@ def test_qlora_default_recomputes_old_logprobs(tmp_path, monkeypatch):
     assert low_precision(trainer.acc, trainer.policy) is True
 
 
+@pytest.mark.slow
 def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch):
     """sample_dtype: bfloat16, LoRA: every step's responses come from the bf16 copy, refreshed to the policy as it is
     at that step (step 2: after step 1's update); the old log-probs come from the float32 training forward (no

@@ -13,19 +13,14 @@ import pytest
 from alignlab.cli import main
 from alignlab.data import DataError, build_datasets, check_dataset
 from alignlab.recipe import parse_recipe
+from tests.helpers import assert_reused, copy_run, make_recipe, sft_lora_recipe
+from tests.helpers import write_jsonl as _write_jsonl
 
 
 def _recipe(path: str, **dataset) -> dict:
-    return {
-        "name": "kto-data",
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "stages": [{"name": "kto", "type": "kto", "dataset": {"path": path, **dataset}}],
-    }
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return str(path)
+    return make_recipe(
+        [{"name": "kto", "type": "kto", "dataset": {"path": path, **dataset}}], name="kto-data", seed=None
+    )
 
 
 def _labels(tmp_path, rows, **dataset):
@@ -169,43 +164,32 @@ def test_builtin_unpaired_split_is_the_preference_pairs():
 
 
 @pytest.mark.slow
-def test_kto_after_lora_sft_starts_at_its_reference_and_learns(write_recipe, tmp_path):
-    """SFT (LoRA, one big step so the adapter is far from the base) -> KTO continuing the adapter. First eval
-    (step 0): eval_loss = 0.5 and margins = 0 exactly (reference = the SFT adapter, frozen). On held-out prompts
-    the desirable completions' implied reward then rises above the undesirable ones', and the step-3 checkpoint is
-    written the atomic way. Measured (6 steps):
-    eval_loss 0.5 -> 0.433, eval_rewards/margins 0 -> 0.567."""
-    recipe = {
-        "name": "kto-stage",
-        "seed": 0,
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "stages": [
-            {
-                "name": "sft",
-                "type": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 16, "eval_size": 8},
-                "train": {"max_steps": 1, "per_device_batch_size": 16, "learning_rate": 1e-2, "max_length": 48},
-            },
-            {
-                "name": "kto",
-                "type": "kto",
-                "dataset": {"path": "builtin:arith", "split": "unpaired", "size": 48, "eval_size": 16},
-                "beta": 0.1,
-                "train": {
-                    "max_steps": 6,
-                    "per_device_batch_size": 8,
-                    "eval_batch_size": 16,
-                    "learning_rate": 3e-3,
-                    "max_length": 48,
-                    "logging_steps": 1,
-                    "save_steps": 3,
-                    "extra": {"eval_on_start": True},
-                },
-            },
-        ],
+def test_kto_after_lora_sft_starts_at_its_reference_and_learns(write_recipe, tmp_path, sft_lora_run):
+    """SFT (LoRA: the session's SFT-LoRA run, copied, so its stage is reused as finished; its adapter is clearly
+    away from the base) -> KTO continuing the adapter. First eval (step 0): eval_loss = 0.5 and margins = 0 exactly
+    (reference = the SFT adapter, frozen). On held-out prompts the desirable completions' implied reward then rises
+    above the undesirable ones', and the step-3 checkpoint is written the atomic way. Measured (6 steps):
+    eval_loss 0.5 -> 0.372, eval_rewards/margins 0 -> 2.53 (0.433 and 0.567 from a 1-step SFT)."""
+    copy_run(sft_lora_run, tmp_path / "run")
+    kto = {
+        "name": "kto",
+        "type": "kto",
+        "dataset": {"path": "builtin:arith", "split": "unpaired", "size": 48, "eval_size": 16},
+        "beta": 0.1,
+        "train": {
+            "max_steps": 6,
+            "per_device_batch_size": 8,
+            "eval_batch_size": 16,
+            "learning_rate": 3e-3,
+            "max_length": 48,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "extra": {"eval_on_start": True},
+        },
     }
+    recipe = sft_lora_recipe(tmp_path / "run", kto, name="kto-stage")
     assert main(["run", str(write_recipe(recipe))]) == 0
+    assert_reused(sft_lora_run, tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "kto" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_loss" in r]
     first, last = evals[0], evals[-1]

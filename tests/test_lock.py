@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from alignlab.cli import main
 from alignlab.runlock import LOCK_FILE, RunLock, held_message, process_start_time, stale_reason
+from tests.helpers import lora, make_recipe, write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 HOLD = (
@@ -21,23 +21,14 @@ HOLD = (
 
 
 def _recipe(tmp_path):
-    recipe = {
-        "name": "lock",
-        "seed": 0,
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8},
-        "stages": [
-            {
-                "name": "sft",
-                "type": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 16, "eval_size": 4},
-                "train": {"max_steps": 1, "per_device_batch_size": 4, "max_length": 32, "logging_steps": 1},
-            }
-        ],
+    sft = {
+        "name": "sft",
+        "type": "sft",
+        "dataset": {"path": "builtin:arith", "split": "sft", "size": 16, "eval_size": 4},
+        "train": {"max_steps": 1, "per_device_batch_size": 4, "max_length": 32, "logging_steps": 1},
     }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    return str(tmp_path / "r.yaml")
+    raw = make_recipe([sft], tmp_path / "run", name="lock", peft=lora(r=4, alpha=8, dropout=None))
+    return write_yaml(tmp_path / "r.yaml", raw)
 
 
 def _holder(run_dir):

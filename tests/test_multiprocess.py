@@ -28,90 +28,86 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import lora, make_recipe
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _recipe(output_dir, batch):
     train = {"max_steps": 4, "per_device_batch_size": batch, "max_length": 48, "logging_steps": 1}
-    return {
-        "name": "multiprocess",
-        "seed": 0,
-        "output_dir": str(output_dir),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "stages": [
-            {
-                "name": "sft",
-                "type": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 64, "eval_size": 16},
-                "train": {**train, "learning_rate": 3e-3},
-            },
-            {
-                "name": "dpo",
-                "type": "dpo",
-                "dataset": {"path": "builtin:arith", "split": "preference", "size": 64, "eval_size": 16},
-                "loss": {"name": "kldpo", "beta": 0.1, "tau": 0.5},
-                "precompute_ref_logps": True,
-                "train": {**train, "learning_rate": 2e-3},
-            },
-            {
-                "name": "reward",
-                "type": "reward",
-                "input": "sft",
-                "dataset": {"path": "builtin:arith", "split": "preference", "size": 64, "eval_size": 16},
-                "train": {**train, "max_steps": 3, "learning_rate": 1e-3},
-            },
-            {
-                "name": "ppo",
-                "type": "ppo",
-                "input": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
-                "reward_fn": "tests.test_ppo:length_reward",
-                "steps": 3,
-                "rollout": {"batch_size": batch, "max_new_tokens": 4, "temperature": 1.0},
-                "ppo": {"epochs": 2, "minibatch_size": batch, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
-            },
-            {  # groups stay whole on one process: 1 process x 4 prompts = 2 processes x 2 prompts (x 4 responses)
-                "name": "grpo",
-                "type": "grpo",
-                "input": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
-                "reward_fn": [{"fn": "tests.test_ppo:length_reward"}, {"fn": "builtin:arith", "weight": 0.5}],
-                "steps": 3,
-                "prompts_per_step": batch // 2,
-                "num_generations": 4,
-                "max_new_tokens": 4,
-                "epochs": 2,
-                "learning_rate": 1e-3,
-                "beta": 0.1,
-                "loss_agg": "token_mean",
-                "skip_zero_std_groups": True,
-                "watch_steps": None,
-            },
-            {
-                "name": "eval",
-                "type": "eval",
-                "input": "ppo",
-                "reference": "sft",
-                "reward_model": "reward",
-                "reward_fn": "alignlab.builtin.tasks:arith_reward",
-                "dataset": {"path": "builtin:arith", "split": "eval", "size": 8},
-                "num_prompts": 8,
-                "max_new_tokens": 6,
-            },
-            {
-                "name": "pairs",
-                "type": "generate",
-                "input": "ppo",
-                "dataset": {"path": "builtin:arith", "split": "eval", "size": 10},
-                "reward_fn": "alignlab.builtin.tasks:arith_reward",
-                "num_samples": 3,
-                "max_new_tokens": 4,
-                "batch_size": 3,  # 4 prompt groups: process 0 samples groups 0 and 2, process 1 groups 1 and 3
-            },
-        ],
-    }
+    stages = [
+        {
+            "name": "sft",
+            "type": "sft",
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 64, "eval_size": 16},
+            "train": {**train, "learning_rate": 3e-3},
+        },
+        {
+            "name": "dpo",
+            "type": "dpo",
+            "dataset": {"path": "builtin:arith", "split": "preference", "size": 64, "eval_size": 16},
+            "loss": {"name": "kldpo", "beta": 0.1, "tau": 0.5},
+            "precompute_ref_logps": True,
+            "train": {**train, "learning_rate": 2e-3},
+        },
+        {
+            "name": "reward",
+            "type": "reward",
+            "input": "sft",
+            "dataset": {"path": "builtin:arith", "split": "preference", "size": 64, "eval_size": 16},
+            "train": {**train, "max_steps": 3, "learning_rate": 1e-3},
+        },
+        {
+            "name": "ppo",
+            "type": "ppo",
+            "input": "sft",
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
+            "reward_fn": "tests.helpers:length_reward",
+            "steps": 3,
+            "rollout": {"batch_size": batch, "max_new_tokens": 4, "temperature": 1.0},
+            "ppo": {"epochs": 2, "minibatch_size": batch, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
+        },
+        {  # groups stay whole on one process: 1 process x 4 prompts = 2 processes x 2 prompts (x 4 responses)
+            "name": "grpo",
+            "type": "grpo",
+            "input": "sft",
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
+            "reward_fn": [{"fn": "tests.helpers:length_reward"}, {"fn": "builtin:arith", "weight": 0.5}],
+            "steps": 3,
+            "prompts_per_step": batch // 2,
+            "num_generations": 4,
+            "max_new_tokens": 4,
+            "epochs": 2,
+            "learning_rate": 1e-3,
+            "beta": 0.1,
+            "loss_agg": "token_mean",
+            "skip_zero_std_groups": True,
+            "watch_steps": None,
+        },
+        {
+            "name": "eval",
+            "type": "eval",
+            "input": "ppo",
+            "reference": "sft",
+            "reward_model": "reward",
+            "reward_fn": "alignlab.builtin.tasks:arith_reward",
+            "dataset": {"path": "builtin:arith", "split": "eval", "size": 8},
+            "num_prompts": 8,
+            "max_new_tokens": 6,
+        },
+        {
+            "name": "pairs",
+            "type": "generate",
+            "input": "ppo",
+            "dataset": {"path": "builtin:arith", "split": "eval", "size": 10},
+            "reward_fn": "alignlab.builtin.tasks:arith_reward",
+            "num_samples": 3,
+            "max_new_tokens": 4,
+            "batch_size": 3,  # 4 prompt groups: process 0 samples groups 0 and 2, process 1 groups 1 and 3
+        },
+    ]
+    return make_recipe(stages, output_dir, name="multiprocess", peft=lora(dropout=0.0))
 
 
 def test_row_seeded_sampling_is_the_softmax_whatever_the_batch():
@@ -139,9 +135,10 @@ def _free_port() -> int:
 
 
 def launch_two_processes(recipe_path, *args, timeout=400):
-    """`accelerate launch --multi_gpu --num_processes 2 -m alignlab run RECIPE ...` on CPU, one thread each.
-    (`--cpu --num_processes 2` would start a single process.)"""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "false"}
+    """`accelerate launch --multi_gpu --num_processes 2 -m alignlab run RECIPE ...` on CPU, one thread each (whatever
+    ALIGNLAB_THREADS this session has). (`--cpu --num_processes 2` would start a single process.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNLAB_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env["ACCELERATE_USE_CPU"] = "false"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--main_process_port", str(_free_port()), "-m", "alignlab", "run", str(recipe_path), *args]

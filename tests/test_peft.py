@@ -8,16 +8,15 @@ import torch
 from alignlab.contract import StageOutput
 from alignlab.models import load_stage_model, load_tokenizer, merge_adapter, save_model_atomic
 from alignlab.recipe import parse_recipe
+from tests.helpers import lora, make_recipe
 
 
 def _recipe(tiny_model_path, **peft):
+    stages = [{"type": "sft", "dataset": {"path": "builtin:arith", "split": "sft"}}]
     return parse_recipe(
-        {
-            "name": "p",
-            "model": {"name_or_path": tiny_model_path},
-            "peft": {"r": 4, "alpha": 8, "dropout": 0.0, **peft},
-            "stages": [{"type": "sft", "dataset": {"path": "builtin:arith", "split": "sft"}}],
-        }
+        make_recipe(
+            stages, name="p", seed=None, model=tiny_model_path, peft={"r": 4, "alpha": 8, "dropout": 0.0, **peft}
+        )
     )
 
 
@@ -151,23 +150,13 @@ def test_qlora_stages_keep_float32_adapters(write_recipe, tmp_path):
 
     train = {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 1e-2, "max_length": 48, "logging_steps": 1}
     data = {"path": "builtin:arith", "size": 8, "eval_size": 4}
-    recipe = {
-        "name": "qlora-stages",
-        "seed": 0,
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "qlora", "r": 4, "alpha": 8, "dropout": 0.0, "quantization": {"compute_dtype": "float32"}},
-        "stages": [
-            {"name": "sft", "type": "sft", "dataset": {**data, "split": "sft"}, "train": train},
-            {"name": "dpo", "type": "dpo", "dataset": {**data, "split": "preference"}, "train": train},
-            {
-                "name": "rm",
-                "type": "reward",
-                "input": "base",
-                "dataset": {**data, "split": "preference"},
-                "train": train,
-            },
-        ],
-    }
+    stages = [
+        {"name": "sft", "type": "sft", "dataset": {**data, "split": "sft"}, "train": train},
+        {"name": "dpo", "type": "dpo", "dataset": {**data, "split": "preference"}, "train": train},
+        {"name": "rm", "type": "reward", "input": "base", "dataset": {**data, "split": "preference"}, "train": train},
+    ]
+    qlora = lora(r=4, alpha=8, dropout=0.0, method="qlora", quantization={"compute_dtype": "float32"})
+    recipe = make_recipe(stages, name="qlora-stages", peft=qlora)
     assert main(["run", str(write_recipe(recipe))]) == 0
     run = tmp_path / "run"
     first = json.loads((run / "dpo" / "metrics.jsonl").read_text().splitlines()[0])

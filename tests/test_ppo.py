@@ -1,5 +1,5 @@
-"""PPO stage end to end on the built-in tiny model, with programmatic rewards defined in this module (recipes name
-them as `tests.test_ppo:sevens_reward`; pytest runs from the repo root with pythonpath ["."]).
+"""PPO stage end to end on the built-in tiny model, with programmatic rewards (recipes name them as
+`tests.test_ppo:sevens_reward`, `tests.helpers:length_reward`; pytest runs from the repo root with pythonpath ["."]).
 
 - learning: a short full SFT on builtin:arith teaches the format (digits, then EOS); full-weight PPO (reference:
   a frozen copy of the SFT model) must then raise the reward of sampled completions clearly above the SFT
@@ -13,12 +13,16 @@ them as `tests.test_ppo:sevens_reward`; pytest runs from the repo root with pyth
   uninterrupted run (fresh LoRA on the base: reference = adapter disabled, adaptive KL controller).
 """
 
-import json
-
 import pytest
 import torch
 
+from tests.helpers import assert_reused, copy_run, length_reward, make_recipe, sft_lora_recipe
+from tests.helpers import rows as _rows
+from tests.helpers import run as _run
+from tests.helpers import steps as _steps
+
 pytestmark = pytest.mark.slow
+# Recipes elsewhere name `tests.test_ppo:length_reward` (tests/test_shard.py): it is tests.helpers' (imported above).
 
 KL_COEF = 0.1
 
@@ -28,20 +32,8 @@ def sevens_reward(prompts, completions):
     return [sum(ch == "7" for ch in c) / max(len(c), 1) for c in completions]
 
 
-def length_reward(prompts, completions):
-    """Longer decoded text scores higher: a reward with variance even for a random model's completions."""
-    return [min(len(c), 20) / 20 for c in completions]
-
-
 def _recipe(output_dir, stages, peft="lora"):
-    return {
-        "name": "ppo-test",
-        "seed": 0,
-        "output_dir": str(output_dir),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": peft, "r": 8, "alpha": 16, "dropout": 0.05},
-        "stages": stages,
-    }
+    return make_recipe(stages, output_dir, name="ppo-test", peft=peft)  # LoRA: r 8, alpha 16, dropout 0.05
 
 
 SFT_STAGE = {
@@ -66,17 +58,6 @@ def _ppo_stage(**kw):
     return stage
 
 
-def _run(raw, resume=False):
-    from alignlab.pipeline import run_pipeline
-    from alignlab.recipe import parse_recipe
-
-    return run_pipeline(parse_recipe(raw), resume=resume)
-
-
-def _metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _mean_reward(model_dir, prompts, fn):
     """Mean `fn` reward of completions sampled (seed 0, temperature 1) from the full model in model_dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,7 +77,7 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path):
     raw = _recipe(tmp_path / "run", [SFT_STAGE, _ppo_stage()], peft="none")
     outputs = _run(raw)
     ppo_dir = tmp_path / "run" / "ppo"
-    rows = [r for r in _metrics(ppo_dir / "metrics.jsonl") if not r.get("final")]
+    rows = _steps(ppo_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
 
     # Before any update the policy IS the reference (a frozen copy of the SFT weights): the KL estimate is 0.
@@ -121,14 +102,16 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["logprobs-from-sampling", "recompute-logprobs"])
-def test_lora_reference_is_the_frozen_sft_adapter(tmp_path, recompute):
-    sft = {**SFT_STAGE, "train": {**SFT_STAGE["train"], "max_steps": 3}}
+def test_lora_reference_is_the_frozen_sft_adapter(tmp_path, recompute, sft_lora_run):
+    """A PPO stage continuing an SFT adapter (the session's SFT-LoRA run, copied: its stage is reused as finished)."""
     rollout = {"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0, "recompute_logprobs": recompute}
     ppo = _ppo_stage(steps=2, rollout=rollout)
     ppo["ppo"] = {**ppo["ppo"], "learning_rate": 1.0e-2, "minibatch_size": 8}
-    ppo["reward_fn"] = "tests.test_ppo:length_reward"
-    outputs = _run(_recipe(tmp_path / "run", [sft, ppo]))
-    rows = [r for r in _metrics(tmp_path / "run" / "ppo" / "metrics.jsonl") if not r.get("final")]
+    ppo["reward_fn"] = "tests.helpers:length_reward"
+    copy_run(sft_lora_run, tmp_path / "run")
+    outputs = _run(sft_lora_recipe(tmp_path / "run", ppo, name="ppo-test"))
+    assert_reused(sft_lora_run, tmp_path / "run")
+    rows = _steps(tmp_path / "run" / "ppo")
     assert abs(rows[0]["kl"]) < 1e-6  # policy = "ref" copy before the first update
     assert abs(rows[1]["kl"]) > 1e-4  # the policy moved and the copy did not train along
     out = outputs["ppo"]
@@ -164,7 +147,7 @@ def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch, com
     monkeypatch.setattr(PPOTrainer, "train_step", recording_step)
     ppo = _ppo_stage(
         input="base",
-        reward_fn="tests.test_ppo:length_reward",
+        reward_fn="tests.helpers:length_reward",
         steps=2,
         rollout={"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
         ppo={"epochs": 2, "minibatch_size": 8, "learning_rate": 1.0e-3, "kl_coef": KL_COEF},
@@ -173,7 +156,7 @@ def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch, com
     raw["peft"]["quantization"] = {"compute_dtype": compute_dtype}
     outputs = _run(raw)
 
-    rows = [r for r in _metrics(tmp_path / "run" / "ppo" / "metrics.jsonl") if not r.get("final")]
+    rows = _steps(tmp_path / "run" / "ppo")
     assert abs(rows[0]["kl"]) < 1e-6  # policy = reference (adapter disabled) before the first update
     if compute_dtype == "bfloat16":  # both log-probs from the same full forward (the zero adapter adds exact zeros)
         assert rows[0]["kl"] == 0.0  # off the bf16 sampling pass: -2.4e-7 here, 0.0089 on SmolLM2 (8 tokens)
@@ -195,7 +178,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     def recipe(name):
         stage = _ppo_stage(
             input="base",
-            reward_fn="tests.test_ppo:length_reward",
+            reward_fn="tests.helpers:length_reward",
             steps=4,
             save_steps=2,
             rollout={"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
@@ -220,8 +203,8 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(PPOTrainer, "train_step", real_step)
     _run(recipe("resumed"), resume=True)
 
-    straight = _metrics(tmp_path / "straight" / "ppo" / "metrics.jsonl")
-    resumed = _metrics(tmp_path / "resumed" / "ppo" / "metrics.jsonl")
+    straight = _rows(tmp_path / "straight" / "ppo")
+    resumed = _rows(tmp_path / "resumed" / "ppo")
     steps = [r for r in straight if not r.get("final")]
     assert [r["step"] for r in steps] == [r["step"] for r in resumed if not r.get("final")] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
@@ -340,7 +323,7 @@ def _bare_trainer(tmp_path, policy, tokenizer, reference, accelerator, rollout=N
     spec = PPOSpec(
         name="ppo",
         dataset={"path": "builtin:arith"},
-        reward_fn="tests.test_ppo:length_reward",
+        reward_fn="tests.helpers:length_reward",
         steps=1,
         rollout={"batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, **(rollout or {})},
         ppo={"epochs": 1, "minibatch_size": 8, "learning_rate": 1e-3, **ppo},

@@ -22,54 +22,64 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import lora, make_recipe
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _recipe(output_dir):
     train = {"max_steps": 6, "per_device_batch_size": 8, "max_length": 48, "logging_steps": 1, "save_steps": 2}
-    return {
-        "name": "resume",
-        "seed": 0,
-        "output_dir": str(output_dir),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05},  # dropout: the RNG state must resume too
-        "stages": [
-            {
-                "name": "sft",
-                "type": "sft",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 64, "eval_size": 16},
-                "train": {**train, "learning_rate": 3e-3},
-            },
-            {
-                "name": "dpo",
-                "type": "dpo",
-                "input": "base",
-                "dataset": {"path": "builtin:arith", "split": "preference", "size": 64},
-                "precompute_ref_logps": True,
-                "train": {**train, "learning_rate": 2e-3},
-            },
-            {
-                "name": "ppo",
-                "type": "ppo",
-                "input": "base",
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
-                "reward_fn": "tests.test_ppo:length_reward",
-                "steps": 6,
-                "save_steps": 2,
-                "rollout": {"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
-                "ppo": {"epochs": 2, "minibatch_size": 4, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
-            },
-        ],
-    }
+    stages = [
+        {
+            "name": "sft",
+            "type": "sft",
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 64, "eval_size": 16},
+            "train": {**train, "learning_rate": 3e-3},
+        },
+        {
+            "name": "dpo",
+            "type": "dpo",
+            "input": "base",
+            "dataset": {"path": "builtin:arith", "split": "preference", "size": 64},
+            "precompute_ref_logps": True,
+            "train": {**train, "learning_rate": 2e-3},
+        },
+        {
+            "name": "ppo",
+            "type": "ppo",
+            "input": "base",
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
+            "reward_fn": "tests.helpers:length_reward",
+            "steps": 6,
+            "save_steps": 2,
+            "rollout": {"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
+            "ppo": {"epochs": 2, "minibatch_size": 4, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
+        },
+    ]
+    # dropout: the RNG state must resume too
+    return make_recipe(stages, output_dir, name="resume", peft=lora(dropout=0.05))
 
 
-def _killed_run(*argv, kill: str):
-    """The alignlab CLI in a fresh process that SIGKILLs itself at `kill` (see _arm)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _start_killed_run(*argv, kill: str) -> subprocess.Popen:
+    """The alignlab CLI in a fresh process (one thread) that SIGKILLs itself at `kill` (see _arm)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNLAB_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tests.test_resume", kill, *argv]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _killed(proc: subprocess.Popen) -> None:
+    """Wait for a process of _start_killed_run: it must have died by its own SIGKILL."""
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+
+
+def _killed_run(*argv, kill: str) -> None:
+    _killed(_start_killed_run(*argv, kill=kill))
 
 
 def _arm(kill: str) -> None:
@@ -154,7 +164,9 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield _run_straight_and_killed(tmp_path_factory)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ALIGNLAB_THREADS", "1")  # `alignlab run` in this process too, whatever the session's setting
+            yield _run_straight_and_killed(tmp_path_factory)
     finally:
         torch.set_num_threads(threads)
 
@@ -165,11 +177,14 @@ def _run_straight_and_killed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     (tmp / "straight.yaml").write_text(yaml.safe_dump(_recipe(tmp / "straight")))
     (tmp / "killed.yaml").write_text(yaml.safe_dump(_recipe(tmp / "killed")))
-    assert main(["run", str(tmp / "straight.yaml")]) == 0
-
     killed = tmp / "killed"
     recipe = str(tmp / "killed.yaml")
-    _killed_run("run", recipe, kill="train-step:5")
+    # The first cut-off run works in its own folder, beside the uninterrupted one: one thread each, two cores.
+    first = _start_killed_run("run", recipe, kill="train-step:5")
+    try:
+        assert main(["run", str(tmp / "straight.yaml")]) == 0
+    finally:
+        _killed(first)
     assert sorted(p.name for p in (killed / "sft" / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-2",
         "checkpoint-4",

@@ -4,11 +4,12 @@ know."), with a per-pair margin column. Checks that the Bradley-Terry model lear
 margin), and that the saved adapter and the merged model reproduce the scores reported during evaluation when
 scored the way the PPO stage scores responses."""
 
-import json
 import random
 
 import pytest
 import torch
+
+from tests.helpers import lora, make_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +32,6 @@ def _pairs(n, seed):
     return rows
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def test_reward_model_learns_and_reloads(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -44,32 +40,18 @@ def test_reward_model_learns_and_reloads(tmp_path):
     from alignlab.rewards import load_reward_model, reward_model_scorer
 
     eval_rows = _pairs(96, seed=1)
-    raw = {
-        "name": "reward-test",
-        "seed": 0,
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 8, "alpha": 16},
-        "stages": [
-            {
-                "name": "rm",
-                "type": "reward",
-                "merge": True,
-                "dataset": {
-                    "path": _write_jsonl(tmp_path / "train.jsonl", _pairs(480, seed=0)),
-                    "eval_path": _write_jsonl(tmp_path / "eval.jsonl", eval_rows),
-                },
-                # eval batches of equal size: the reported eval metrics are then exact means over the 96 pairs
-                "train": {
-                    "per_device_batch_size": 16,
-                    "eval_batch_size": 32,
-                    "learning_rate": 1.0e-3,
-                    "max_length": 64,
-                },
-            }
-        ],
+    rm = {
+        "name": "rm",
+        "type": "reward",
+        "merge": True,
+        "dataset": {
+            "path": write_jsonl(tmp_path / "train.jsonl", _pairs(480, seed=0)),
+            "eval_path": write_jsonl(tmp_path / "eval.jsonl", eval_rows),
+        },
+        # eval batches of equal size: the reported eval metrics are then exact means over the 96 pairs
+        "train": {"per_device_batch_size": 16, "eval_batch_size": 32, "learning_rate": 1.0e-3, "max_length": 64},
     }
-    recipe = parse_recipe(raw)
+    recipe = parse_recipe(make_recipe([rm], tmp_path / "run", name="reward-test", peft=lora(dropout=None)))
     out = run_pipeline(recipe)["rm"]
     m = out.metrics
     # An untrained score head separates the pairs by ~0.05 (and the loss includes the margins); trained, clearly.

@@ -17,6 +17,7 @@ from alignlab.benchmarks.robustness import (
 )
 from alignlab.cli import main
 from alignlab.recipe import RecipeError
+from tests.helpers import assert_reused, copy_run
 
 
 def test_grid_is_one_recipe_from_one_sft_checkpoint():
@@ -113,12 +114,13 @@ def test_cells_over_seeds_report_mean_and_spread():
 
 
 @pytest.mark.slow
-def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, capsys):
+def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, capsys, sft_lora_run):
     """DPO on clean labels ranks held-out pairs right; on fully flipped labels it learns the opposite. So does KTO on
-    the same pairs read as feedback rows (chosen desirable): the flips reach it through the pairs."""
+    the same pairs read as feedback rows (chosen desirable): the flips reach it through the pairs. The cells start
+    from the preset's SFT stage, the session's shared SFT-LoRA run (tests/helpers.py), copied into the bench's
+    folder: reused as finished."""
+    copy_run(sft_lora_run, tmp_path / "b")
     small = [
-        "stages.sft.train.max_steps=60",
-        "stages.sft.dataset.size=960",
         "stages.dpo-flip00.dataset.size=480",
         "stages.dpo-flip100.dataset.size=480",
         "stages.eval-dpo-flip00.num_prompts=16",
@@ -132,9 +134,11 @@ def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, cap
     ]
     args = ["bench", "robustness", "--losses", "dpo,kto", "--flip-rates", "0,1", "--out", str(tmp_path / "b"), *small]
     assert main(args) == 0
+    assert_reused(sft_lora_run, tmp_path / "b")
     found = json.loads((tmp_path / "b" / "robustness.json").read_text())["rows"]
     rows = {(r["loss"], r["flip_rate"]): r for r in found}
-    # Measured: DPO 0.875 on clean labels, 0.145 with every label flipped; KTO 0.88 and 0.16.
+    # Measured: DPO 0.86 on clean labels, 0.125 with every label flipped; KTO 0.85 and 0.125 (from a 60-step SFT:
+    # 0.875, 0.145; 0.88, 0.16).
     assert rows["dpo", 0.0]["preference_accuracy"] > 0.7
     assert rows["dpo", 1.0]["preference_accuracy"] < 0.3
     assert rows["kto", 0.0]["preference_accuracy"] > 0.7
@@ -199,13 +203,12 @@ def test_audited_eps_replaces_the_guess_per_flip_rate():
 
 
 @pytest.mark.slow
-def test_eps_from_audit_end_to_end(tmp_path):
+def test_eps_from_audit_end_to_end(tmp_path, sft_lora_run):
     """--eps-from-audit: the rdpo cell trains with the eps its flip rate's audit suggests, and the audit is reused
-    when the bench is run again."""
+    when the bench is run again. (The preset's SFT stage: the session's shared run, copied, so reused as finished.)"""
     out = tmp_path / "b"
+    copy_run(sft_lora_run, out)
     small = [
-        "stages.sft.train.max_steps=30",
-        "stages.sft.dataset.size=480",
         "stages.rdpo-flip30.dataset.size=160",
         "stages.rdpo-flip30.train.max_steps=5",
         "stages.eval-rdpo-flip30.num_prompts=8",
@@ -213,6 +216,7 @@ def test_eps_from_audit_end_to_end(tmp_path):
     ]
     args = ["bench", "robustness", "--losses", "rdpo", "--flip-rates", "0.3", "--out", str(out), *small]
     assert main([*args, "--eps-from-audit", "--audit-folds", "2", "--audit-epochs", "1"]) == 0
+    assert_reused(sft_lora_run, out)
     audit = json.loads((out / "audit" / "flip30" / "audit.json").read_text())
     assert audit["n_pairs"] == 160 and audit["dataset"]["flip_rate"] == 0.3 and audit["folds"] == 2
     assert audit["scorer"]["start"] == "sft"  # the cells' input, run before the audit

@@ -18,18 +18,15 @@ import yaml
 from alignlab.cli import main
 from alignlab.recipe import load_recipe, parse_recipe
 from alignlab.validate import validate_recipe
+from tests.helpers import TINY, lora, make_recipe, run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alignlab"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
 def _recipe(tmp_path, **model):
-    return {
-        "name": "safe",
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": "builtin:tiny-llama", **model},
-        "stages": [{"name": "sft", "type": "sft", "dataset": {"path": "builtin:arith", "split": "sft", "size": 16}}],
-    }
+    sft = {"name": "sft", "type": "sft", "dataset": {"path": "builtin:arith", "split": "sft", "size": 16}}
+    return make_recipe([sft], tmp_path / "run", name="safe", seed=None, model={"name_or_path": TINY, **model})
 
 
 # ------------------------------------------------------------------------------------------ trust_remote_code
@@ -129,12 +126,10 @@ def test_package_loads_nothing_unsafely():
 
 @pytest.mark.slow
 def test_a_saved_stage_holds_safetensors_weights_only(tmp_path, tiny_model_path):
-    from alignlab.pipeline import run_pipeline
-
     raw = _recipe(tmp_path)
-    raw["peft"] = {"method": "lora", "r": 4, "alpha": 8}
+    raw["peft"] = lora(r=4, alpha=8, dropout=None)
     raw["stages"][0].update(merge=True, train={"max_steps": 2, "save_steps": 1, "per_device_batch_size": 4})
-    run_pipeline(parse_recipe(raw))
+    run(raw)
     stage = tmp_path / "run" / "sft"
     files = [p.relative_to(stage) for p in stage.rglob("*") if p.is_file()]
     assert (stage / "model" / "adapter_model.safetensors").is_file()

@@ -18,20 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from alignlab.cli import main
 from alignlab.contract import StageOutput
+from tests.helpers import lora, make_recipe
 
 pytestmark = pytest.mark.slow
 TRAIN = {"max_steps": 1, "per_device_batch_size": 4, "max_length": 32, "logging_steps": 1, "learning_rate": 0.001}
 
 
 def _recipe(tmp, stages):
-    return {
-        "name": "stale",
-        "seed": 0,
-        "output_dir": str(tmp / "run"),
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8},
-        "stages": stages,
-    }
+    return make_recipe(stages, tmp / "run", name="stale", peft=lora(r=4, alpha=8, dropout=None))
 
 
 SFT = {"name": "sft", "type": "sft", "dataset": {"path": "sft.jsonl"}, "train": dict(TRAIN)}
