@@ -29,6 +29,9 @@ import math
 import pytest
 import torch
 
+from tests.helpers import make_recipe
+from tests.helpers import run as _run
+
 pytestmark = pytest.mark.real
 
 MODEL = "builtin:smollm2-135m-instruct"
@@ -40,15 +43,7 @@ LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
 
 def _recipe(name: str, run_dir, stages: list[dict], peft: dict | None = LORA) -> dict:
-    raw = {"name": name, "seed": 0, "output_dir": str(run_dir), "model": {"name_or_path": MODEL}, "stages": stages}
-    return raw if peft is None else {**raw, "peft": peft}
-
-
-def _run(raw: dict):
-    from alignlab.pipeline import run_pipeline
-    from alignlab.recipe import parse_recipe
-
-    return run_pipeline(parse_recipe(raw))
+    return make_recipe(stages, run_dir, name=name, model=MODEL, peft=peft)
 
 
 def _rows(path) -> list[dict]:
@@ -365,10 +360,12 @@ def test_grpo_first_step_has_kl_0_and_ratio_1(grpo_run):
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     """QLoRA SFT on prompt-completion strings, then DPO continuing its adapter; records what the SFT trainer
-    trains and the 4-bit weights before and after."""
+    trains and the 4-bit weights before and after. The DPO pairs are a local file: no held-out split, so no final
+    evaluation (nothing here reads one; on the 4-bit base it cost as much as the training step)."""
     import bitsandbytes as bnb
 
     import alignlab.stages.sft as sft_stage
+    from alignlab.builtin.tasks import write_task
 
     tmp = tmp_path_factory.mktemp("qlora")
     data = tmp / "pc.jsonl"
@@ -395,7 +392,7 @@ def qlora_run(tmp_path_factory):
             {
                 "name": "dpo",
                 "type": "dpo",
-                "dataset": {"path": "builtin:arith", "split": "preference", "size": 2, "eval_size": 2},
+                "dataset": {"path": str(write_task("arith", "preference", tmp / "pairs.jsonl", 2))},
                 "train": {**train, "max_steps": 1},
             },
         ],
