@@ -60,6 +60,16 @@ def thread_policy():
     return torch.get_num_threads()
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_kept(thread_policy):
+    """A test that changes torch's thread count (`--threads 1`, a one-thread fixture) changes it for itself only."""
+    yield
+    import torch
+
+    if torch.get_num_threads() != thread_policy:
+        torch.set_num_threads(thread_policy)
+
+
 @pytest.fixture(scope="session")
 def sft_lora_run(tmp_path_factory):
     """A finished run folder holding the shared SFT-LoRA stage (tests/helpers.py SFT_LORA), trained once per session.

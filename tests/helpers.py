@@ -9,13 +9,18 @@ from (alignlab/freshness.py), and a recipe with the same `sft` stage, model, PEF
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 TINY = "builtin:tiny-llama"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def lora(r: int = 8, alpha: int = 16, dropout: float | None = 0.05, method: str = "lora", **keys) -> dict:
@@ -62,6 +67,36 @@ def run(raw: dict, resume: bool = False, **kwargs):
     from alignlab.recipe import parse_recipe
 
     return run_pipeline(parse_recipe(raw), resume=resume, **kwargs)
+
+
+@contextlib.contextmanager
+def alignlab_beside(argv: list[str], log):
+    """`python -m alignlab ARGV` in another process while the with-block works in this one, each on one thread: two
+    independent runs on the two cores of a small machine (a 2-thread op is barely faster than a 1-thread one at the
+    tiny model's sizes, and much slower when another process holds the second core). Its console goes to `log`.
+    On leaving, waits for it and asserts it succeeded."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNLAB_THREADS": "1", "PYTHONPATH": str(REPO)}
+    threads, setting = torch.get_num_threads(), os.environ.get("ALIGNLAB_THREADS")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "alignlab", *argv], cwd=REPO, env=env, stdout=out, stderr=out)
+        torch.set_num_threads(1)
+        os.environ["ALIGNLAB_THREADS"] = "1"  # `alignlab run` in this process too
+        try:
+            yield proc
+        finally:
+            torch.set_num_threads(threads)
+            if setting is None:
+                os.environ.pop("ALIGNLAB_THREADS", None)
+            else:
+                os.environ["ALIGNLAB_THREADS"] = setting
+            try:
+                proc.wait(timeout=900)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    assert proc.returncode == 0, Path(log).read_text()[-3000:]
 
 
 def rows(stage_dir) -> list[dict]:

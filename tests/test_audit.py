@@ -12,7 +12,7 @@ import pytest
 
 from alignlab.audit.mixture import fit_flip_rate, flip_posterior
 from alignlab.cli import main
-from tests.helpers import make_recipe
+from tests.helpers import alignlab_beside, make_recipe
 
 
 def _mirrored(n: int, eps: float, seed: int, parts=((1.0, 2.0, 1.0),)) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def test_posterior_by_hand():
     assert post.tolist() == pytest.approx([0.2, 0.032727, 0.648786], abs=1e-6)
 
 
-def _recipe(write_recipe, tiny_model_path, size: int = 40, flip_rate: float = 0.0) -> str:
+def _recipe(write_recipe, tiny_model_path, size: int = 40, flip_rate: float = 0.0, name: str = "recipe.yaml") -> str:
     sft = {"name": "sft", "type": "sft", "dataset": {"path": "builtin:arith", "split": "sft", "size": 20}}
     dpo = {
         "name": "dpo",
@@ -75,7 +75,7 @@ def _recipe(write_recipe, tiny_model_path, size: int = 40, flip_rate: float = 0.
         "dataset": {"path": "builtin:arith", "split": "preference", "size": size, "flip_rate": flip_rate},
         "train": {"per_device_batch_size": 16, "learning_rate": 3e-4, "max_length": 64},  # scorers: 3e-3
     }
-    return str(write_recipe(make_recipe([sft, dpo], name="audit", model=tiny_model_path)))
+    return str(write_recipe(make_recipe([sft, dpo], name="audit", model=tiny_model_path), name=name))
 
 
 def test_unknown_stage_is_named(write_recipe, tiny_model_path, capsys):
@@ -140,13 +140,18 @@ def test_audit_writes_its_files_and_sees_injected_flips(write_recipe, tiny_model
     from alignlab.data import build_datasets
     from alignlab.recipe import load_recipe
 
+    def audit(rate):
+        recipe = _recipe(write_recipe, tiny_model_path, size=120, flip_rate=rate, name=f"recipe-{rate}.yaml")
+        argv = ["audit", "preferences", recipe, "--stage", "dpo", "--folds", "2", "--epochs", "4"]
+        return [*argv, "--out", str(tmp_path / f"audit-{rate}"), "--drop-suspect", "10", "--threads", "1"]
+
+    log = tmp_path / "audit-0.0.log"
+    with alignlab_beside(audit(0.0), log=log):  # the two audits side by side, one thread each
+        assert main(audit(0.4)) == 0
+    assert "estimated flip rate" in log.read_text() and "estimated flip rate" in capsys.readouterr().out
     estimates = {}
     for rate in (0.0, 0.4):
-        recipe = _recipe(write_recipe, tiny_model_path, size=120, flip_rate=rate)
         out = tmp_path / f"audit-{rate}"
-        argv = ["audit", "preferences", recipe, "--stage", "dpo", "--folds", "2", "--epochs", "4", "--out", str(out)]
-        assert main([*argv, "--drop-suspect", "10", "--threads", "1"]) == 0
-        assert "estimated flip rate" in capsys.readouterr().out
         res = json.loads((out / "audit.json").read_text())
         assert {"flip_rate", "interval", "method", "folds", "n_pairs", "pairs", "suggested_eps"} <= set(res)
         assert res["n_pairs"] == 120 and res["folds"] == 2 and len(res["pairs"]) == 120

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.sft import sft_loss, unlikelihood_candidates
+from tests.helpers import alignlab_beside
 
 # Uniform logits over 4 tokens: every probability is 1/4, so each token costs log 4 and each candidate -log(3/4).
 LOG4, UL1 = math.log(4), -math.log(0.75)
@@ -124,7 +125,7 @@ def test_unlikelihood_sft_learns_and_repeats_less(write_recipe, tmp_path):
     from alignlab.builtin.constraint_demos import rows as demo_rows
     from alignlab.cli import main
 
-    runs = {}
+    runs, recipes = {}, {}
     for loss in ({"name": "nll"}, {"name": "unlikelihood", "alpha": 1.0}):
         stage = _sft_stage(
             dataset={"path": "builtin:constraints", "split": "sft", "size": 256, "eval_size": 16},
@@ -147,8 +148,10 @@ def test_unlikelihood_sft_learns_and_repeats_less(write_recipe, tmp_path):
             "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
             "stages": [stage],
         }
-        assert main(["run", str(write_recipe(recipe, name=f"{loss['name']}.yaml"))]) == 0
+        recipes[loss["name"]] = str(write_recipe(recipe, name=f"{loss['name']}.yaml"))
         runs[loss["name"]] = out / "sft"
+    with alignlab_beside(["run", recipes["nll"]], log=tmp_path / "nll.log"):  # the two runs side by side
+        assert main(["run", recipes["unlikelihood"]]) == 0
 
     logs = [json.loads(line) for line in (runs["unlikelihood"] / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "unlikelihood" in r]
