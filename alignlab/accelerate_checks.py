@@ -29,7 +29,7 @@ from pathlib import Path
 from alignlab.losses.catalog import preference_loss_info
 from alignlab.recipe import QuantizationSpec, Recipe, RecipeError
 from alignlab.stages.registry import stage_record
-from alignlab.stages.specs import PreferenceLossSpec
+from alignlab.stages.specs import PreferenceLossSpec, sharding_problem
 
 UNSUPPORTED = {"XLA": "TPUs", "MEGATRON_LM": "Megatron-LM"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -157,6 +157,10 @@ def check_launch(recipe: Recipe, cfg: dict) -> list[str]:
             )
         elif unshardable_loss and ds is not None:
             warnings.append(f"{where}: {loss.name} under DeepSpeed ZeRO-{zero} is untested; DDP is the tested setup")
+        if fsdp is not None and (
+            problem := sharding_problem(recipe, spec, f"{where}: the FSDP config (alignlab's own loop)")
+        ):
+            problems.append(problem)
         why = stage_record(spec.type).not_under_deepspeed
         if why and ds is not None:
             problems.append(

@@ -258,9 +258,10 @@ def merge_adapter(recipe: Recipe, source: StageOutput, out_dir: Path) -> str:
     return str(out_dir)
 
 
-def load_frozen_model(recipe: Recipe, source: StageOutput | None, *, quantize: bool | None = None):
+def load_frozen_model(recipe: Recipe, source: StageOutput | None, *, quantize: bool | None = None, move: bool = True):
     """A stage's output (or the base model, None) as a frozen model in eval mode: full weights, or an adapter over
-    its base; with the head the stage trained (a reward model's: one label). For evaluation and scoring."""
+    its base; with the head the stage trained (a reward model's: one label). For evaluation and scoring. `move`:
+    onto this process's device (False: it stays where it loaded, for sharding to place it unit by unit)."""
     from peft import PeftModel
 
     head = source.head if source is not None else "causal_lm"
@@ -272,7 +273,7 @@ def load_frozen_model(recipe: Recipe, source: StageOutput | None, *, quantize: b
         model = PeftModel.from_pretrained(base, source.path)
     else:
         model = load_causal_lm(recipe, source.path, quantize=quantize, head=head, **extra)
-    if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
+    if move and getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
         from accelerate import PartialState
 
         model = model.to(PartialState().device)

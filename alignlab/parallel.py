@@ -6,7 +6,11 @@ in `_no_split_modules`, as accelerate's transformer wrap policy picks them), the
 norm, LM head and, for PPO, the value head). Each process holds 1/N of the parameters, of their gradients and of
 AdamW's state; a layer's weights are all-gathered when it runs and freed after (forward), gathered again for its
 backward, and its gradients reduce-scattered back to the shards, averaged over processes as DDP averages them. So a
-sharded run computes what an unsharded one does (other float sums), on CPU (gloo) as on GPUs (nccl).
+sharded run computes what an unsharded one does (other float sums), on CPU (gloo) as on GPUs (nccl), in float32 or
+under bf16 autocast (on GPUs: FSDP2's MixedPrecisionPolicy, bf16 parameters and float32 gradient reduction); fp16 is
+refused (no loss scaling here). The model is not moved to the device first: fully_shard moves each unit as it shards
+it, so a GPU never holds more than the shards and one whole unit (each process still reads the whole checkpoint into
+CPU memory).
 
 LoRA under sharding: the adapters live inside the decoder layers, so they are sharded with them (one unit per
 layer: frozen base weights and trainable A/B together, which FSDP2 allows). The frozen "ref" adapter and the
@@ -42,11 +46,12 @@ class Sharding:
     over. `state`: an Accelerator or accelerate's PartialState."""
 
     def __init__(self, setting, state, where: str):
-        from accelerate.utils import DistributedType
+        import os
 
         # An FSDP accelerate config (distributed_type FSDP, GPUs only) asks for sharding too, even on one process:
-        # accelerate would otherwise wrap the model itself.
-        by_launcher = getattr(state, "distributed_type", None) == DistributedType.FSDP
+        # accelerate would otherwise wrap the model itself. Read from the launcher's environment: a PartialState
+        # reports FSDP only once an Accelerator has been built in the process.
+        by_launcher = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         self.requested = setting.shard == "fsdp2" or by_launcher
         self.gather = setting.gather
         self.world_size = state.num_processes
@@ -58,6 +63,13 @@ class Sharding:
             log.info("%s: sharded with FSDP2 (the accelerate config's distributed_type is FSDP)", where)
         if self.requested and not self.enabled:
             log.info("%s: parallel.shard fsdp2 with one process: nothing to shard, the stage runs unsharded", where)
+        if self.enabled and self.mixed_precision == "fp16":
+            from alignlab.recipe import RecipeError
+
+            raise RecipeError(
+                f"{where}: parallel.shard fsdp2 under fp16 mixed precision: alignlab's sharded loops scale no loss, so "
+                "small fp16 gradients would round to zero. Use mixed_precision bf16 (or no), or shard: none"
+            )
 
     @property
     def mode(self) -> str:
@@ -82,7 +94,8 @@ class Sharding:
             self._mesh = init_device_mesh(self.device.type, (self.world_size,))
             if self.device.type == "cpu":
                 return_freed_memory()
-        root.to(self.device)
+        # No root.to(device): fully_shard moves each unit to the mesh's device as it shards it, so a GPU never holds
+        # more than the shards and one whole unit (the model stays where it was loaded until then).
         kwargs = {"mesh": self._mesh}
         policy = self._mixed_precision_policy()
         if policy is not None:
@@ -146,7 +159,8 @@ class Sharding:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-        return get_model_state_dict(module, options=options)
+        state = get_model_state_dict(module, options=options)
+        return only_trainable(module, state) if trainable_only else state
 
     def load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Copy whole tensors into `module`'s parameters (its shards of them when sharded); every process passes
@@ -192,11 +206,19 @@ def return_freed_memory() -> None:
 
 def decoder_layers(root: nn.Module) -> list[nn.Module]:
     """The decoder layers inside `root`: modules whose class a transformers model inside it names in
-    `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, ...), outermost first."""
+    `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, ...), innermost first (FSDP2 shards a module's
+    children before it)."""
     names: set[str] = set()
     for m in root.modules():
         names.update(getattr(m, "_no_split_modules", None) or ())
-    return [m for m in root.modules() if type(m).__name__ in names]
+    return [m for m in reversed(list(root.modules())) if type(m).__name__ in names]
+
+
+def only_trainable(module: nn.Module, state: dict) -> dict:
+    """`state` without the frozen tensors that ignore_frozen_params lets through: a frozen weight tied to another name
+    (the LM head tied to the embeddings) keeps its second name."""
+    keep = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in state.items() if k in keep}
 
 
 def params_per_rank(module: nn.Module, trainable_only: bool = False) -> int:

@@ -12,7 +12,8 @@ Per process, for a stage that trains (bytes; P: parameters, T: trainable paramet
   plus every layer's input; and the logits with their log-softmax in float32, twice: rows x length x vocab (ppo
   and grpo: the response's tokens only);
 - the reference: a frozen copy of the weights when the stage needs one and trains full weights (under LoRA it is
-  the same backbone); a reward model: its weights;
+  the same backbone); a reward model (`reward_model`): as large as the policy (alignlab's reward stages train one
+  from the same base), whole on every process;
 - sampling (ppo, grpo, generate, eval): the KV cache, 2 x layers x KV heads x head size x rows x length.
 FSDP2 divides weights, gradients, optimizer state and the reference by N and adds two gathered decoder layers;
 sampling with `parallel.gather: once` holds every weight meanwhile (`per_layer` does not). FSDP2 + CPU offload (the
@@ -155,8 +156,9 @@ def estimate(recipe, spec, shape: ModelShape, gpus: int, prompt_length: int, *, 
     logit_length = min(scored, length) if spec.type in ("ppo", "grpo") else length
     activations += 2 * rows * logit_length * shape.vocab * 4 if trains else 0
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * sampled * length * act_bytes  # 0 when nothing samples
-    needs_ref = spec.type in ("dpo", "ppo") or (
-        spec.type == "grpo" and (spec.beta > 0 or spec.watch_steps is not None)
+    stop_kl = getattr(getattr(spec, "stop_if", None), "kl", None) is not None
+    needs_ref = spec.type in ("dpo", "kto", "ppo") or (
+        spec.type == "grpo" and (spec.beta > 0 or spec.watch_steps is not None or stop_kl)
     )  # fmt: skip
     reference = weights if needs_ref and not lora and not getattr(spec, "precompute_ref_logps", False) else 0.0
     if spec.type == "eval":  # the policy and, unless it is the same backbone, the reference
@@ -169,14 +171,15 @@ def estimate(recipe, spec, shape: ModelShape, gpus: int, prompt_length: int, *, 
         "activations": activations,
         "reference": reference,
         "kv cache": kv,
+        "reward model": shape.params * w_bytes if getattr(spec, "reward_model", None) else 0.0,
     }
     unit = 2 * shape.largest_layer * (BYTES[compute] if quant else w_bytes)
     states = weights + grads + optim + reference
     ddp = sum(parts.values())
     once = recipe.parallel_for(spec).gather == "once"
-    sampling_gather = weights * (1 - 1 / gpus) if sampled and once and spec.type != "eval" else 0.0
-    fsdp = states / gpus + unit + activations + kv + sampling_gather
-    offload = unit + activations + kv
+    sampling_gather = weights * (1 - 1 / gpus) if sampled and once else 0.0
+    fsdp = states / gpus + unit + activations + kv + sampling_gather + parts["reward model"]
+    offload = unit + activations + kv + parts["reward model"]
     if spec.type in SHARDABLE_STAGE_TYPES:  # alignlab's own loops shard, but do not offload
         offload = math.inf
 

@@ -345,6 +345,46 @@ def _checkpoint_worker(mode: str, folder: str, out: str) -> None:
     acc.wait_for_everyone()
 
 
+def test_checkpoint_before_any_update_holds_no_optimizer_state(tmp_path, tiny_model_path):
+    """A checkpoint written before AdamW's first step (GRPO with every group flat until then) holds the weights only:
+    reading AdamW's state would make one up (a step with zero moments, shifting every later bias correction), in the
+    run that saves as in the one that resumes. Only trainable tensors go in (not the embeddings a frozen LM head is
+    tied to)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.parallel import Sharding
+    from alignlab.rl.loop import RLTrainer
+    from alignlab.schema import ParallelSpec
+
+    class Probe(RLTrainer):
+        name, headline, lr_key = "probe", "loss", "learning_rate"
+
+    def trainer(folder):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        acc = Accelerator(cpu=True)
+        spec = type("Spec", (), {"steps": 1, "save_total_limit": None, "learning_rate": 1e-2})()
+        t = Probe(
+            accelerator=acc, policy=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_path), prompts=[],
+            reference=None, spec=spec, seed=0, stage_dir=folder, sharding=Sharding(ParallelSpec(shard="fsdp2"), acc, "p"),
+        )  # fmt: skip
+        t._prepare(model, lr=1e-2)
+        return t
+
+    saver = trainer(tmp_path)
+    saver.save_checkpoint()
+    assert not saver.optimizer.state  # saving made no step up
+    keys = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step-0" / "dcp")).read_metadata().state_dict_metadata
+    assert keys and all(k.startswith("model.") and ".lora_" in k for k in keys), sorted(keys)[:5]
+    loader = trainer(tmp_path)
+    loader.load_checkpoint(tmp_path / "checkpoints" / "step-0")
+    assert not loader.optimizer.state and loader.step == 0
+
+
 def _launch_worker(processes: int, mode: str, folder: Path, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]

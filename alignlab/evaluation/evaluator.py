@@ -117,12 +117,12 @@ class ModelPair:
     switched off for the reference when the policy is an adapter over the reference's weights."""
 
     def __init__(self, recipe: Recipe, policy: StageOutput | None, reference: StageOutput | None, sharding=None):
-        self.policy = load_frozen_model(recipe, policy)
+        self.policy = load_frozen_model(recipe, policy, move=sharding is None)
         ref_weights = resolve_base(recipe) if reference is None else reference.path
         self.adapter_off = policy is not None and policy.kind == "adapter" and policy.base == ref_weights
         self.adapter_off = self.adapter_off and (reference is None or reference.kind == "full")
         shared = _same(policy, reference) or self.adapter_off
-        self.reference = self.policy if shared else load_frozen_model(recipe, reference)
+        self.reference = self.policy if shared else load_frozen_model(recipe, reference, move=sharding is None)
         self.sharding = sharding  # alignlab.parallel.Sharding: each model sharded over the processes
         if sharding is not None:
             for model in {id(m): m for m in (self.policy, self.reference)}.values():

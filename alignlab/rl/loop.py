@@ -52,7 +52,7 @@ from alignlab.console import progress
 from alignlab.contract import TrainingDiverged, checkpoint_note, keep_metrics_until
 from alignlab.generation import end_token_ids
 from alignlab.losses import entropy_from_logits
-from alignlab.parallel import Sharding
+from alignlab.parallel import Sharding, only_trainable
 from alignlab.schema import ParallelSpec
 
 log = logging.getLogger("alignlab")
@@ -311,23 +311,38 @@ class RLTrainer:
         return StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def _save_distributed(self, folder: Path) -> None:
-        """The trainable weights and AdamW's state, keyed by parameter name: each process writes its shards."""
+        """The trainable weights and AdamW's state, keyed by parameter name: each process writes its shards. Before
+        the first update AdamW has no state yet, and the checkpoint holds none (reading it would make one up: a step
+        with zero moments, which would shift every later step's bias correction)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model, optim = get_state_dict(self.unwrapped, self.optimizer, options=self._state_options())
-        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(folder))
+        options = self._state_options()
+        state = {"model": only_trainable(self.unwrapped, get_model_state_dict(self.unwrapped, options=options))}
+        if self.optimizer.state:
+            state["optim"] = get_optimizer_state_dict(self.unwrapped, self.optimizer, options=options)
+        dcp.save(state, checkpoint_id=str(folder))
 
     def _load_distributed(self, folder: Path) -> None:
         """A distributed checkpoint, written by any number of processes, into this run's (sharded or whole)
         weights and optimizer."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = self._state_options()
-        model, optim = get_state_dict(self.unwrapped, self.optimizer, options=options)
-        dcp.load({"model": model, "optim": optim}, checkpoint_id=str(folder))
-        set_state_dict(self.unwrapped, self.optimizer, model_state_dict=model, optim_state_dict=optim, options=options)
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        state = {"model": only_trainable(self.unwrapped, get_model_state_dict(self.unwrapped, options=options))}
+        if any(k.startswith("optim.") for k in saved):
+            state["optim"] = get_optimizer_state_dict(self.unwrapped, self.optimizer, options=options)
+        dcp.load(state, checkpoint_id=str(folder))
+        set_model_state_dict(self.unwrapped, state["model"], options=options)
+        if "optim" in state:
+            set_optimizer_state_dict(self.unwrapped, self.optimizer, state["optim"], options=options)
 
     def _load_whole(self, path: Path) -> None:
         from safetensors.torch import load_file

@@ -257,7 +257,8 @@ class PPOTrainer(RLTrainer):
         for _ in range(hp.epochs):
             order = torch.randperm(len(batch.response), generator=generator).to(batch.response.device)
             for idx in order.split(hp.minibatch_size):
-                logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], n, self.ro.temperature)
+                with self.acc.autocast():  # as the rollout's passes (DDP's prepared forward has it too; sharded not)
+                    logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], n, self.ro.temperature)
                 logprobs = token_logprobs(logits, batch.response[idx])
                 mask = batch.mask[idx]
                 pg, pg_stats = policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mask, hp.cliprange)

@@ -22,10 +22,12 @@ def reference_logprobs(recipe, policy, input_path: str, temperature: float, devi
     each layer gathered when it runs); under PEFT the reference is the policy's own (sharded) modules."""
     if not hasattr(policy, "peft_config"):
         # Full fine-tuning: the reference is a frozen copy of the input weights.
-        ref = load_causal_lm(recipe, input_path).to(device).eval().requires_grad_(False)
+        ref = load_causal_lm(recipe, input_path).eval().requires_grad_(False)
         disable_dropout(ref)
-        if sharding is not None:
-            sharding.shard(ref)
+        if sharding is not None and sharding.enabled:
+            sharding.shard(ref)  # each unit moved to the device as it is sharded
+        else:
+            ref.to(device)
     else:
         ref = policy
 

@@ -75,12 +75,13 @@ def run(ctx: StageContext) -> StageOutput:
     tokenizer = load_tokenizer(recipe, output_tokenizer_dir(recipe, ctx.input))
     rows = build_datasets(spec.dataset, recipe, "generate", tokenizer.chat_template is not None, with_eval=False)[0]
     prompts = list(rows["prompt"])
-    model = merged_for_sampling(load_frozen_model(recipe, ctx.input))  # an adapter folded in: faster, same model
+    sharding = Sharding(recipe.parallel_for(spec), state, f"stage '{spec.name}'")
+    # an adapter folded in: faster, same model; sharded, placed on the device unit by unit
+    model = merged_for_sampling(load_frozen_model(recipe, ctx.input, move=not sharding.enabled))
     if spec.dtype is not None:
         if note := slow_half_precision_note(spec.dtype, f"stages.{spec.name}.dtype", state.device):
             log.warning("%s", note)
         model = model.to(getattr(torch, spec.dtype))
-    sharding = Sharding(recipe.parallel_for(spec), state, f"stage '{spec.name}'")
     sharding.shard(model)
     score = _scorer(ctx)
     revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None

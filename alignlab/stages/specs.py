@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from alignlab.schema import DatasetSpec, RewardFnSpec, StageSpec, Strict, TrainSpec
+from alignlab.schema import SHARDABLE_STAGE_TYPES, DatasetSpec, RewardFnSpec, StageSpec, Strict, TrainSpec
 from alignlab.stages.registry import input_stage_name, stage_type
 
 # Data formats (alignlab/data/formats.py) by what a stage reads.
@@ -287,16 +287,24 @@ def check_sharding(recipe, index: int) -> str | None:
     if recipe.parallel_for(spec).shard != "fsdp2":
         return None
     where = f"stages.{spec.name}.parallel.shard" if spec.parallel is not None else "parallel.shard"
+    return sharding_problem(recipe, spec, f"{where}: fsdp2")
+
+
+def sharding_problem(recipe, spec, what: str) -> str | None:
+    """Why `spec` (an own-loop stage) cannot be sharded, `what` naming what shards it (the recipe's key, or an FSDP
+    accelerate config); None when it can."""
+    if spec.type not in SHARDABLE_STAGE_TYPES:
+        return None
     if recipe.peft.method == "qlora":
         return (
-            f"{where}: fsdp2 shards floating-point tensors, but a qlora base is 4-bit: use peft.method lora (the base "
-            "in bfloat16 is sharded), or shard: none"
+            f"{what} shards floating-point tensors, but a qlora base is 4-bit: use peft.method lora (the base in "
+            "bfloat16 is sharded), or run this stage unsharded (DDP)"
         )
     if getattr(spec, "sample_dtype", None):
         return (
-            f"{where}: fsdp2 with sample_dtype: {spec.sample_dtype} would keep a whole {spec.sample_dtype} copy of the "
-            "policy on every process: remove sample_dtype (sampling gathers the sharded float32 weights once per "
-            "pass), or shard: none"
+            f"{what} with sample_dtype: {spec.sample_dtype} would keep a whole {spec.sample_dtype} copy of the policy "
+            "on every process: remove sample_dtype (sampling gathers the sharded float32 weights once per pass), or "
+            "run this stage unsharded (DDP)"
         )
     return None
 
