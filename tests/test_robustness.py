@@ -10,6 +10,7 @@ from alignlab.benchmarks.robustness import (
     PRESETS,
     audit_settings,
     build_recipe,
+    cell_name,
     over_seeds,
     seed_recipes,
     table,
@@ -17,7 +18,7 @@ from alignlab.benchmarks.robustness import (
 )
 from alignlab.cli import main
 from alignlab.recipe import RecipeError
-from tests.helpers import assert_reused, copy_run
+from tests.helpers import alignlab_beside, assert_reused, copy_run
 
 
 def test_grid_is_one_recipe_from_one_sft_checkpoint():
@@ -118,25 +119,23 @@ def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, cap
     """DPO on clean labels ranks held-out pairs right; on fully flipped labels it learns the opposite. So does KTO on
     the same pairs read as feedback rows (chosen desirable): the flips reach it through the pairs. The cells start
     from the preset's SFT stage, the session's shared SFT-LoRA run (tests/helpers.py), copied into the bench's
-    folder: reused as finished."""
-    copy_run(sft_lora_run, tmp_path / "b")
-    small = [
-        "stages.dpo-flip00.dataset.size=480",
-        "stages.dpo-flip100.dataset.size=480",
-        "stages.eval-dpo-flip00.num_prompts=16",
-        "stages.eval-dpo-flip100.num_prompts=16",
-    ]
-    small += [
-        "stages.kto-flip00.dataset.size=480",
-        "stages.kto-flip100.dataset.size=480",
-        "stages.eval-kto-flip00.num_prompts=16",
-        "stages.eval-kto-flip100.num_prompts=16",
-    ]
-    args = ["bench", "robustness", "--losses", "dpo,kto", "--flip-rates", "0,1", "--out", str(tmp_path / "b"), *small]
-    assert main(args) == 0
-    assert_reused(sft_lora_run, tmp_path / "b")
-    found = json.loads((tmp_path / "b" / "robustness.json").read_text())["rows"]
-    rows = {(r["loss"], r["flip_rate"]): r for r in found}
+    folder: reused as finished. One bench per flip rate, both losses each, side by side (every stage starts from the
+    recipe's seed: a cell's result does not depend on the cells run before it)."""
+
+    def bench(flip_rate: str, out):
+        cells = [cell_name(loss, float(flip_rate)) for loss in ("dpo", "kto")]
+        small = [x for c in cells for x in (f"stages.{c}.dataset.size=480", f"stages.eval-{c}.num_prompts=16")]
+        copy_run(sft_lora_run, out)
+        return ["bench", "robustness", "--losses", "dpo,kto", "--flip-rates", flip_rate, "--out", str(out), *small]
+
+    clean, flipped = tmp_path / "b0", tmp_path / "b1"
+    with alignlab_beside(bench("1", flipped), log=tmp_path / "b1.log"):
+        assert main(bench("0", clean)) == 0
+    rows = {}
+    for out in (clean, flipped):
+        assert_reused(sft_lora_run, out)
+        rows.update({(r["loss"], r["flip_rate"]): r for r in json.loads((out / "robustness.json").read_text())["rows"]})
+        assert (out / "robustness.png").stat().st_size > 0
     # Measured: DPO 0.86 on clean labels, 0.125 with every label flipped; KTO 0.85 and 0.125 (from a 60-step SFT:
     # 0.875, 0.145; 0.88, 0.16).
     assert rows["dpo", 0.0]["preference_accuracy"] > 0.7
@@ -144,9 +143,8 @@ def test_flipping_every_label_turns_held_out_accuracy_below_chance(tmp_path, cap
     assert rows["kto", 0.0]["preference_accuracy"] > 0.7
     assert rows["kto", 1.0]["preference_accuracy"] < 0.3
     assert set(rows["dpo", 0.0]) >= {"true_reward", "true_reward_sft", "win_rate", "kl", "preference_margin"}
-    assert (tmp_path / "b" / "robustness.png").stat().st_size > 0
-    out = capsys.readouterr().out
-    assert "| dpo |" in out and "| kto |" in out
+    for out in (capsys.readouterr().out, (tmp_path / "b1.log").read_text()):
+        assert "| dpo |" in out and "| kto |" in out
 
 
 def test_smollm2_preset_pairs_from_the_base_model_and_clean_held_out_pairs():
