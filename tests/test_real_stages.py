@@ -29,7 +29,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import make_recipe
+from tests.helpers import alignlab_beside, make_recipe, write_yaml
 from tests.helpers import run as _run
 
 pytestmark = pytest.mark.real
@@ -195,8 +195,13 @@ def preference_run(tmp_path_factory):
             "train": {**train, "max_steps": 3, "learning_rate": 3e-3},
         }
     )
-    _run(_recipe("real-dpo", tmp / "run", stages))
-    return tmp / "run"
+    # Two runs side by side, one thread each (each stage starts from the base model and the recipe's seed, so a
+    # stage's result does not depend on the stages run before it): the run folder of every stage, by name.
+    half = (len(stages) + 1) // 2  # the process beside starts up first
+    beside = write_yaml(tmp / "beside.yaml", _recipe("real-dpo", tmp / "beside", stages[half:]))
+    with alignlab_beside(["run", beside], log=tmp / "beside.log"):
+        _run(_recipe("real-dpo", tmp / "run", stages[:half]))
+    return {s["name"]: (tmp / "run" if i < half else tmp / "beside") / s["name"] for i, s in enumerate(stages)}
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -204,7 +209,7 @@ def test_dpo_first_loss_is_its_value_at_policy_equal_reference(preference_run, n
     """The policy's log-probs and the reference's come from the same forward (a zero adapter adds exact zeros), so
     the implicit rewards are exactly 0; wdpo's policy pass goes through the math SDPA kernel and plain logits (for
     the double backward), the reference's through the default ones: equal up to float noise (3e-6 measured)."""
-    first = _rows(preference_run / name / "metrics.jsonl")[0]
+    first = _rows(preference_run[name] / "metrics.jsonl")[0]
     assert first["step"] == 1
     expected = LOSSES[name][1]
     if name == "wdpo":  # the gradient penalty ||d loss / d embeddings||^2
@@ -216,7 +221,7 @@ def test_dpo_first_loss_is_its_value_at_policy_equal_reference(preference_run, n
 
 
 def test_dpo_margin_and_accuracy_move(preference_run):
-    rows = _rows(preference_run / "dpo" / "metrics.jsonl")
+    rows = _rows(preference_run["dpo"] / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["rewards/accuracies"] == 0.5  # ties count 1/2
     assert rows[2]["rewards/margins"] > 0.1 and rows[2]["rewards/accuracies"] == 1.0
@@ -224,7 +229,7 @@ def test_dpo_margin_and_accuracy_move(preference_run):
 
 
 def test_reward_model_learns_its_pairs(preference_run):
-    rows = _rows(preference_run / "rm" / "metrics.jsonl")
+    rows = _rows(preference_run["rm"] / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["loss"] < rows[0]["loss"] and rows[2]["accuracy"] == 1.0
 
@@ -270,7 +275,9 @@ def test_ppo_first_step_has_kl_0_and_ratio_1(ppo_run):
 def test_generate_writes_the_bf16_models_own_samples_scored_by_the_checker(tmp_path):
     """A generate stage (dtype bfloat16, output preference) on the real model: the samples it writes are what the
     bf16 model samples from the rendered chat prompts with the stage's seeds, each scored by builtin:constraints on
-    its text (end token stripped), and each pair is the prompt's best sample against its worst."""
+    its text (end token stripped), and each pair is the prompt's best sample against its worst. The stage runs in a
+    process beside this one, which meanwhile samples the same prompts itself (one thread each)."""
+    from alignlab.builtin.tasks import generate_task
     from alignlab.generation import generate
     from alignlab.models import load_frozen_model, load_tokenizer, resolve_base
     from alignlab.recipe import parse_recipe
@@ -282,23 +289,24 @@ def test_generate_writes_the_bf16_models_own_samples_scored_by_the_checker(tmp_p
     gen.update(reward_fn="builtin:constraints", output="preference", num_samples=k, max_new_tokens=tokens)
     gen.update(temperature=1.0, batch_size=n, dtype="bfloat16")
     raw = _recipe("real-gen", tmp_path / "run", [gen], peft=None)
-    _run(raw)
+    rows = generate_task("constraints", "train", n, seed=0)  # the stage's prompts: the dataset's rows, in order
+    with alignlab_beside(["run", write_yaml(tmp_path / "gen.yaml", raw)], log=tmp_path / "gen.log"):
+        recipe = parse_recipe(raw)
+        model = load_frozen_model(recipe, None).to(torch.bfloat16)
+        ro = generate(
+            model,
+            load_tokenizer(recipe, resolve_base(recipe)),
+            [r["prompt"] for r in rows for _ in range(k)],
+            max_new_tokens=tokens,
+            temperature=1.0,
+            row_seeds=[sample_seed(0, "pairs", i, j) for i in range(n) for j in range(k)],
+        )
     samples = [json.loads(line) for line in (tmp_path / "run" / "pairs" / "samples.jsonl").read_text().splitlines()]
     pairs = [
         json.loads(line) for line in (tmp_path / "run" / "pairs" / "data" / "train.jsonl").read_text().splitlines()
     ]
-
-    recipe = parse_recipe(raw)
-    model = load_frozen_model(recipe, None).to(torch.bfloat16)
-    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(k)]
-    seeds = [sample_seed(0, "pairs", s["index"], j) for s in samples for j in range(k)]
-    ro = generate(
-        model,
-        load_tokenizer(recipe, resolve_base(recipe)),
-        prompts,
-        max_new_tokens=tokens,
-        temperature=1.0,
-        row_seeds=seeds,
+    assert [(s["index"], [{"role": "user", "content": s["prompt"]}]) for s in samples] == list(
+        enumerate(r["prompt"] for r in rows)
     )
     assert [t for s in samples for t in s["texts"]] == ro.texts and len(samples) == n
     assert not any("<|im_end|>" in t for t in ro.texts)
