@@ -440,7 +440,7 @@ CASES = [
         {"sft.jsonl": jsonl([{"messages": MESSAGES}])},
         setup=tokenizer_without_template,
     ),
-    # ======== added for issue 13 / 19: inputs that used to end in a traceback or be silently accepted
+    # ======== inputs that used to end in a traceback or be silently accepted (found by trying them as a user would)
     # ---- the recipe file
     case(
         "key-written-twice",

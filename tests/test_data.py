@@ -128,7 +128,7 @@ def test_builtin_heldout_prompts_are_disjoint_from_training():
 
 
 def test_rows_are_named_by_their_line_in_the_file(tmp_path):
-    """issue 19: data errors counted rows from 0 while JSON errors counted lines from 1. Rows are now named by the
+    """Data errors used to count rows from 0 while JSON errors counted lines from 1. Rows are now named by the
     line they start on, as an editor shows it: blank lines and the CSV header skipped, a quoted CSV field spanning
     lines, objects of a .json list on any line; a file of a folder by name and line; parquet keeps 'row N'."""
     from alignlab.data.formats import row_place

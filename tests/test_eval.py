@@ -489,7 +489,7 @@ def test_constraint_task_report_with_intervals(tmp_path):
 
 
 def test_eval_without_an_eval_stage_defaults_to_the_tasks_held_out_prompts():
-    """issue 19: `alignlab eval RUN_DIR` on a run whose recipe has no eval stage stopped with "missing required key
+    """`alignlab eval RUN_DIR` on a run whose recipe has no eval stage used to stop with "missing required key
     'stages[2].dataset'". A run that trains on a built-in task is evaluated on that task's held-out prompts with its
     exact reward; any other run gets a message naming the --set to give."""
     from alignlab.evaluation.command import default_eval_stage, run_cli

@@ -162,7 +162,7 @@ NOISY = ROOT / "recipes" / "robust_dpo_noisy.yaml"  # its dpo stage: loss {name:
 
 
 def test_switching_the_loss_by_override_drops_the_old_loss_parameters(tmp_path):
-    """issue 19: `stages.dpo.loss.name=rdpo stages.dpo.loss.eps=0.3` on this recipe stopped at "rdpo: unknown
+    """`stages.dpo.loss.name=rdpo stages.dpo.loss.eps=0.3` on this recipe used to stop at "rdpo: unknown
     parameter 'tau'" (tau came from the file). The file's tau is dropped with a warning; eps from the command line
     stays; beta, which every loss takes, stays."""
     recipe, notes = validate_recipe(NOISY, ["stages.dpo.loss.name=rdpo", "stages.dpo.loss.eps=0.3"])
@@ -193,7 +193,7 @@ def test_override_null_and_remove(tmp_path):
 
 
 def test_unknown_key_from_the_command_line_names_the_override(tmp_path):
-    """issue 19: an unknown key given on the command line was reported at a line of the file (the nearest parent)."""
+    """An unknown key given on the command line used to be reported at a line of the file (the nearest parent)."""
     msg = _error(tmp_path, MINIMAL, ["stages.sft.dataset.splitt=sft"])
     assert msg == (
         "invalid recipe:\n  - command-line override 'stages.sft.dataset.splitt=sft': unknown key "
