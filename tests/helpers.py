@@ -10,6 +10,7 @@ from (alignlab/freshness.py), and a recipe with the same `sft` stage, model, PEF
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from alignlab.benchmarks.robustness import PRESETS
 
 TINY = "builtin:tiny-llama"
 REPO = Path(__file__).resolve().parent.parent
@@ -134,19 +137,8 @@ def char_length_reward(prompts, completions):
 
 # LoRA SFT on builtin:arith that learns the task's format (tests/test_chain.py checks how well), and is the `sft`
 # stage of the robustness bench's `small` preset too (alignlab/benchmarks/robustness.py), so a bench run reuses it.
-SFT_LORA_PEFT = lora(dropout=0.0)  # r 8, alpha 16
-SFT_LORA = {
-    "name": "sft",
-    "type": "sft",
-    "dataset": {"path": "builtin:arith", "split": "sft", "size": 1600, "eval_size": 64},
-    "train": {
-        "max_steps": 100,
-        "per_device_batch_size": 16,
-        "learning_rate": 3e-3,
-        "max_length": 48,
-        "logging_steps": 10,
-    },
-}
+SFT_LORA_PEFT = copy.deepcopy(PRESETS["small"]["peft"])  # r 8, alpha 16, no dropout
+SFT_LORA = {"name": "sft", "type": "sft", **copy.deepcopy(PRESETS["small"]["sft"])}
 
 
 def sft_lora_recipe(output_dir, *later_stages: dict, name: str = "test") -> dict:
