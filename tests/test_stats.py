@@ -65,6 +65,31 @@ def test_ratio_weighs_units_by_their_size():
     assert stats.paired_ratio_difference([3.0, 1.0, 8.0], [2.0, 1.0, 6.0], [2, 2, 4])["value"] == 0.375
 
 
+def test_win_rate_counts_ties_as_half_with_its_interval():
+    """Scores a = [0.9, 0.2, 0.5, 0.5] vs b = [0.1, 0.7, 0.5, 0.4]: outcomes [1, 0, 1/2, 1], win rate 2.5 / 4 = 0.625;
+    sample variance (0.375^2 + 0.625^2 + 0.125^2 + 0.375^2) / 3 = 0.22917, stderr sqrt(0.22917 / 4) = 0.23936,
+    interval 0.625 -+ 1.96 * 0.23936 = [0.156, 1.094], clipped to [0.156, 1]. A pair accuracy is the same count
+    (chosen against rejected)."""
+    w = stats.win_rate([0.9, 0.2, 0.5, 0.5], [0.1, 0.7, 0.5, 0.4])
+    assert (w["value"], w["wins"], w["ties"], w["losses"], w["n"]) == (0.625, 2, 1, 1, 4)
+    assert w["outcomes"] == [1.0, 0.0, 0.5, 1.0]
+    assert w["stderr"] == pytest.approx(math.sqrt(0.6875 / 3 / 4))
+    assert w["ci"] == pytest.approx([0.625 - Z * math.sqrt(0.6875 / 12), 1.0])
+    assert stats.win_rate([0.3] * 3, [0.3] * 3)["value"] == 0.5  # equal models tie everywhere
+    with pytest.raises(ValueError, match="the same units"):
+        stats.win_rate([1.0], [1.0, 2.0])
+
+
+def test_perplexity_is_exp_of_the_nll_per_token():
+    """NLL 3 over 2 tokens and 1 over 2 tokens: 4 / 4 = 1 nat/token, perplexity e (not the mean of e^1.5 and e^0.5).
+    With a third text, 8 over 4 (the ratio test above: R = 1.5, se 0.43301): perplexity e^1.5 = 4.4817, stderr
+    e^1.5 * 0.43301 = 1.9406 (delta method), interval exp(1.5 -+ 1.96 * 0.43301)."""
+    assert stats.perplexity([3.0, 1.0], [2, 2])["value"] == pytest.approx(math.e)
+    p = stats.perplexity([3.0, 1.0, 8.0], [2, 2, 4])
+    assert p["value"] == pytest.approx(math.exp(1.5)) and p["stderr"] == pytest.approx(math.exp(1.5) * 0.433013)
+    assert p["ci"] == pytest.approx([math.exp(1.5 - Z * 0.433013), math.exp(1.5 + Z * 0.433013)], rel=1e-6)
+
+
 def test_spread_over_seeds():
     """0.2, 0.3, 0.4: mean 0.3, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1."""
     s = stats.spread([0.2, 0.3, 0.4])

@@ -7,10 +7,10 @@ alignment changed, with how much confidence, write eval.json, eval.md and plots 
 
 Policy and reference complete the SAME prompts: greedy when `temperature: 0`; when sampling, prompt i draws from
 its own random stream (seeded from the recipe seed and i, whatever its batch), so equal models give equal samples
-and two checkpoints share their random numbers (a paired comparison). Aggregates use the `evaluate` modules in
-alignlab/metrics/<name>/ (loaded from that path) and the statistics of stats.py (Wilson intervals for rates of
-prompts, normal intervals for means, delta-method for ratios, paired differences; docs/algorithms.md, "Reporting
-statistics"); the models are run in evaluator.py.
+and two checkpoints share their random numbers (a paired comparison). Every aggregate is computed in stats.py
+(Wilson intervals for rates of prompts, normal intervals for means, delta-method for ratios, paired differences, win
+rates, perplexity; docs/algorithms.md, "Reporting statistics"); the `evaluate` modules in alignlab/metrics/<name>/
+wrap the same functions for users of the `evaluate` library. The models are run in evaluator.py.
 
 eval.json keys (EVAL_KEYS; a value is null when the input it needs was not given). Every measured number KEY
 (MEASURED_KEYS) has `KEY_stderr` (its standard error) and `KEY_ci` ([lo, hi], 95%) beside it; `X_reference` is the

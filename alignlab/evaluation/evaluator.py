@@ -91,7 +91,9 @@ SAMPLE_KEYS = ("prompt", "policy", "reference", "policy_reward", "reference_rewa
 
 @functools.cache
 def load_metric(name: str):
-    """An `evaluate` module from alignlab/metrics/<name>/<name>.py (a local path: never the hub)."""
+    """An `evaluate` module from alignlab/metrics/<name>/<name>.py (a local path: never the hub): the eval numbers
+    for users of the `evaluate` library. Each module calls stats.py, where its number is computed, as the evaluator
+    does; the evaluator itself does not go through them."""
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
@@ -275,9 +277,7 @@ def evaluate_models(
         rejected = [tokenize_completion(tokenizer, *split_last_turn(r.get("prompt"), r["rejected"])) for r in pairs]
         r_c = spec.beta * _log_ratio(models, chosen, tokenizer.pad_token_id, spec.batch_size)
         r_r = spec.beta * _log_ratio(models, rejected, tokenizer.pad_token_id, spec.batch_size)
-        acc = compute_metric("preference_accuracy", chosen_rewards=r_c.tolist(), rejected_rewards=r_r.tolist())
-        res["preference_accuracy"], res["preference_margin"] = acc["accuracy"], acc["margin"]
-        _pair_stats(res, "preference", (r_c - r_r).tolist())
+        _pair_stats(res, "preference", r_c.tolist(), r_r.tolist())
 
     # Perplexity on held-out SFT data, NLL per token on a fixed held-out text.
     if spec.sft_dataset is not None:
@@ -285,10 +285,10 @@ def evaluate_models(
         nll, nll_ref, count = _nll_pair(
             models, [tokenize_completion(tokenizer, *_sft_pair(r)) for r in sft], tokenizer, spec
         )
-        res["perplexity"] = compute_metric("perplexity", nll=nll, num_tokens=count)["perplexity"]
-        res["perplexity_reference"] = compute_metric("perplexity", nll=nll_ref, num_tokens=count)["perplexity"]
-        _put(res, "perplexity", _exp(stats.ratio(nll, count)))
-        _put(res, "perplexity_reference", _exp(stats.ratio(nll_ref, count)))
+        for key, values in (("perplexity", nll), ("perplexity_reference", nll_ref)):
+            summary = stats.perplexity(values, count)
+            res[key] = summary["value"]
+            _put(res, key, summary)
     if spec.nll_dataset is not None:
         texts = build_datasets(spec.nll_dataset, recipe, "sft", chat, with_eval=False)[0]
         examples = [tokenize_completion(tokenizer, *_sft_pair(r)) for r in texts]
@@ -309,9 +309,7 @@ def evaluate_models(
     if reward_fn is not None:
         pol_rewards = reward_fn_scores(reward_fn, prompts, pol_texts)
         ref_rewards = reward_fn_scores(reward_fn, prompts, ref_texts)
-        res["true_reward"] = compute_metric("mean_reward", rewards=pol_rewards)["mean_reward"]
-        res["true_reward_reference"] = compute_metric("mean_reward", rewards=ref_rewards)["mean_reward"]
-        _paired(res, per_prompt, "true_reward", pol_rewards, ref_rewards, set_values=False)
+        _paired(res, per_prompt, "true_reward", pol_rewards, ref_rewards)
         res["win_rate_by"] = "reward_fn"
     if report_fn is not None:
         _task_report(res, per_prompt, report_fn, prompts, pol_texts, ref_texts)
@@ -319,24 +317,19 @@ def evaluate_models(
         rm, rm_tok = load_reward_model(recipe, reward_model)
         pol_rewards = reward_model_scores(rm, rm_tok, prompts, pol_texts, spec.batch_size).tolist()
         ref_rewards = reward_model_scores(rm, rm_tok, prompts, ref_texts, spec.batch_size).tolist()
-        res["mean_score"] = compute_metric("mean_reward", rewards=pol_rewards)["mean_reward"]
-        res["mean_score_reference"] = compute_metric("mean_reward", rewards=ref_rewards)["mean_reward"]
-        _paired(res, per_prompt, "mean_score", pol_rewards, ref_rewards, set_values=False)
+        _paired(res, per_prompt, "mean_score", pol_rewards, ref_rewards)
         res["win_rate_by"] = "reward_model"
         if spec.preference_dataset is not None:
             pairs = build_datasets(spec.preference_dataset, recipe, "dpo", chat, with_eval=False)[0]
             p = [r.get("prompt") or "" for r in pairs]  # an implicit prompt stays inside chosen / rejected
             s_c = reward_model_scores(rm, rm_tok, p, [r["chosen"] for r in pairs], spec.batch_size).tolist()
             s_r = reward_model_scores(rm, rm_tok, p, [r["rejected"] for r in pairs], spec.batch_size).tolist()
-            acc = compute_metric("preference_accuracy", chosen_rewards=s_c, rejected_rewards=s_r)
-            res["reward_model_accuracy"], res["reward_model_margin"] = acc["accuracy"], acc["margin"]
-            _pair_stats(res, "reward_model", [c - r for c, r in zip(s_c, s_r)])
+            _pair_stats(res, "reward_model", s_c, s_r)
     if pol_rewards is not None:
-        wins = compute_metric("win_rate", policy_scores=pol_rewards, reference_scores=ref_rewards)
-        res["win_rate"] = wins["win_rate"]
-        outcomes = [_outcome(a - b) for a, b in zip(pol_rewards, ref_rewards)]
-        _put(res, "win_rate", stats.mean(outcomes, bounds=(0.0, 1.0)))
-        per_prompt["win"] = outcomes
+        wins = stats.win_rate(pol_rewards, ref_rewards)
+        res["win_rate"] = wins["value"]
+        _put(res, "win_rate", wins)
+        per_prompt["win"] = wins["outcomes"]
 
     res["samples"] = [
         {
@@ -431,13 +424,12 @@ def _task_report(res: dict, per_prompt: dict, report_fn, prompts: list, pol_text
         res["per_kind"][kind] = entry
 
 
-def _paired(res: dict, per_prompt: dict, key: str, pol: list, ref: list, set_values: bool = True) -> None:
+def _paired(res: dict, per_prompt: dict, key: str, pol: list, ref: list) -> None:
     """`key`, `key_reference` (means with intervals) and `key_diff` (their paired difference) from per-prompt
     values of policy and reference."""
     for name, values in ((key, pol), (f"{key}_reference", ref)):
         summary = stats.mean(values, bounds=UNIT.get(key))
-        if set_values:
-            res[name] = summary["value"]
+        res[name] = summary["value"]
         _put(res, name, summary)
     diff = stats.paired_difference(pol, ref)
     res[f"{key}_diff"] = diff["value"]
@@ -445,23 +437,18 @@ def _paired(res: dict, per_prompt: dict, key: str, pol: list, ref: list, set_val
     per_prompt.update({key: list(pol), f"{key}_reference": list(ref)})
 
 
-def _pair_stats(res: dict, prefix: str, margins: list[float]) -> None:
-    """Intervals of `<prefix>_accuracy` (per-pair outcomes: 1 right, 1/2 tie, 0 wrong) and `<prefix>_margin`; the
-    margins themselves, in pair order, under per_pair (two checkpoints' accuracies compare pair by pair)."""
-    _put(res, f"{prefix}_accuracy", stats.mean([_outcome(m) for m in margins], bounds=(0.0, 1.0)))
-    _put(res, f"{prefix}_margin", stats.mean(margins))
+def _pair_stats(res: dict, prefix: str, chosen: list[float], rejected: list[float]) -> None:
+    """`<prefix>_accuracy` (chosen above rejected: 1 right, 1/2 tie, 0 wrong; stats.win_rate) and `<prefix>_margin`
+    (the mean of chosen - rejected), with intervals; the margins themselves, in pair order, under per_pair (two
+    checkpoints' accuracies compare pair by pair)."""
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    for key, summary in (
+        (f"{prefix}_accuracy", stats.win_rate(chosen, rejected)),
+        (f"{prefix}_margin", stats.mean(margins)),
+    ):
+        res[key] = summary["value"]
+        _put(res, key, summary)
     res["per_pair"] = {**(res["per_pair"] or {}), f"{prefix}_margin": [float(m) for m in margins]}
-
-
-def _outcome(margin: float) -> float:
-    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
-
-
-def _exp(summary: dict) -> dict:
-    """exp of a log-scale summary (perplexity from NLL per token): the interval maps through exp, the stderr by the
-    delta method (exp(x) * se)."""
-    value = math.exp(summary["value"])
-    return {**summary, "value": value, "stderr": value * summary["stderr"], "ci": [math.exp(c) for c in summary["ci"]]}
 
 
 def _put(res: dict, key: str, summary: dict) -> None:

@@ -16,6 +16,11 @@ Every summary is a dict {"value", "stderr", "ci": [lo, hi], "n"} at 95% (z = 1.9
 - `paired_ratio_difference`: the same for ratios with a shared denominator: sum(a - b) / sum(n).
 - `spread`: over training seeds: mean, sample standard deviation, min, max (no interval: 3 seeds are too few to
   pretend one).
+- `win_rate`: how often a beats b on paired units (policy vs reference scores on the same prompts; a chosen vs a
+  rejected answer's reward, a pair accuracy): the `mean` of the outcomes 1 (a > b), 1/2 (a tie), 0, clipped to
+  [0, 1], with the counts of wins, ties and losses.
+- `perplexity`: exp of the NLL per token (a `ratio`); the interval maps through exp, the stderr by the delta method.
+These are the one home of each eval number: the evaluator and the `evaluate` modules in alignlab/metrics/ call them.
 n = 0 gives nan everywhere; n = 1 gives stderr nan (nothing to estimate a spread from), and the interval [nan, nan],
 except Wilson, which is defined for any n >= 1.
 """
@@ -101,6 +106,29 @@ def paired_ratio_difference(
     return ratio([x - y for x, y in zip(a, b)], denominators, z)
 
 
+def outcome(margin: float) -> float:
+    """One paired comparison: 1 when the margin a - b is positive, 1/2 when it is 0 (a tie: no preference is chance
+    level), 0 otherwise."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+def win_rate(a: Sequence[float], b: Sequence[float], z: float = Z95) -> dict:
+    """(wins + ties / 2) / n of a against b over paired units: the `mean` of the per-unit outcomes (interval clipped
+    to [0, 1]), plus "wins", "ties", "losses" (counts) and "outcomes" (per unit, in order)."""
+    if len(a) != len(b):
+        raise ValueError(f"win_rate(): {len(a)} and {len(b)} scores; a paired comparison needs the same units")
+    outcomes = [outcome(x - y) for x, y in zip(a, b)]
+    wins, ties = outcomes.count(1.0), outcomes.count(0.5)
+    summary = mean(outcomes, z, bounds=(0.0, 1.0))
+    return {**summary, "wins": wins, "ties": ties, "losses": len(outcomes) - wins - ties, "outcomes": outcomes}
+
+
+def perplexity(nll: Sequence[float], num_tokens: Sequence[int], z: float = Z95) -> dict:
+    """exp(sum(nll) / sum(num_tokens)) over texts (nll_i: text i's summed NLL, nats): exp of the `ratio`, its
+    interval mapped through exp and its stderr exp(R) se(R) (delta method)."""
+    return _exp(ratio(nll, num_tokens, z))
+
+
 def spread(values: Sequence[float]) -> dict:
     """Over repeated runs (training seeds): {"mean", "std" (sample, n - 1), "min", "max", "n", "values"}."""
     vals = [float(v) for v in values if v is not None and not math.isnan(v)]
@@ -119,3 +147,9 @@ def spread(values: Sequence[float]) -> dict:
 
 def _summary(value: float, stderr: float, ci: tuple[float, float], n: int) -> dict:
     return {"value": value, "stderr": stderr, "ci": [ci[0], ci[1]], "n": n}
+
+
+def _exp(summary: dict) -> dict:
+    """exp of a log-scale summary: the interval maps through exp, the stderr by the delta method (exp(x) * se)."""
+    value = math.exp(summary["value"])
+    return {**summary, "value": value, "stderr": value * summary["stderr"], "ci": [math.exp(c) for c in summary["ci"]]}

@@ -7,10 +7,15 @@ expected KL. Single estimates can be negative; the mean converges to a value >= 
 completions are not samples from pi, and the number is the log-ratio on the greedy outputs, not a KL.
 
     kl = mean_i (policy_logps_i - reference_logps_i)
+
+Computed by alignlab.evaluation.stats.paired_difference, as eval.json's `kl` is the mean of these per-prompt
+log-ratios (this module wraps it for the `evaluate` library).
 """
 
 import datasets
 import evaluate
+
+from alignlab.evaluation import stats
 
 _DESCRIPTION = "Mean summed log-ratio log pi(y|x) - log pi_ref(y|x) over the policy's own completions."
 
@@ -39,5 +44,4 @@ class KLDivergence(evaluate.Metric):
         )
 
     def _compute(self, policy_logps, reference_logps):
-        ratios = [p - r for p, r in zip(policy_logps, reference_logps)]
-        return {"kl": sum(ratios) / len(ratios)}
+        return {"kl": stats.paired_difference(policy_logps, reference_logps)["value"]}

@@ -1,13 +1,15 @@
 """Mean (and standard error) of per-completion rewards: a task's ground-truth reward function or a reward
 model's score, one value per sampled completion.
 
-    mean = sum(r) / n        stderr = sqrt(sum((r - mean)^2) / (n - 1) / n)   (0 when n == 1)
-"""
+    mean = sum(r) / n        stderr = sqrt(sum((r - mean)^2) / (n - 1) / n)   (nan when n == 1: no spread to measure)
 
-import math
+Computed by alignlab.evaluation.stats.mean, as in eval.json (this module wraps it for the `evaluate` library).
+"""
 
 import datasets
 import evaluate
+
+from alignlab.evaluation import stats
 
 _DESCRIPTION = "Mean reward over completions, with its standard error."
 
@@ -34,7 +36,5 @@ class MeanReward(evaluate.Metric):
         )
 
     def _compute(self, rewards):
-        n = len(rewards)
-        mean = sum(rewards) / n
-        var = sum((r - mean) ** 2 for r in rewards) / (n - 1) if n > 1 else 0.0
-        return {"mean_reward": mean, "stderr": math.sqrt(var / n)}
+        summary = stats.mean(rewards)
+        return {"mean_reward": summary["value"], "stderr": summary["stderr"]}

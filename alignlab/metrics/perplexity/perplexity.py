@@ -4,12 +4,15 @@ The model is run elsewhere (alignlab.evaluation.evaluator); this metric only agg
 works for any checkpoint. Every token weighs the same (a long completion counts more than a short one):
 
     perplexity = exp(sum_i nll_i / sum_i num_tokens_i)
-"""
 
-import math
+Computed by alignlab.evaluation.stats (perplexity, ratio), as in eval.json (this module wraps them for the `evaluate`
+library).
+"""
 
 import datasets
 import evaluate
+
+from alignlab.evaluation import stats
 
 _DESCRIPTION = "exp(total negative log-likelihood / total tokens) from per-sequence NLL sums."
 
@@ -37,5 +40,7 @@ class Perplexity(evaluate.Metric):
         )
 
     def _compute(self, nll, num_tokens):
-        mean_nll = sum(nll) / sum(num_tokens)
-        return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll}
+        return {
+            "perplexity": stats.perplexity(nll, num_tokens)["value"],
+            "mean_nll": stats.ratio(nll, num_tokens)["value"],
+        }

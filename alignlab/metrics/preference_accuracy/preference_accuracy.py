@@ -8,10 +8,15 @@ over the completion tokens (Rafailov et al. 2023, eq. 5). Per pair the margin is
 Ties count 0.5 (no preference is chance level), so a policy equal to its reference scores 0.5 with margin 0.
 alignlab's training metrics count ties the same way (DPO's `rewards/accuracies`, the reward stage's `accuracy`:
 alignlab.losses.preference.pair_accuracy); TRL's own `rewards/accuracies` counts them as wrong and shows 0 there.
+
+Computed by alignlab.evaluation.stats (win_rate of chosen over rejected, mean of the margins), as in eval.json (this
+module wraps them for the `evaluate` library).
 """
 
 import datasets
 import evaluate
+
+from alignlab.evaluation import stats
 
 _DESCRIPTION = "Fraction of preference pairs whose chosen completion gets the higher reward, and the mean margin."
 
@@ -41,6 +46,6 @@ class PreferenceAccuracy(evaluate.Metric):
         )
 
     def _compute(self, chosen_rewards, rejected_rewards):
-        margins = [c - r for c, r in zip(chosen_rewards, rejected_rewards)]
-        right = sum(m > 0 for m in margins) + 0.5 * sum(m == 0 for m in margins)
-        return {"accuracy": right / len(margins), "margin": sum(margins) / len(margins)}
+        accuracy = stats.win_rate(chosen_rewards, rejected_rewards)["value"]
+        margin = stats.paired_difference(chosen_rewards, rejected_rewards)["value"]
+        return {"accuracy": accuracy, "margin": margin}

@@ -5,10 +5,14 @@ function or reward model, a tie (0.5) when the scores are equal, a loss (0) othe
 decoding greedily tie on every prompt: win rate 0.5 exactly.
 
     win_rate = (wins + 0.5 * ties) / n
+
+Computed by alignlab.evaluation.stats.win_rate, as in eval.json (this module wraps it for the `evaluate` library).
 """
 
 import datasets
 import evaluate
+
+from alignlab.evaluation import stats
 
 _DESCRIPTION = "Fraction of prompts where the policy's completion outscores the reference's (ties count 0.5)."
 
@@ -38,7 +42,5 @@ class WinRate(evaluate.Metric):
         )
 
     def _compute(self, policy_scores, reference_scores):
-        wins = sum(p > r for p, r in zip(policy_scores, reference_scores))
-        ties = sum(p == r for p, r in zip(policy_scores, reference_scores))
-        n = len(policy_scores)
-        return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties}
+        out = stats.win_rate(policy_scores, reference_scores)
+        return {"win_rate": out["value"], "wins": out["wins"], "ties": out["ties"], "losses": out["losses"]}
