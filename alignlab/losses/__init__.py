@@ -7,6 +7,8 @@
 - ppo: masked statistics, KL estimates, GAE, clipped policy / value losses, entropy, KL controllers.
 - grpo: group-relative advantages (GRPO, Dr. GRPO, RLOO), clip-higher surrogate, k3 term, loss aggregations.
 - sft: token NLL and NLL + token-level unlikelihood (an sft stage's `loss`).
+- distill: forward KL, reverse KL and GKD's generalized JSD between a student's and a teacher's next-token
+  distributions, at a temperature (a distill stage's `loss`).
 
 The names below are imported on first use, so that `alignlab.losses.catalog` (read by recipe validation) does not
 import torch.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "distill": ("DISTILL_LOSSES", "distill_loss", "kl_from_logprobs", "token_divergence"),
     "grpo": (
         "aggregate",
         "aggregation_count",
