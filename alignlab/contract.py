@@ -36,6 +36,12 @@ class StageOutput:
     metrics: dict = field(default_factory=dict)
     origin: dict = field(default_factory=dict)  # what it was made from (alignlab/freshness.py); {}: not recorded
     parallel: dict = field(default_factory=dict)  # {shard, world_size, params_per_rank} (alignlab/parallel.py)
+    # What the pipeline measured around the stage (absent from records of older versions): the rows each of its
+    # datasets gave ([{key, path, split, source, rows, eval_rows, flipped}], alignlab/data), its wall-clock
+    # seconds, and the versions of the libraries it ran with. `alignlab export` writes the model card from these.
+    data: list = field(default_factory=list)
+    seconds: float | None = None
+    versions: dict = field(default_factory=dict)
 
     def save(self, stage_dir: Path) -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +80,7 @@ def checkpoint_note(last: str | Path | None) -> str:
         f"The last good checkpoint is {last}: run again with --resume to continue from it with the same settings, "
         f"or change the setting and run again without --resume to start the stage over."
         if last
-        else "No checkpoint was written before it (train.save_steps / save_steps keep some)."
+        else "No checkpoint was written before it (train.save_steps keeps some)."
     )
     return f"{kept} No final model or stage_output.json was written."
 

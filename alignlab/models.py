@@ -60,15 +60,23 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_causal_lm(recipe: Recipe, path: str, *, quantize: bool | None = None, head: str = "causal_lm", **extra):
-    """A pretrained model from `path` with the recipe's dtype, attention and quantization settings."""
+def load_causal_lm(
+    recipe: Recipe,
+    path: str,
+    *,
+    quantize: bool | None = None,
+    head: str = "causal_lm",
+    dtype: str | None = None,
+    **extra,
+):
+    """A pretrained model from `path` with the recipe's dtype (or `dtype`), attention and quantization settings."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     spec, peft = recipe.model, recipe.peft
     if spec.trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with %s will run on this machine", path)
     kwargs = dict(
-        dtype=_dtype(spec.dtype),
+        dtype=_dtype(dtype or spec.dtype),
         trust_remote_code=spec.trust_remote_code,
         revision=spec.revision if path == resolve_base(recipe) else None,
         **extra,
@@ -258,21 +266,29 @@ def merge_adapter(recipe: Recipe, source: StageOutput, out_dir: Path) -> str:
     return str(out_dir)
 
 
-def load_frozen_model(recipe: Recipe, source: StageOutput | None, *, quantize: bool | None = None, move: bool = True):
+def load_frozen_model(
+    recipe: Recipe,
+    source: StageOutput | None,
+    *,
+    quantize: bool | None = None,
+    move: bool = True,
+    dtype: str | None = None,
+):
     """A stage's output (or the base model, None) as a frozen model in eval mode: full weights, or an adapter over
     its base; with the head the stage trained (a reward model's: one label). For evaluation and scoring. `move`:
-    onto this process's device (False: it stays where it loaded, for sharding to place it unit by unit)."""
+    onto this process's device (False: it stays where it loaded, for sharding to place it unit by unit). `dtype`:
+    instead of the recipe's model.dtype."""
     from peft import PeftModel
 
     head = source.head if source is not None else "causal_lm"
     extra = {"num_labels": 1} if head == "sequence_classification" else {}
     if source is None:
-        model = load_causal_lm(recipe, resolve_base(recipe), quantize=quantize)
+        model = load_causal_lm(recipe, resolve_base(recipe), quantize=quantize, dtype=dtype)
     elif source.kind == "adapter":
-        base = load_causal_lm(recipe, source.base, quantize=quantize, head=head, **extra)
+        base = load_causal_lm(recipe, source.base, quantize=quantize, head=head, dtype=dtype, **extra)
         model = PeftModel.from_pretrained(base, source.path)
     else:
-        model = load_causal_lm(recipe, source.path, quantize=quantize, head=head, **extra)
+        model = load_causal_lm(recipe, source.path, quantize=quantize, head=head, dtype=dtype, **extra)
     if move and getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
         from accelerate import PartialState
 

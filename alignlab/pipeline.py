@@ -20,6 +20,7 @@ import time
 
 from alignlab import console
 from alignlab.contract import StageContext, StageFailed, StageOutput
+from alignlab.data import data_taken
 from alignlab.freshness import plan_run, start_stage
 from alignlab.recipe import Recipe, RecipeError, StageSpec
 from alignlab.runlock import from_main, run_lock
@@ -79,7 +80,8 @@ def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bo
         # its result does not depend on which stages ran before it in this process (--stage, a rerun, --resume).
         set_seed(recipe.seed)
         try:
-            out = stage_record(spec.type).run(ctx)
+            with data_taken(spec) as taken:
+                out = stage_record(spec.type).run(ctx)
         except StageFailed as e:
             raise type(e)(f"stage '{spec.name}' ({spec.type}): {e}") from e
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -88,11 +90,28 @@ def _run_stages(recipe: Recipe, state, only: str | None, resume: bool, force: bo
             raise StageFailed(f"stage '{spec.name}' ({spec.type}) {out_of_memory_message(recipe, spec, e)}") from e
         if state.is_main_process:
             out.origin = origin
+            out.data, out.seconds, out.versions = taken, round(time.perf_counter() - started, 1), library_versions()
             out.save(stage_dir)
         state.wait_for_everyone()
         outputs[spec.name] = out
         log.info("stage %s: finished in %s", spec.name, console.duration(time.perf_counter() - started))
     return outputs
+
+
+LIBRARIES = ("alignlab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries a stage's result depends on (those installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from alignlab.data.formats import (
@@ -21,7 +23,51 @@ if TYPE_CHECKING:
 
     from alignlab.recipe import DatasetSpec, Recipe
 
-__all__ = ["CANONICAL_COLUMNS", "DataError", "build_datasets", "check_dataset", "flip_labels", "prompt_text"]
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "DataError",
+    "build_datasets",
+    "check_dataset",
+    "data_taken",
+    "flip_labels",
+    "prompt_text",
+]
+
+_taken: tuple[object, list[dict]] | None = None  # (the stage spec, what its build_datasets calls gave): data_taken
+
+
+@contextlib.contextmanager
+def data_taken(stage_spec) -> Iterator[list[dict]]:
+    """While the body runs stage `stage_spec`, collect what each `build_datasets` call gives it: one entry per
+    dataset, {key (the stage's key holding it: dataset, preference_dataset, ...), path, split, source (local,
+    builtin, hub, stage: builtin and stage data are generated), rows, eval_rows, flipped (labels flipped)}. The
+    pipeline keeps the list in the stage's record, so a model card can say what the model was trained on."""
+    global _taken
+    outer, _taken = _taken, (stage_spec, [])
+    try:
+        yield _taken[1]
+    finally:
+        _taken = outer
+
+
+def _note_taken(spec: DatasetSpec, recipe: Recipe | None, train: Dataset, eval_ds: Dataset | None, flipped: int):
+    if _taken is None:
+        return
+    stage_spec, taken = _taken
+    keys = [k for k in stage_record(stage_spec.type).datasets if getattr(stage_spec, k, None) is not None]
+    key = next((k for k in keys if getattr(stage_spec, k) is spec), None)
+    key = key or next((k for k in keys if getattr(stage_spec, k) == spec), None)
+    entry = {
+        "key": key,
+        "path": spec.path,
+        "split": spec.split,
+        "source": resolve_source(spec.path, recipe).kind,
+        "rows": len(train),
+        "eval_rows": None if eval_ds is None else len(eval_ds),
+        "flipped": flipped,
+    }
+    if entry not in taken:
+        taken.append(entry)
 
 
 def build_datasets(
@@ -47,11 +93,13 @@ def build_datasets(
         train = train.select(range(min(spec.max_samples, len(train))))
     if eval_ds is not None and spec.eval_max_samples:
         eval_ds = eval_ds.select(range(min(spec.eval_max_samples, len(eval_ds))))
+    flipped: list[int] = []
     if spec.flip_rate > 0:
         if "chosen" not in train.column_names:
             raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
         weights = near_tie_weights(train, spec, recipe, where) if spec.flip_mode == "near_tie" else None
-        train, _ = flip_labels(train, spec.flip_rate, seed, weights)
+        train, flipped = flip_labels(train, spec.flip_rate, seed, weights)
+    _note_taken(spec, recipe, train, eval_ds, len(flipped))
     if _reads_pairs_as_feedback(train, stage_type, where):
         train = unpair(train, seed)
     if eval_ds is not None and _reads_pairs_as_feedback(eval_ds, stage_type, eval_where):
