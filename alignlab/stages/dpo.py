@@ -34,6 +34,7 @@ from alignlab.losses import chosen_nll, preference_loss, preference_loss_info, w
 from alignlab.models import load_stage_model, load_tokenizer
 from alignlab.stages.trl_compat import (
     NO_REFERENCE,
+    ReferenceLogpsHook,
     WithoutReference,
     deepspeed_reference_engine,
     log_metric,
@@ -77,7 +78,7 @@ def run(ctx: StageContext):
     return train_and_save(trainer, ctx, base=base)
 
 
-class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
+class RegistryDPOTrainer(GuardedTrainer, ReferenceLogpsHook, WithoutReference, DPOTrainer):
     """DPOTrainer whose loss comes from alignlab's registry. Only the loss computation, the on-disk cache of
     precomputed reference log-probs and the reference-free construction (ref_model=NO_REFERENCE) differ from TRL
     (and GuardedTrainer's checkpoints and nan/inf stop).
@@ -147,11 +148,11 @@ class RegistryDPOTrainer(GuardedTrainer, WithoutReference, DPOTrainer):
             per_token = out.log_probs[:, -mask.shape[1] :]  # [2B, T-1], zero where labels are -100
         return (per_token * mask).sum(dim=1).chunk(2)
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
+    def precompute_reference_logps(self, dataset, name, batch_size):
         """Reference log-probs of every pair, computed once (each process its share, gathered in order) and cached
-        on disk keyed by the tokenised data and the reference weights. Replaces TRL's version, whose cache sits
-        beside the dataset's arrow files: for an in-memory dataset that is a per-process temporary folder, which
-        the other processes of a multi-process run cannot read."""
+        on disk keyed by the tokenised data and the reference weights. Replaces TRL's version (through
+        trl_compat.ReferenceLogpsHook), whose cache sits beside the dataset's arrow files: for an in-memory dataset
+        that is a per-process temporary folder, which the other processes of a multi-process run cannot read."""
         key = _ref_logps_key(self, dataset, batch_size)
         path = self.ref_cache_dir / f"{name}-{key[:20]}.safetensors"
         if path.exists():

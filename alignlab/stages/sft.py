@@ -17,6 +17,7 @@ from alignlab.contract import StageContext
 from alignlab.data import build_datasets
 from alignlab.data.chat import tokenize_chat_dataset
 from alignlab.models import load_stage_model, load_tokenizer
+from alignlab.stages.trl_compat import log_metric
 from alignlab.stages.trl_glue import GuardedTrainer, train_and_save, trainer_args
 
 
@@ -78,10 +79,9 @@ class RecipeLoss:
         training = self.trainer.model.training
         name = self.name if training else "nll"
         loss, stats = sft_loss(outputs.logits, labels, name=name, alpha=self.alpha, num_items=num_items_in_batch)
-        metrics = self.trainer._metrics["train" if training else "eval"]
         for key, value in stats.items():
             if training or key == "nll":
-                metrics[key].append(value.item())
+                log_metric(self.trainer, "train" if training else "eval", key, value.item())
         return loss
 
 

@@ -2,8 +2,11 @@
 
 TRL's API moves between minor releases (pyproject.toml pins the tested range). Public names break loudly; private
 ones can break silently: an override of a method TRL renamed is simply never called again. So each private name is
-listed here with why alignlab needs it, the trainer code reaches TRL's private state only through the functions
-below, and `missing_private_names()` (run by tests/test_trl_compat.py) says which of them an upgrade removed.
+listed here with why alignlab needs it, the trainer code reaches TRL's private state and methods only through the
+functions and mixins below (each private method alignlab overrides is routed to a public-named method of the
+trainer class), and `missing_private_names()` (run by tests/test_trl_compat.py) says which of them an upgrade
+removed. tests/test_trl_compat.py also fails on any private name of a TRL or transformers object used elsewhere in the
+package.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import importlib
 
 # (module, class or None, attribute) -> why alignlab uses it
 PRIVATE_NAMES: dict[tuple[str, str | None, str], str] = {
-    ("transformers", "Trainer", "_save_checkpoint"): "GuardedTrainer overrides it to write checkpoints atomically",
-    ("trl", "DPOTrainer", "_precompute_ref_logps"): "overridden: reference log-probs cached on disk, gathered in order",
+    ("transformers", "Trainer", "_save_checkpoint"): "overridden (CheckpointHook) to write checkpoints atomically",
+    ("trl", "DPOTrainer", "_precompute_ref_logps"): "overridden (ReferenceLogpsHook): reference log-probs cached on "
+    "disk, gathered in order",
     ("trl", "DPOTrainer", "compute_ref_log_probs"): "called for reference log-probs of a batch",
     ("trl.trainer.dpo_trainer", None, "add_fused_lm_head"): "DPOTrainer patches the model's forward with "
     "`fused_lm_head=True` (log-probs without materialising the logits); alignlab's loss calls it that way",
@@ -25,6 +29,31 @@ PRIVATE_ATTRIBUTES = {
     "_precompute_model_hash": "DPOTrainer's hash of the reference weights, part of the ref log-prob cache key",
     "_precompute_engine": "DPOTrainer's DeepSpeed engine for precomputation under ZeRO-3",
 }
+
+
+class CheckpointHook:
+    """Mixed in before a TRL trainer: Trainer writes each checkpoint through its private `_save_checkpoint(model,
+    trial)`; here that call goes to the trainer class's `write_checkpoint(model, trial, write)`, `write` being
+    Trainer's own (which writes checkpoint-N into args.output_dir)."""
+
+    def _save_checkpoint(self, model, trial):
+        return self.write_checkpoint(model, trial, super()._save_checkpoint)
+
+    def write_checkpoint(self, model, trial, write) -> None:
+        write(model, trial)
+
+
+class ReferenceLogpsHook:
+    """Mixed in before DPOTrainer: its private `_precompute_ref_logps(dataset, name, batch_size)` (the reference
+    log-probs of every pair, computed before training when precompute_ref_log_probs is set) goes to the trainer
+    class's `precompute_reference_logps(dataset, name, batch_size)`, which returns the dataset with the columns
+    `ref_chosen_logps` and `ref_rejected_logps` added."""
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return self.precompute_reference_logps(dataset, name, batch_size)
+
+    def precompute_reference_logps(self, dataset, name, batch_size):
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
 class _NoReference:

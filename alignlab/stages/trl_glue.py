@@ -23,6 +23,7 @@ from alignlab.checkpoints import last_checkpoint
 from alignlab.console import FILE_ONLY, progress_enabled
 from alignlab.contract import StageOutput, TrainingDiverged, append_final_metrics, checkpoint_note, keep_metrics_until
 from alignlab.models import save_stage_model
+from alignlab.stages.trl_compat import CheckpointHook
 
 if TYPE_CHECKING:
     from alignlab.contract import StageContext
@@ -114,8 +115,9 @@ class JsonlMetrics(TrainerCallback):
             log.info("step %d: %s", state.global_step, json.dumps(logs, default=float), extra=FILE_ONLY)
 
 
-class GuardedTrainer:
-    """Mixed in before a TRL trainer (`class X(GuardedTrainer, SFTTrainer)`); swaps two Trainer methods.
+class GuardedTrainer(CheckpointHook):
+    """Mixed in before a TRL trainer (`class X(GuardedTrainer, SFTTrainer)`); swaps two Trainer methods (how a
+    checkpoint is written: `write_checkpoint`, through trl_compat.CheckpointHook; the training step).
 
     Atomic checkpoints: Trainer writes checkpoint-N in place (weights, optimizer, each process its RNG state, then
     trainer_state.json, with no barrier between), so a kill mid-write leaves a checkpoint-N that looks newest.
@@ -132,7 +134,7 @@ class GuardedTrainer:
         super().__init__(*args, model=model, **kwargs)
         keep_trainable_float32(self, before)
 
-    def _save_checkpoint(self, model, trial):
+    def write_checkpoint(self, model, trial, write):
         if self.state.global_step >= self.state.max_steps:
             return
         root = Path(self.args.output_dir)
@@ -142,7 +144,7 @@ class GuardedTrainer:
             shutil.rmtree(staging / name, ignore_errors=True)  # a cut-off earlier attempt
         self.args.output_dir = str(staging)
         try:
-            super()._save_checkpoint(model, trial)
+            write(model, trial)
         finally:
             self.args.output_dir = str(root)
         self.accelerator.wait_for_everyone()  # every process's RNG state is in
