@@ -36,12 +36,13 @@ if [ -z "${ONLY_FSDP2:-}" ]; then
 if [ -z "${NEW_ONLY:-}" ]; then
 [ -n "${ONLY_PPO:-}" ] || run quickstart-bf16 recipes/quickstart.yaml stages.sft.train.bf16=true stages.dpo.train.bf16=true
 [ -n "${ONLY_PPO:-}" ] || run qlora-cuda recipes/sft_dpo_qlora.yaml
-ACCELERATE_MIXED_PRECISION=bf16 run ppo-bf16 recipes/sft_ppo_reward_fn.yaml stages.ppo.steps=4 stages.ppo.logging_steps=1 stages.ppo.save_steps=null
+ACCELERATE_MIXED_PRECISION=bf16 run ppo-bf16 recipes/sft_ppo_reward_fn.yaml stages.ppo.train.max_steps=4 stages.ppo.train.logging_steps=1 stages.ppo.train.save_steps=null
 fi
 fi
 # GRPO: one epoch of one minibatch per update (64 = 8 prompts x 8 samples), so every update's ratio must be exactly 1.
-grpo=(stages.sft.dataset.size=1000 stages.grpo.steps=8 stages.grpo.epochs=1 stages.grpo.minibatch_size=64
-      stages.grpo.logging_steps=1 stages.grpo.save_steps=null stages.grpo.watch_steps=null)
+grpo=(stages.sft.dataset.size=1000 stages.grpo.train.max_steps=8 stages.grpo.train.epochs=1
+      stages.grpo.train.minibatch_size=64 stages.grpo.train.logging_steps=1 stages.grpo.train.save_steps=null
+      stages.grpo.watch_steps=null)
 if [ -z "${ONLY_FSDP2:-}" ]; then
 ACCELERATE_MIXED_PRECISION=bf16 run grpo-bf16 recipes/sft_grpo_arith.yaml "${grpo[@]}"
 run grpo-qlora-cuda recipes/sft_grpo_arith.yaml peft.method=qlora "${grpo[@]}"

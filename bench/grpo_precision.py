@@ -2,7 +2,7 @@
 
 Contenders (each a child process, alternated A B C, C B A, ...; `--threads` threads each):
 - `fp32`: sampling, reference and training forwards in float32 (the recipes' default);
-- `sample_bf16`: `sample_dtype: bfloat16`: responses sampled from a bf16 copy with the adapter merged, refreshed each
+- `sample_bf16`: `rollout.dtype: bfloat16`: responses sampled from a bf16 copy with the adapter merged, refreshed each
   step (alignlab/rl/sampler.py); training, reference and the recomputed old log-probs in float32;
 - `autocast_bf16`: accelerate's bf16 mixed precision (`accelerate launch --mixed_precision bf16`, here
   ACCELERATE_MIXED_PRECISION=bf16): every forward and backward under autocast, old log-probs recomputed.
@@ -33,17 +33,29 @@ from grpo_vs_trl import _time_generate, time_grpo_steps  # noqa: E402
 
 CONTENDERS = {
     "fp32": {},
-    "sample_bf16": {"sample_dtype": "bfloat16"},
+    "sample_bf16": {"rollout": {"dtype": "bfloat16"}},
     "autocast_bf16": {"env": {"ACCELERATE_MIXED_PRECISION": "bf16"}},
 }
+
+
+def grpo_recipe(cfg: dict, run_dir: Path) -> dict:
+    """`--recipe` cut to its grpo stage, from the base model, for `--steps` steps, no checkpoints or stop_if, with the
+    contender's `rollout:` keys."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / cfg["recipe"]).read_text())
+    stage = next(s for s in raw["stages"] if s["type"] == "grpo")
+    stage.update(input="base", stop_if=None)
+    stage["train"] = {**stage.get("train", {}), "max_steps": cfg["steps"], "save_steps": None}
+    stage["rollout"] = {**stage.get("rollout", {}), **CONTENDERS[cfg["contender"]].get("rollout", {})}
+    raw.update(output_dir=str(run_dir), stages=[stage])
+    return raw
 
 
 def worker(cfg: dict) -> dict:
     setup_worker(cfg["threads"])
     contender = CONTENDERS[cfg["contender"]]
     os.environ.update(contender.get("env", {}))
-    import yaml
-
     from alignlab.pipeline import run_pipeline
     from alignlab.recipe import parse_recipe
 
@@ -51,14 +63,8 @@ def worker(cfg: dict) -> dict:
     rec = {"step_s": [], "generate_s": []}
     _time_generate(rec)
     time_grpo_steps(rec)
-    raw = yaml.safe_load((REPO / cfg["recipe"]).read_text())
-    stage = next(s for s in raw["stages"] if s["type"] == "grpo")
-    stage.update(steps=cfg["steps"], input="base", save_steps=None, stop_if=None)
-    if "sample_dtype" in contender:
-        stage["sample_dtype"] = contender["sample_dtype"]
     run_dir = CACHE / "runs" / f"grpo-precision-{cfg['contender']}-{int(time.time() * 1000)}"
-    raw.update(output_dir=str(run_dir), stages=[stage])
-    run_pipeline(parse_recipe(raw), force=True)
+    run_pipeline(parse_recipe(grpo_recipe(cfg, run_dir)), force=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"base_rss_mb": base, **peak_memory("cpu"), **rec}
 

@@ -10,14 +10,14 @@ peak RSS (VmHWM).
 
 The same on both: builtin:arith prompts (chat template), `prompts` prompts x `group` responses per update,
 `response_length` new tokens at most (stop at EOS), temperature 1, no top-p / top-k / repetition penalty, fp32, no
-gradient checkpointing, dropout off, AdamW at a constant learning rate, gradient clipping at 1.0, one update per
-batch (TRL: per_device_train_batch_size = prompts x group, gradient_accumulation_steps 1, num_iterations 1;
-alignlab: epochs 1, one minibatch), beta 0 (no reference pass on either), GRPO advantages (r - mean) / (std + 1e-4)
-and the per-response token mean (TRL loss_type "grpo", alignlab loss_agg sequence_mean), clip 0.2 on both sides,
-reward builtin:arith. alignlab's collapse watch is off (watch_steps null: its KL needs a reference pass).
-What differs by design: alignlab samples with one seeded random stream per response (a logits processor on the
-greedy path) and reads the old log-probs off the sampling pass; TRL samples with do_sample and, at these settings,
-uses the training forward's detached log-probs as the old ones (no extra pass on either side).
+gradient checkpointing, dropout off, AdamW at a constant learning rate, gradient clipping at 1.0, one update per batch
+(TRL: per_device_train_batch_size = prompts x group, gradient_accumulation_steps 1, num_iterations 1; alignlab:
+train.epochs 1, one minibatch), beta 0 (no reference pass on either), GRPO advantages (r - mean) / (std + 1e-4) and
+the per-response token mean (TRL loss_type "grpo", alignlab loss_agg sequence_mean), clip 0.2 on both sides, reward
+builtin:arith. alignlab's collapse watch is off (watch_steps null: its KL needs a reference pass). What differs by
+design: alignlab samples with one seeded random stream per response (a logits processor on the greedy path) and reads
+the old log-probs off the sampling pass; TRL samples with do_sample and, at these settings, uses the training
+forward's detached log-probs as the old ones (no extra pass on either side).
 """
 
 from __future__ import annotations
@@ -92,19 +92,9 @@ def _sync(cfg: dict) -> None:
         torch.cuda.synchronize()
 
 
-def alignlab_worker(cfg: dict) -> dict:
-    setup_worker(cfg["threads"])
-    if cfg["dtype"] == "bfloat16":  # autocast, as TRL's bf16=True
-        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
-    from alignlab.pipeline import run_pipeline
-    from alignlab.recipe import parse_recipe
-
-    base = rss_mb()
-    rec = {"step_s": [], "generate_s": []}
-    _time_generate(rec)
-    time_grpo_steps(rec, lambda: _sync(cfg))
-    run_dir = CACHE / "runs" / f"grpo-alignlab-{int(time.time() * 1000)}"
-    raw = {
+def alignlab_recipe(cfg: dict, run_dir) -> dict:
+    """The recipe alignlab's side runs: one grpo stage from the base model at the bench's settings."""
+    return {
         "name": "bench-grpo",
         "seed": 0,
         "output_dir": str(run_dir),
@@ -117,21 +107,39 @@ def alignlab_worker(cfg: dict) -> dict:
                 "input": "base",
                 "dataset": {"path": "builtin:arith", "split": "sft", "size": cfg["size"]},
                 "reward_fn": "builtin:arith",
-                "steps": cfg["steps"],
-                "prompts_per_step": cfg["prompts"],
-                "num_generations": cfg["group"],
-                "max_new_tokens": cfg["response_length"],
-                "temperature": 1.0,
+                "train": {
+                    "max_steps": cfg["steps"],
+                    "learning_rate": 1e-5,
+                    "max_grad_norm": 1.0,
+                    "logging_steps": 1000,
+                },
+                "rollout": {
+                    "batch_size": cfg["prompts"],
+                    "num_samples": cfg["group"],
+                    "max_new_tokens": cfg["response_length"],
+                    "temperature": 1.0,
+                },
                 "advantage": "grpo",
                 "loss_agg": "sequence_mean",
-                "learning_rate": 1e-5,
-                "max_grad_norm": 1.0,
                 "watch_steps": None,
-                "logging_steps": 1000,
             }
         ],
     }
-    run_pipeline(parse_recipe(raw), force=True)
+
+
+def alignlab_worker(cfg: dict) -> dict:
+    setup_worker(cfg["threads"])
+    if cfg["dtype"] == "bfloat16":  # autocast, as TRL's bf16=True
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    from alignlab.pipeline import run_pipeline
+    from alignlab.recipe import parse_recipe
+
+    base = rss_mb()
+    rec = {"step_s": [], "generate_s": []}
+    _time_generate(rec)
+    time_grpo_steps(rec, lambda: _sync(cfg))
+    run_dir = CACHE / "runs" / f"grpo-alignlab-{int(time.time() * 1000)}"
+    run_pipeline(parse_recipe(alignlab_recipe(cfg, run_dir)), force=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"base_rss_mb": base, **peak_memory(cfg["device"]), **rec}
 

@@ -65,10 +65,8 @@ def shard_cases() -> list[dict]:
             "type": "grpo",
             "dataset": {"path": "builtin:constraints", "split": "train", "size": 64},
             "reward_fn": "builtin:constraints",
-            "steps": args["steps"],
-            "prompts_per_step": 2,
-            "num_generations": 4,
-            "max_new_tokens": args["tokens"],
+            "train": {"max_steps": args["steps"]},
+            "rollout": {"batch_size": 2, "num_samples": 4, "max_new_tokens": args["tokens"]},
             "beta": 0.0,
             "watch_steps": None,
         }
@@ -135,8 +133,8 @@ def sizes_table(gpus: int = 8) -> str:
         "sft": {"type": "sft", "dataset": {"path": "builtin:arith", "split": "sft"},
                 "train": {"per_device_batch_size": 8, "max_length": 2048}},
         "grpo": {"type": "grpo", "dataset": {"path": "builtin:arith", "split": "sft"}, "reward_fn": "builtin:arith",
-                 "prompts_per_step": 8, "num_generations": 8, "max_new_tokens": 512, "beta": 0.04,
-                 "minibatch_size": 16},
+                 "rollout": {"batch_size": 8, "num_samples": 8, "max_new_tokens": 512}, "beta": 0.04,
+                 "train": {"minibatch_size": 16}},
     }  # fmt: skip
     rows = []
     for name in ("qwen2.5-0.5b", "llama-3.1-8b", "llama-3.1-70b"):

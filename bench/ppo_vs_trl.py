@@ -19,7 +19,7 @@ What runs (TRL's design needs four models; alignlab's three or two):
   LoRA), reward model (the same directory as TRL's). rollout.forward_batch_size = batch, as TRL's
   local_rollout_forward_batch_size.
 Same settings on both: fp32, no gradient checkpointing, dropout off, AdamW, constant learning rate, no gradient
-clipping (TRL's PPO loop does not clip, so alignlab's max_grad_norm is set to 0), stop at EOS, k1 KL estimate,
+clipping (TRL's PPO loop does not clip, so alignlab's train.max_grad_norm is set to 0), stop at EOS, k1 KL estimate,
 kl_coef 0.05, gamma 1, lam 0.95, whitened advantages, cliprange 0.2, vf_coef 0.1. TRL: per_device_train_batch_size
 = batch, gradient_accumulation_steps = 1, num_mini_batches = batch / minibatch (one optimizer step per
 minibatch, as alignlab), local_rollout_forward_batch_size = batch (one generate() call, as alignlab).
@@ -127,6 +127,42 @@ class Phases:
         }
 
 
+def alignlab_recipe(cfg: dict, run_dir: Path) -> dict:
+    """The recipe alignlab's side runs: one ppo stage at the bench's settings."""
+    peft = {"method": "none"} if cfg["peft"] == "none" else {
+        "method": cfg["peft"], "r": cfg["lora_r"], "alpha": 2 * cfg["lora_r"], "dropout": 0.0}  # fmt: skip
+    return {
+        "name": "bench-ppo",
+        "seed": cfg["seed"],
+        "output_dir": str(run_dir),
+        "model": {"name_or_path": cfg["policy"], "dtype": cfg["dtype"]},
+        "peft": peft,
+        "stages": [
+            {
+                "name": "ppo",
+                "type": "ppo",
+                "reward_model": cfg["reward"],
+                "dataset": {"path": "builtin:arith", "split": "sft", "size": cfg["n_prompts"]},
+                "train": {
+                    "max_steps": cfg["steps"],
+                    "logging_steps": 1,
+                    "epochs": cfg["epochs"],
+                    "minibatch_size": cfg["minibatch"],
+                    "learning_rate": cfg["lr"],
+                    "max_grad_norm": 0.0,
+                },
+                "rollout": {
+                    "batch_size": cfg["batch"],
+                    "max_new_tokens": cfg["response_length"],
+                    "temperature": cfg["temperature"],
+                    "forward_batch_size": cfg["batch"],  # as TRL's local_rollout_forward_batch_size
+                },
+                "ppo": {"kl_coef": 0.05},
+            }
+        ],
+    }
+
+
 def alignlab_worker(cfg: dict) -> dict:
     setup_worker(cfg["threads"])
     import torch
@@ -166,39 +202,7 @@ def alignlab_worker(cfg: dict) -> dict:
 
     pt.PPOTrainer.train_step = timed_step
     run_dir = CACHE / "runs" / f"ppo-alignlab-{int(time.time() * 1000)}"
-    peft = {"method": "none"} if cfg["peft"] == "none" else {
-        "method": cfg["peft"], "r": cfg["lora_r"], "alpha": 2 * cfg["lora_r"], "dropout": 0.0}  # fmt: skip
-    raw = {
-        "name": "bench-ppo",
-        "seed": cfg["seed"],
-        "output_dir": str(run_dir),
-        "model": {"name_or_path": cfg["policy"], "dtype": cfg["dtype"]},
-        "peft": peft,
-        "stages": [
-            {
-                "name": "ppo",
-                "type": "ppo",
-                "reward_model": cfg["reward"],
-                "dataset": {"path": "builtin:arith", "split": "sft", "size": cfg["n_prompts"]},
-                "steps": cfg["steps"],
-                "logging_steps": 1,
-                "rollout": {
-                    "batch_size": cfg["batch"],
-                    "max_new_tokens": cfg["response_length"],
-                    "temperature": cfg["temperature"],
-                    "forward_batch_size": cfg["batch"],  # as TRL's local_rollout_forward_batch_size
-                },
-                "ppo": {
-                    "epochs": cfg["epochs"],
-                    "minibatch_size": cfg["minibatch"],
-                    "learning_rate": cfg["lr"],
-                    "max_grad_norm": 0.0,
-                    "kl_coef": 0.05,
-                },
-            }
-        ],
-    }
-    run_pipeline(parse_recipe(raw), force=True)
+    run_pipeline(parse_recipe(alignlab_recipe(cfg, run_dir)), force=True)
     rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir, ignore_errors=True)  # the saved model is not needed (and is large for big presets)
     return {

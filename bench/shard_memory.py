@@ -55,11 +55,8 @@ def _recipe(kind: str, shard: str, gather: str, args, out: Path) -> dict:
             "type": "grpo",
             "dataset": prompts,
             "reward_fn": "builtin:constraints",
-            "steps": args.steps,
-            "prompts_per_step": 2,
-            "num_generations": 4,
-            "max_new_tokens": args.tokens,
-            "learning_rate": 1e-6,
+            "train": {"max_steps": args.steps, "learning_rate": 1e-6},
+            "rollout": {"batch_size": 2, "num_samples": 4, "max_new_tokens": args.tokens},
             "beta": 0.0,
             "watch_steps": None,
         }
@@ -69,9 +66,7 @@ def _recipe(kind: str, shard: str, gather: str, args, out: Path) -> dict:
             "type": "generate",
             "dataset": {**prompts, "size": args.prompts},
             "reward_fn": "builtin:constraints",
-            "num_samples": 4,
-            "max_new_tokens": args.tokens,
-            "batch_size": 2,
+            "rollout": {"num_samples": 4, "max_new_tokens": args.tokens, "batch_size": 2},
         }
     return {**base, "stages": [stage]}
 
@@ -136,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=2, help="GRPO steps")
-    parser.add_argument("--tokens", type=int, default=16, help="max_new_tokens of both stages")
+    parser.add_argument("--tokens", type=int, default=16, help="rollout.max_new_tokens of both stages")
     parser.add_argument("--prompts", type=int, default=8, help="prompts of the generate stage")
     args = parser.parse_args()
 
