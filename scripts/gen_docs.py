@@ -8,6 +8,8 @@ A generated block in a Markdown file is
 
 and NAME is one of TABLES below (numbers computed from the code, or read from a bench/results/*.json file), or
 `json:STEM:KEY`: the Markdown table stored under KEY in bench/results/STEM.json (the benches write one).
+`recipe-reference` is the body of docs/recipe-reference.md: every recipe key, walked from the schema's pydantic
+classes and their field descriptions, so the reference changes with the schema (run this script after changing it).
 
     python scripts/gen_docs.py           # rewrite every block of README.md, data_cards/, docs/, bench/README.md
     python scripts/gen_docs.py --check   # change nothing; list the blocks that differ, exit 1 if any
@@ -382,6 +384,236 @@ def _recipe_key(recipe: str) -> str:
     return Path(recipe).stem.removeprefix("smollm2_").removesuffix("_lora")
 
 
+# ------------------------------------------------------------------------------------------- recipe reference
+
+
+def recipe_reference() -> str:
+    """docs/recipe-reference.md: every key a recipe can hold, read from the schema's pydantic classes (alignlab/
+    schema.py, alignlab/stages/specs.py, the Recipe in alignlab/recipe.py) and their field descriptions: the top-level
+    keys and their sections, the keys every stage has, then each registered stage type's own keys and sections, each
+    key with its type, default and description. A section met in several places with the same defaults (a dataset,
+    `parallel`) is written once, under "Sections used in several places", and linked from each place."""
+    import alignlab.recipe as recipe_module
+    from alignlab.stages import registry
+
+    STAGE_TYPES = registry.stage_types() if hasattr(registry, "stage_types") else registry.STAGE_TYPES  # noqa: N806
+    stage_base = _section_class(recipe_module.Recipe.model_fields["stages"].annotation)
+    stages = _Place("Keys of every stage", stage_base, skip={"type"}, owner="every stage: ", link_text="stage")
+    roots = [_Place("Top-level keys", recipe_module.Recipe), stages]
+    for name, record in STAGE_TYPES.items():
+        inherited = {"type"} | {
+            k for k, f in stage_base.model_fields.items() if repr(record.spec.model_fields.get(k)) == repr(f)
+        }
+        roots.append(_Place(f"Stage type `{name}`", record.spec, skip=inherited, owner=f"`{name}` stage: "))
+    for root in roots:
+        root.grow(stop={stage_base: stages})
+    return _render_reference(roots)
+
+
+class _Place:
+    """A section of the recipe at one place: its pydantic class, the defaults it has there (`instance`: the
+    field's default object, whose values can differ from the class's, e.g. each stage type's learning rate), its
+    path below its root section, and the sections under it."""
+
+    def __init__(self, title: str, cls, instance=None, path="", skip=frozenset(), owner="", link_text=None):
+        self.title, self.cls, self.instance, self.path, self.skip, self.owner = title, cls, instance, path, skip, owner
+        self.link_text = link_text  # how a key holding this section names it (default: the title)
+        self.children: list[_Place] = []
+        self.links: dict[str, _Place] = {}  # field name -> the section it holds
+
+    def fields(self) -> list[tuple[str, object, object]]:
+        """(key, pydantic field, its default here) for each key of the section, in declaration order."""
+        return [
+            (k, f, _default_of(k, f, self.instance))
+            for k, f in self.cls.model_fields.items()
+            if k not in self.skip and not f.exclude
+        ]
+
+    def grow(self, stop: dict) -> None:
+        from pydantic import BaseModel
+
+        for key, field, value in self.fields():
+            model = _section_class(field.annotation)
+            if model in stop:
+                self.links[key] = stop[model]
+            elif model is not None:
+                path = (f"{self.path}.{key}" if self.path else key) + ("[]" if _holds_list(field.annotation) else "")
+                held = value if isinstance(value, BaseModel) else None
+                child = _Place(f"{self.owner}`{path}`", model, held, path, owner=self.owner)
+                child.grow(stop)
+                self.children.append(child)
+                self.links[key] = child
+
+    def signature(self) -> tuple:
+        """Equal for two places that render the same table (same class, same defaults, same sections below)."""
+        return (
+            self.cls,
+            tuple((k, _default_text(v)) for k, _, v in self.fields()),
+            tuple(c.signature() for c in self.children),
+        )
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def where(self) -> str:
+        return f"{self.owner}`{self.path}`"
+
+
+def _render_reference(roots: list[_Place]) -> str:
+    uses: dict[tuple, list[_Place]] = {}
+    for root in roots:
+        for place in list(root.walk())[1:]:
+            uses.setdefault(place.signature(), []).append(place)
+    shared = [places for places in uses.values() if len(places) > 1]
+    titles = {p.title for root in roots for p in root.walk() if len(uses.get(p.signature(), [p])) == 1}
+    for places in shared:  # one heading per shared section: the key it is held under
+        name = f"`{places[0].path.rsplit('.', 1)[-1].removesuffix('[]')}`"
+        name = name if name not in titles else f"{name} ({places[0].where()})"
+        titles.add(name)
+        for place in places:
+            place.title = name
+    out: list[str] = []
+
+    def write(place: _Place, level: str, used_as: list[_Place] | None = None) -> None:
+        out.extend([f"{level} {place.title}", ""])
+        if _class_doc(place.cls):
+            out.extend([_class_doc(place.cls), ""])
+        if used_as:
+            out.extend([f"Used as {', '.join(p.where() for p in used_as)}.", ""])
+        rows = [
+            [f"`{key}`", _type_text(field, place.links.get(key)), _default_text(value), _cell(field.description)]
+            for key, field, value in place.fields()
+        ]
+        out.extend([_table(["key", "type", "default", "description"], rows) if rows else "(no keys of its own)", ""])
+        if place.cls.model_config.get("extra") == "allow":
+            out.extend(["Other keys are allowed in this section: see its description above.", ""])
+        moved = getattr(place.cls, "MOVED", None) or {}
+        if moved:
+            pairs = ", ".join(f"`{old}` -> `{new}`" for old, new in moved.items())
+            out.extend(
+                [f"Keys that moved (a recipe that still uses one gets an error naming its new path): {pairs}.", ""]
+            )
+
+    for root in roots:
+        write(root, "##")
+        for place in list(root.walk())[1:]:
+            if len(uses[place.signature()]) == 1:
+                write(place, "###")
+    if shared:
+        out.extend(["## Sections used in several places", ""])
+        for places in shared:
+            write(places[0], "###", used_as=places)
+    return "\n".join(out).rstrip("\n")
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a heading (tests/test_docs.py checks every link against the same rule)."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def _section_class(annotation):
+    """The pydantic class a field's annotation holds (directly, in a list, or in a union with other types), if any."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _holds_list(annotation) -> bool:
+    """Whether the annotation holds its section in a list (`reward_fn: [{fn: ...}, ...]`)."""
+    import typing
+
+    if typing.get_origin(annotation) is list:
+        return _section_class(annotation) is not None
+    return any(_holds_list(a) for a in typing.get_args(annotation))
+
+
+def _default_of(key: str, field, instance):
+    """A key's default at a place: its value on the place's default object when there is one, else the field's."""
+    from pydantic_core import PydanticUndefined
+
+    if instance is not None:
+        return getattr(instance, key)
+    if field.is_required():
+        return PydanticUndefined
+    return field.get_default(call_default_factory=True)
+
+
+def _default_text(value) -> str:
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    if value is PydanticUndefined:
+        return "required"
+    if isinstance(value, BaseModel):
+        return "the section's defaults"
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return f"`{json.dumps(value, default=str)}`"
+
+
+def _type_text(field, link: _Place | None) -> str:
+    """A key's type in words, with its bounds (> 0, <= 1, ...) and a link to the section it holds."""
+    bounds = []
+    for meta in field.metadata:
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(meta, attr)}")
+        if getattr(meta, "min_length", None):
+            bounds.append(f"at least {meta.min_length}")
+    return _words(field.annotation, link) + (f", {' and '.join(bounds)}" if bounds else "")
+
+
+def _words(annotation, link: _Place | None) -> str:
+    import types
+    import typing
+    from pathlib import PurePath
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    value = lambda v: "`null`" if v is None else f"`{v}`" if isinstance(v, str) else f"`{json.dumps(v)}`"  # noqa: E731
+    if annotation is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(value(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        if all(a is type(None) or typing.get_origin(a) is typing.Literal for a in args):
+            choices = [v for a in args for v in (typing.get_args(a) if a is not type(None) else (None,))]
+            return "one of " + ", ".join(value(v) for v in choices)
+        return " or ".join(_words(a, link) for a in args)
+    if origin is list:
+        return f"list of {_words(args[0], link)}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_words(args[0], link)} to {_words(args[1], link)}" if args else "mapping"
+    if _section_class(annotation) is annotation:
+        return f"section [{link.link_text or link.title}](#{_anchor(link.title)})" if link else "section"
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", typing.Any: "any"}
+    if annotation in names:
+        return names[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _class_doc(cls) -> str:
+    import inspect
+
+    doc = cls.__dict__.get("__doc__")
+    return inspect.cleandoc(doc) if doc else ""
+
+
+def _cell(text: str | None) -> str:
+    return " ".join((text or "").split()).replace("|", "\\|")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "arith-stats": arith_stats,
     "quickstart-results": quickstart_results,
@@ -389,6 +621,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "smollm2-quant": smollm2_quant,
     "smollm2-results": smollm2_results,
     "smollm2-summary": smollm2_summary,
+    "recipe-reference": recipe_reference,
 }
 
 

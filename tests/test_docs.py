@@ -76,6 +76,7 @@ def test_generated_tables_match_the_code_and_the_results():
         "smollm2-quant",
         "smollm2-results",
         "smollm2-summary",
+        "recipe-reference",
     } <= names
 
 
