@@ -514,18 +514,11 @@ def _anchor(title: str) -> str:
 
 
 def _section_class(annotation):
-    """The pydantic class a field's annotation holds (directly, in a list, or in a union with other types), if any."""
-    import typing
+    """The pydantic class a field's annotation holds (directly, in a list, or in a union with other types), if any:
+    the recipe's own reading of it (the one the override paths use)."""
+    from alignlab.recipe import _model_in
 
-    from pydantic import BaseModel
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section_class(arg)
-        if found is not None:
-            return found
-    return None
+    return _model_in(annotation)
 
 
 def _holds_list(annotation) -> bool:
