@@ -1,4 +1,4 @@
-"""Command line: `alignlab run|validate|builtin|eval|bench|audit ...`. Only argument parsing lives here."""
+"""Command line: `alignlab run|validate|builtin|eval|export|bench|audit ...`. Only argument parsing lives here."""
 
 from __future__ import annotations
 
@@ -66,6 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         help="an eval-stage key, e.g. --set num_prompts=50 --set dataset.path=data.jsonl",
     )
 
+    exp = sub.add_parser(
+        "export",
+        help="a finished run's model as a folder people can use: merged HF weights (or the adapter), tokenizer, chat "
+        "template, end tokens, a model card; optionally a GGUF file and a hub upload",
+    )
+    exp.add_argument("run", help="the run folder (a recipe's output_dir)")
+    exp.add_argument("--to", required=True, metavar="DIR", help="the new folder to write (must not exist or be empty)")
+    exp.add_argument("--stage", help="the stage whose model is exported (default: the last stage that writes one)")
+    exp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="dtype of the merged weights (default auto: the base model's)",
+    )
+    exp.add_argument("--adapter-only", action="store_true", help="the PEFT adapter alone, naming its base model")
+    exp.add_argument("--gguf", action="store_true", help="also write a GGUF file (llama.cpp, Ollama) into DIR")
+    exp.add_argument(
+        "--gguf-type", choices=("f32", "f16", "q8_0"), help="the GGUF file's weight type (default f16; implies --gguf)"
+    )
+    exp.add_argument("--push-to-hub", metavar="REPO", help="upload DIR to this hub model repository once verified")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+
     bench = sub.add_parser("bench", help="built-in benchmarks: `bench robustness`")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     rob = bench_sub.add_parser(
@@ -131,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "--drop-suspect", type=int, default=0, metavar="K", help="also write cleaned.jsonl without the K most suspect"
     )
 
-    for p in (run, ev, rob, aud):
+    for p in (run, ev, rob, aud, exp):
         p.add_argument(
             "--verbose",
             action="store_true",
@@ -157,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from alignlab.contract import StageFailed
     from alignlab.data import DataError
+    from alignlab.export import ExportError
     from alignlab.gguf import ModelSourceError
     from alignlab.recipe import RecipeError
     from alignlab.runlock import RunLocked
@@ -172,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "bench":
             return _bench_robustness(args)
         if args.command == "audit":
             return _audit_preferences(args)
-    except (RecipeError, DataError, ModelSourceError, RunLocked) as e:  # RecipeError: a stale stage too
+    except (RecipeError, DataError, ModelSourceError, RunLocked, ExportError) as e:  # RecipeError: a stale stage too
         _error(e)
         return 2
     except StageFailed as e:  # diverged, out of memory: the message says what to change
@@ -278,6 +303,32 @@ def _eval(args) -> int:
     _start(args)
     for md in run_cli(args.checkpoints, args.recipe, args.stage, args.reference, args.out, args.sets):
         print(f"\n{md.read_text()}\nwritten to {md.parent}")
+    return 0
+
+
+def _export(args) -> int:
+    from alignlab.export.command import export_run
+
+    _start(args)
+    res = export_run(
+        args.run,
+        args.to,
+        stage=args.stage,
+        dtype=args.dtype,
+        adapter_only=args.adapter_only,
+        gguf_type=args.gguf_type or ("f16" if args.gguf else None),
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+    )
+    what = "adapter" if res["kind"] == "adapter" else f"merged model ({res['dtype']})"
+    gguf = f" and {res['gguf']['file']}" if res["gguf"] else ""
+    print(
+        f"exported stage {res['stage']} as a {what}{gguf} to {res['to']} (checked: logits within "
+        f"{res['checks']['folder_vs_run']:.2g} of the run's model"
+        + (f", GGUF within {res['checks']['gguf']:.2g}" if res["gguf"] else "")
+        + ")"
+        + (f"\nuploaded to {res['url']}" if res["url"] else "")
+    )
     return 0
 
 

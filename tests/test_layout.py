@@ -123,6 +123,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "commands beside the pipeline: eval, audit, plan, preflight, the end-of-run report",
         ["alignlab.evaluation.command", "alignlab.audit.*", "alignlab.plan", "alignlab.preflight", "alignlab.report"],
     ),
+    ("exporting a finished run: the folder, its model card, its GGUF file, the upload", ["alignlab.export.*"]),
     ("the run and its check: the pipeline, the validator", ["alignlab.pipeline", "alignlab.validate"]),
     ("benchmarks (they run pipelines)", ["alignlab.benchmarks.*"]),
     ("the command line", ["alignlab.cli", "alignlab.__main__"]),

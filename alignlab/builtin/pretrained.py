@@ -49,6 +49,8 @@ class PretrainedGGUF:
     sha256: str  # of the GGUF file
     size: int  # bytes of the GGUF file
     env: str  # environment variable that points at a hand-copied wheel / GGUF / folder
+    hub_id: str  # the upstream model on the hub (what a model card names as the base model)
+    license: str  # the model's license (an SPDX-style id, as model cards write it)
     version: int = 2  # 2: the GGUF's own chat template (1 added generation markers)
 
     @property
@@ -71,6 +73,8 @@ PRETRAINED_MODELS: dict[str, PretrainedGGUF] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
         env="ALIGNLAB_SMOLLM2_SOURCE",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 

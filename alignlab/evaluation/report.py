@@ -40,15 +40,8 @@ def markdown(res: dict) -> str:
         f"{res['num_prompts']} prompts, {decoding}, up to {s['max_new_tokens']} new tokens. Brackets: 95% intervals "
         "(Wilson for rates of prompts, normal for means); KL on responses sampled from the policy at temperature 1.",
         "",
-        "| metric | policy | reference | policy - reference |",
-        "|---|---:|---:|---:|",
+        *metric_table(res),
     ]
-    for label, key, ref_key, diff_key in ROWS:
-        if res.get(key) is not None:
-            if key == "win_rate":
-                label += f" (by {res['win_rate_by'].replace('_', ' ')})"
-            cells = [_value(res, k) if k else "" for k in (key, ref_key, diff_key)]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if res.get("nll_change") is not None:
         lines += [
             "",
@@ -67,6 +60,19 @@ def markdown(res: dict) -> str:
             cells += [_cell(x["reference"]), fmt(x["reference_reward"])]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def metric_table(res: dict, columns: tuple[str, str, str] = ("policy", "reference", "policy - reference")) -> list[str]:
+    """The lines of the metrics table (eval.md's, a model card's): one row per metric that was measured, each value
+    with its 95% interval."""
+    lines = [f"| metric | {' | '.join(columns)} |", "|---|---:|---:|---:|"]
+    for label, key, ref_key, diff_key in ROWS:
+        if res.get(key) is not None:
+            if key == "win_rate":
+                label += f" (by {res['win_rate_by'].replace('_', ' ')})"
+            cells = [_value(res, k) if k else "" for k in (key, ref_key, diff_key)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _value(res: dict, key: str) -> str:
