@@ -129,7 +129,14 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def dataset_digests(ds: DatasetSpec, recipe: Recipe, field: str) -> dict[str, str]:
-    """`<field>.content` and, when the stage reads held-out rows from elsewhere, `<field>.eval_content`."""
+    """`<field>.content` and, when the stage reads held-out rows from elsewhere, `<field>.eval_content`; for a
+    mixture, those of each source i as `<field>.mix[i].content`, ..."""
+    if getattr(ds, "mix", None) is not None:
+        return {
+            k: v
+            for i, source in enumerate(ds.mix)
+            for k, v in dataset_digests(source, recipe, f"{field}.mix[{i}]").items()
+        }
     out = {f"{field}.content": _source_digest(ds, recipe, held_out=False)}
     if ds.eval_path or ds.eval_split or ds.path.startswith("builtin:"):
         out[f"{field}.eval_content"] = _source_digest(ds, recipe, held_out=True)
@@ -211,7 +218,7 @@ def _flatten(model: BaseModel, prefix: str) -> dict[str, Any]:
     dump = model.model_dump(mode="json")
     out: dict[str, Any] = {}
     for name, info in type(model).model_fields.items():
-        if info.exclude:
+        if info.exclude or _omitted(model, name):
             continue
         value = getattr(model, name)
         if (
@@ -220,11 +227,20 @@ def _flatten(model: BaseModel, prefix: str) -> dict[str, Any]:
             and issubclass(info.annotation, BaseModel)
         ):
             out.update(_flatten(value, f"{prefix}{name}."))
+        elif isinstance(value, BaseModel):  # an optional section: one value
+            out[f"{prefix}{name}"] = {k: v for k, v in dump[name].items() if not _omitted(value, k)}
         else:
             out[f"{prefix}{name}"] = dump[name]
     if model.model_extra:  # e.g. a loss's parameters ({name: rdpo, eps: 0.2}): one value, so adding one shows
         out[f"{prefix}params"] = {k: dump[k] for k in sorted(model.model_extra)}
     return out
+
+
+def _omitted(model: BaseModel, name: str) -> bool:
+    """A key added after records were made, at the value that means it is not used (OMIT_AT_DEFAULT): left out, so
+    what was recorded before it still matches."""
+    omit = getattr(type(model), "OMIT_AT_DEFAULT", {})
+    return name in omit and getattr(model, name) == omit[name]
 
 
 def _ref_part(name: str, origin: dict | None) -> dict[str, Any]:

@@ -60,13 +60,14 @@ def hub_datasets(recipe: Recipe, only: str | None = None) -> list[tuple[str, str
             continue
         for key in stage_record(stage.type).datasets:
             ds = getattr(stage, key, None)
-            for sub, path in (("path", ds and ds.path), ("eval_path", ds and ds.eval_path)):
-                try:
-                    hub = bool(path) and resolve_source(path, recipe).kind == "hub"
-                except DataError:
-                    hub = False  # a local file problem, reported by validation
-                if hub:
-                    found.append((f"stages[{i}] ({stage.name}).{key}.{sub}", path))
+            for name, source in ds.named_sources(key) if ds is not None else []:
+                for sub, path in (("path", source.path), ("eval_path", source.eval_path)):
+                    try:
+                        hub = bool(path) and resolve_source(path, recipe).kind == "hub"
+                    except DataError:
+                        hub = False  # a local file problem, reported by validation
+                    if hub:
+                        found.append((f"stages[{i}] ({stage.name}).{name}.{sub}", path))
     return found
 
 

@@ -5,7 +5,7 @@ recipe itself, its loading, overrides and error messages are in alignlab/recipe.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -91,8 +91,8 @@ class PeftSpec(Strict):
         return self.method == "qlora"
 
 
-class DatasetSpec(Strict):
-    """Where a stage's data comes from and how its columns map onto alignlab's formats.
+class DataSource(Strict):
+    """One source of a stage's data: where its rows come from and how its columns map onto alignlab's formats.
 
     path: a local .jsonl/.json/.csv/.parquet file or directory, a hub dataset id, or builtin:TASK (generated).
     columns: map alignlab's column names (prompt, completion, messages, chosen, rejected, text, margin,
@@ -100,6 +100,7 @@ class DatasetSpec(Strict):
     """
 
     path: str
+    weight: float = Field(1.0, gt=0, description="In a `mix`: this source's share, relative to the other sources'")
     split: str = "train"
     format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt", "unpaired"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
@@ -118,6 +119,10 @@ class DatasetSpec(Strict):
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Data seed; defaults to the recipe seed")
 
+    # Keys added after records were made: at these values a stage's fingerprint leaves them out, so what was recorded
+    # before them still matches (alignlab.fingerprint).
+    OMIT_AT_DEFAULT: ClassVar[dict[str, Any]] = {"weight": 1.0, "mix": None}
+
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
@@ -130,6 +135,60 @@ class DatasetSpec(Strict):
                     f"to the names in your data.{hint}"
                 )
         return v
+
+
+class DatasetSpec(DataSource):
+    """A stage's data: one source (`path` and the keys above), or several in proportions (`mix`), each a source of
+    its own (path, split, columns, format, max_samples, flip_rate, ...) with a `weight`: {mix: [{path: a.jsonl,
+    weight: 0.7}, {path: builtin:constraints, weight: 0.3}], size: 5000}. `size` is then the mixture's rows
+    (alignlab.data.mixture)."""
+
+    path: str | None = Field(None, description="The data: a file, a folder, a hub dataset id or builtin:TASK")
+    size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows to generate for builtin: datasets (default 2000); of a `mix`, the mixture's rows (default: "
+        "the most rows the weights allow without repeating a row)",
+    )
+    mix: list[DataSource] | None = Field(
+        None,
+        description="Several sources instead of `path`, each with its own keys and a `weight` (alignlab.data.mixture)",
+    )
+
+    # where rows come from and how to read them: a mixture sets these on each of its sources, not on itself
+    PER_SOURCE: ClassVar[tuple[str, ...]] = ("split", "format", "columns", "eval_path", "eval_split", "eval_fraction",
+                                             "max_samples", "flip_rate", "flip_mode", "weight")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _path_or_mix(self) -> DatasetSpec:
+        if (self.path is None) == (self.mix is None):
+            raise ValueError(
+                "give `path` (one source) or `mix` (a list of sources, each with its path and weight), "
+                + ("not both" if self.path is not None else "one of them")
+            )
+        if self.mix is None:
+            if self.weight != 1.0:
+                raise ValueError("weight is a `mix` source's share of the mixture; a dataset with one path has none")
+            if self.size is None:
+                self.size = DataSource.model_fields["size"].default  # the rows a builtin: task generates
+        else:
+            if not self.mix:
+                raise ValueError("`mix` lists no source; give at least one {path: ..., weight: ...}")
+            fields = type(self).model_fields  # set away from its default (a run's recipe.yaml writes every key)
+            misplaced = [
+                k for k in self.PER_SOURCE if getattr(self, k) != fields[k].get_default(call_default_factory=True)
+            ]
+            if misplaced:
+                raise ValueError(
+                    f"{', '.join(misplaced)} of a mixture go on each of its sources (mix: [{{path: ..., "
+                    f"{misplaced[0]}: ...}}]), not on the mixture"
+                )
+        return self
+
+    def named_sources(self, key: str) -> list[tuple[str, DataSource]]:
+        """(recipe key, source) of each source of the data held at `key`: (key, itself) for one path; (key.mix[i],
+        source i) for a mixture."""
+        return [(key, self)] if self.mix is None else [(f"{key}.mix[{i}]", s) for i, s in enumerate(self.mix)]
 
 
 class TrainSpec(Strict):

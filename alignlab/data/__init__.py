@@ -50,24 +50,29 @@ def data_taken(stage_spec) -> Iterator[list[dict]]:
         _taken = outer
 
 
-def _note_taken(spec: DatasetSpec, recipe: Recipe | None, train: Dataset, eval_ds: Dataset | None, flipped: int):
-    if _taken is None:
-        return
-    stage_spec, taken = _taken
+def _stage_key(spec: DatasetSpec) -> str | None:
+    """The key of the running stage that holds dataset `spec` (dataset, preference_dataset, ...)."""
+    stage_spec = _taken[0]
     keys = [k for k in stage_record(stage_spec.type).datasets if getattr(stage_spec, k, None) is not None]
     key = next((k for k in keys if getattr(stage_spec, k) is spec), None)
-    key = key or next((k for k in keys if getattr(stage_spec, k) == spec), None)
-    entry = {
+    return key or next((k for k in keys if getattr(stage_spec, k) == spec), None)
+
+
+def _entry(spec: DatasetSpec, recipe: Recipe | None, key: str | None, rows: int, eval_ds, flipped: int) -> dict:
+    return {
         "key": key,
         "path": spec.path,
         "split": spec.split,
         "source": resolve_source(spec.path, recipe).kind,
-        "rows": len(train),
+        "rows": rows,
         "eval_rows": None if eval_ds is None else len(eval_ds),
         "flipped": flipped,
     }
-    if entry not in taken:
-        taken.append(entry)
+
+
+def _note_taken(entries: list[dict]) -> None:
+    if _taken is not None:
+        _taken[1].extend(e for e in entries if e not in _taken[1])
 
 
 def build_datasets(
@@ -76,8 +81,71 @@ def build_datasets(
     """Train and (optional) eval datasets in canonical columns for a stage of `stage_type`.
 
     Eval data: `eval_path`/`eval_split` when given, builtin tasks' held-out split, else `eval_fraction` of the
-    training rows (seeded). Label flips (`flip_rate`) touch the training rows only.
+    training rows (seeded). Label flips (`flip_rate`) touch the training rows only. A mixture (`mix`): each source
+    built so on its own, then rows drawn from each in proportion to its weight (alignlab.data.mixture).
     """
+    if spec.mix is not None:
+        return _build_mixture(spec, recipe, stage_type, chat, with_eval)
+    train, eval_ds, flipped, _ = _build_source(spec, recipe, stage_type, chat, with_eval)
+    if _taken is not None:
+        _note_taken([_entry(spec, recipe, _stage_key(spec), len(train), eval_ds, len(flipped))])
+    return train, eval_ds
+
+
+def _build_mixture(spec: DatasetSpec, recipe: Recipe | None, stage_type: str, chat: bool, with_eval: bool):
+    """Each source on its own (its columns, format, flips, held-out rows), then `mixture_counts` rows of each, picked
+    by `pick_rows` (seeded per source), together in one seeded order. Held-out rows: every source's, together."""
+    from datasets import concatenate_datasets
+
+    from alignlab.data.mixture import mixture_counts, pick_rows
+
+    seed = spec.seed if spec.seed is not None else (recipe.seed if recipe else 0)
+    built = [_build_source(source, recipe, stage_type, chat, with_eval) for source in spec.mix]
+    _same_columns(
+        {f"mix[{i}] ({_where(s, recipe)})": sorted(b[0].column_names) for i, (s, b) in enumerate(zip(spec.mix, built))}
+    )
+    counts = mixture_counts([len(b[0]) for b in built], [s.weight for s in spec.mix], spec.size)
+    picked, entries = [], []
+    key = _stage_key(spec) if _taken is not None else None
+    names = [f"mix[{i}] ({_where(s, recipe)})" for i, s in enumerate(spec.mix)]
+    trains = _aligned([b[0] for b in built], names)
+    for i, ((_, eval_ds, flipped, unpaired), train, source, n) in enumerate(zip(built, trains, spec.mix, counts)):
+        rows = pick_rows(len(train), n, seed + i)
+        picked.append(train.select(rows))
+        flips = len(flipped) if unpaired else len([r for r in rows if r in set(flipped)])  # unpaired: its pairs
+        entry = _entry(source, recipe, f"{key or 'dataset'}.mix[{i}]", n, eval_ds, flips)
+        entries.append({**entry, "available": len(train), "weight": source.weight})
+    train = concatenate_datasets(picked).shuffle(seed=seed).flatten_indices()
+    held_out = [(b[1], name) for b, name in zip(built, names) if b[1] is not None]
+    eval_ds = concatenate_datasets(_aligned(*map(list, zip(*held_out)))) if held_out else None
+    if eval_ds is not None and spec.eval_max_samples:
+        eval_ds = eval_ds.shuffle(seed=seed).select(range(min(spec.eval_max_samples, len(eval_ds))))
+    _note_taken(entries)
+    return train, eval_ds
+
+
+def _aligned(parts: list[Dataset], names: list[str]) -> list[Dataset]:
+    """The sources' rows with one set of column types, so they concatenate: when some hold chat messages and others
+    plain strings, the strings wrapped as messages too (as a stage whose tokenizer has a chat template reads them);
+    values of other kinds an error naming the sources."""
+    if all(p.features == parts[0].features for p in parts):
+        return parts
+    from alignlab.data.formats import _to_chat
+
+    parts = [p.map(_to_chat, desc="chat format") for p in parts]
+    try:
+        return [p.cast(parts[0].features) for p in parts]
+    except (TypeError, ValueError):
+        kinds = "; ".join(f"{n}: {', '.join(f'{c} {t}' for c, t in p.features.items())}" for n, p in zip(names, parts))
+        raise DataError(
+            f"the sources of a mixture hold values of different kinds in the same columns ({kinds}); give each "
+            f"source the same format (e.g. chat messages in all, or plain strings in all)"
+        ) from None
+
+
+def _build_source(spec: DatasetSpec, recipe: Recipe | None, stage_type: str, chat: bool, with_eval: bool):
+    """One source's train and eval datasets, the rows whose labels were flipped, and whether its pairs were split
+    into unpaired feedback (kto: the flipped rows then count pairs, not rows)."""
     seed = spec.seed if spec.seed is not None else (recipe.seed if recipe else 0)
     where = _where(spec, recipe)
     train = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat)
@@ -99,12 +167,12 @@ def build_datasets(
             raise DataError(f"{where}: flip_rate applies to preference data (chosen/rejected), not to this dataset")
         weights = near_tie_weights(train, spec, recipe, where) if spec.flip_mode == "near_tie" else None
         train, flipped = flip_labels(train, spec.flip_rate, seed, weights)
-    _note_taken(spec, recipe, train, eval_ds, len(flipped))
-    if _reads_pairs_as_feedback(train, stage_type, where):
+    unpaired = _reads_pairs_as_feedback(train, stage_type, where)
+    if unpaired:
         train = unpair(train, seed)
     if eval_ds is not None and _reads_pairs_as_feedback(eval_ds, stage_type, eval_where):
         eval_ds = unpair(eval_ds, seed)
-    return train, eval_ds
+    return train, eval_ds, flipped, unpaired
 
 
 def _reads_pairs_as_feedback(ds: Dataset, stage_type: str, where: str) -> bool:
@@ -183,12 +251,39 @@ def check_dataset(
     stage's tokenizer, also that chat data has a template and that prompts fit `max_length` (train.max_length),
     and with `assistant_masks` (SFT loss on assistant turns) that the assistant tokens of `messages` rows can be
     found (alignlab.data.chat). Returns a note for what cannot be checked offline (hub ids), None when fully
-    checked; raises DataError."""
+    checked; raises DataError. A mixture: each source so, and the sources read give the same columns."""
+    if spec.mix is None:
+        return _check_source(spec, recipe, stage_type, tokenizer, max_length, formats, assistant_masks)[0]
+    notes, columns = [], {}
+    for i, source in enumerate(spec.mix):
+        try:
+            note, cols = _check_source(source, recipe, stage_type, tokenizer, max_length, formats, assistant_masks)
+        except DataError as e:
+            raise DataError(f"mix[{i}]: {e}") from None
+        notes += [f"mix[{i}]: {note}"] if note else []
+        if cols is not None:
+            columns[f"mix[{i}] ({_where(source, recipe)})"] = cols
+    _same_columns(columns)
+    return "; ".join(notes) or None
+
+
+def _same_columns(columns: dict[str, list[str]]) -> None:
+    """The sources of a mixture (named -> canonical columns) give the same columns, or the error naming them."""
+    if len({tuple(c) for c in columns.values()}) > 1:
+        found = "; ".join(f"{k}: {', '.join(c)}" for k, c in columns.items())
+        raise DataError(
+            f"the sources of a mixture must give the same columns, and these do not ({found}). Map each source's "
+            f"columns (mix: [{{path: ..., columns: {{...}}}}]) so they all read as one format."
+        )
+
+
+def _check_source(spec, recipe, stage_type, tokenizer, max_length, formats, assistant_masks):
+    """check_dataset of one source: (its note, its canonical columns; None for data not read here)."""
     src = resolve_source(spec.path, recipe)
     if src.kind == "hub":
-        return f"dataset '{spec.path}' is a hub id: not checked offline"
+        return f"dataset '{spec.path}' is a hub id: not checked offline", None
     if src.kind == "stage":  # written during the run: its stage and format are checked with the chain
-        return None  # (alignlab.stages.registry.check_chain), its rows when the stage reads them
+        return None, None  # (alignlab.stages.registry.check_chain), its rows when the stage reads them
     where = _where(spec, recipe)
     ds = canonicalize(load_raw(spec, recipe), spec, stage_type, where, chat=False, formats=formats)
     if spec.flip_rate > 0 and "chosen" not in ds.column_names:
@@ -204,17 +299,20 @@ def check_dataset(
             check_chat_masks(ds, tokenizer, where)
         if max_length:
             check_prompt_lengths(ds, tokenizer, max_length, where)
+    columns = sorted(ds.column_names)
     if spec.eval_path:
         if resolve_source(spec.eval_path, recipe).kind == "hub":
-            return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline"
+            return f"eval dataset '{spec.eval_path}' is a hub id: not checked offline", columns
         eval_where = _eval_where(spec, recipe)
         held_out = canonicalize(load_raw(spec, recipe, held_out=True), spec, stage_type, eval_where, False, formats)
         _reads_pairs_as_feedback(held_out, stage_type, eval_where)
-    return None
+    return None, columns
 
 
 def first_prompts(spec: DatasetSpec, recipe: Recipe | None, stage_type: str, n: int) -> list | None:
-    """The first `n` prompts of a stage's prompt dataset (to try a reward function on); None for hub data."""
+    """The first `n` prompts of a stage's prompt dataset (to try a reward function on; a mixture's: its first
+    source's); None for hub data."""
+    spec = spec.named_sources("dataset")[0][1]
     if resolve_source(spec.path, recipe).kind == "hub":
         return None
     ds = canonicalize(load_raw(spec, recipe), spec, stage_type, _where(spec, recipe), chat=False, formats=("prompt",))

@@ -277,6 +277,8 @@ def _made(recipe: Recipe, records: dict[str, StageOutput], chain: list[str], bas
         for d in records[name].data:
             held = "" if d["eval_rows"] is None else str(d["eval_rows"])
             source = _SOURCES.get(d["source"], d["source"])
+            if "available" in d:  # a mixture's source: the rows taken of those it had, at its weight
+                source += f"; mixed at weight {d['weight']:g}, {d['rows']} of its {d['available']} rows"
             lines.append(
                 f"| {name} | {d['key'] or ''} | `{d['path']}` | {d['split']} | {source} | {d['rows']} | {held} | "
                 f"{d['flipped']} |"

@@ -100,15 +100,16 @@ STAGE_DATA = "stage:"  # a dataset path `stage:NAME`: the data an earlier stage 
 
 
 def dataset_stage_refs(spec: StageSpec) -> dict[str, str]:
-    """{"dataset": NAME, "dataset.eval_path": NAME, ...}: the stage's datasets read from an earlier stage's data
-    (`path` or `eval_path` = stage:NAME)."""
+    """{"dataset": NAME, "dataset.eval_path": NAME, "dataset.mix[1]": NAME, ...}: the stage's datasets (a
+    mixture's sources) read from an earlier stage's data (`path` or `eval_path` = stage:NAME)."""
     out = {}
     for key in stage_record(spec.type).datasets:
         ds = getattr(spec, key, None)
-        for attr, suffix in (("path", ""), ("eval_path", ".eval_path")):
-            value = getattr(ds, attr, None) if ds is not None else None
-            if isinstance(value, str) and value.startswith(STAGE_DATA):
-                out[key + suffix] = value[len(STAGE_DATA) :]
+        for name, source in ds.named_sources(key) if ds is not None else []:
+            for attr, suffix in (("path", ""), ("eval_path", ".eval_path")):
+                value = getattr(source, attr, None)
+                if isinstance(value, str) and value.startswith(STAGE_DATA):
+                    out[name + suffix] = value[len(STAGE_DATA) :]
     return out
 
 
