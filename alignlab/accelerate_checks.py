@@ -27,9 +27,10 @@ import os
 from pathlib import Path
 
 from alignlab.losses.catalog import preference_loss_info
-from alignlab.recipe import QuantizationSpec, Recipe, RecipeError
+from alignlab.recipe import QuantizationSpec, Recipe, RecipeError, TrainSpec
 from alignlab.stages.registry import stage_record
-from alignlab.stages.specs import PreferenceLossSpec, sharding_problem
+from alignlab.stages.specs import PreferenceLossSpec
+from alignlab.stages.types import sharding_problem
 
 UNSUPPORTED = {"XLA": "TPUs", "MEGATRON_LM": "Megatron-LM"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -167,7 +168,7 @@ def check_launch(recipe: Recipe, cfg: dict) -> list[str]:
                 f"{where}: {why}; it runs under DDP (ddp.yaml, multinode.yaml) or FSDP (fsdp2.yaml), not {engine}"
             )
         train = getattr(spec, "train", None)
-        if train is None:
+        if not isinstance(train, TrainSpec):  # the trainer stages' keys (an own loop's train: has no such keys)
             continue
         if ds is not None:
             for ds_key, key, ours in (

@@ -2,15 +2,17 @@
 
 A stage's *parts* are a flat mapping of readable keys to JSON values, everything that changes its result:
   <key>.<sub>              each key of the stage's resolved spec (train.learning_rate, loss.beta, dataset.path, ...)
-                           except those that change no result (NOT_RESULT_KEYS: logging_steps, report_to, ...)
+                           except those that change no result: NOT_RESULT_KEYS, and those its stage type declares
+                           (its record's `log_only`: train.logging_steps, train.report_to, ...)
   seed, model.<key>, peft.<key>   the recipe-level keys every stage depends on
   model.content            digest of a local base model folder (names, sizes, contents); hub ids and builtin
                            models by name only; likewise model.tokenizer.content, model.chat_template.content
   <dataset>.content        sha256 of the data files' bytes, or of the rows a builtin: task generates;
   <dataset>.eval_content   the same for the held-out data (eval_path, eval_split, a builtin task's held-out split)
-  input, reward_model, reference   the earlier stage it starts from / scores with: its name, fingerprint and the
-                           attempt (one training run, by start time) that made it, so retraining that stage, even
-                           with the same settings, makes this one stale too
+  input, reward_model, reference, teacher   the earlier stage it starts from / scores with / learns from: its
+                           name, fingerprint and the attempt (one training run, by start time) that made it, so
+                           retraining that stage, even with the same settings, makes this one stale too; a
+                           reward_model or teacher given as a model folder: its path and <key>.content, as model
   <dataset>.from_stage     the same for the stage whose data a `stage:NAME` dataset reads (and <dataset>.content
                            digests that data file)
   reward_fn.source         sha256 of the source file of the module `reward_fn` lives in
@@ -39,26 +41,23 @@ from alignlab.recipe import DatasetSpec, Recipe, StageSpec
 from alignlab.schema import reward_fn_refs
 from alignlab.stages.registry import stage_record
 
-# Keys that change how a run is logged, checkpointed or shown, never what it trains or measures. train.eval_steps:
-# evaluation during training leaves the weights alone (the final evaluation runs regardless).
+# Keys of every stage and recipe that change how a run is computed or named, never what it trains or measures;
+# each stage type declares its own such keys in its record (`log_only`: how it logs, checkpoints or shows).
 # model.gradient_checkpointing: recomputes activations (same values, dropout included) to save memory.
 NOT_RESULT_KEYS = frozenset(
     {
         "name",  # the stage folder's name: a renamed stage is another folder
-        "train.logging_steps",
-        "train.report_to",
-        "train.save_steps",
-        "train.save_total_limit",
-        "train.eval_steps",
-        "logging_steps",
-        "report_to",
-        "save_steps",
-        "save_total_limit",
-        "num_samples_shown",
         "model.gradient_checkpointing",
         "parallel",  # sharded = unsharded (as N processes = 1): the same computation in other float sums
     }
 )
+
+
+def not_result_keys(spec: StageSpec) -> frozenset[str]:
+    """The keys of stage `spec` that change no result: NOT_RESULT_KEYS and those its stage type declares."""
+    return NOT_RESULT_KEYS | stage_record(spec.type).log_only(spec)
+
+
 LARGE_FILE = 32 * 2**20  # bytes: bigger files (model weights) are digested by size and their first and last MiB
 
 
@@ -80,9 +79,11 @@ def stage_parts(recipe: Recipe, spec: StageSpec, refs: dict[str, tuple[str, dict
     parts.update(own)
     for key, ref in refs.items():
         parts[key] = None if ref is None else _ref_part(*ref)
-    if getattr(spec, "reward_model", None) and "reward_model" not in refs:  # a model folder, not a stage
-        parts["reward_model"] = spec.reward_model
-        parts["reward_model.content"] = model_digest(recipe, spec.reward_model)
+    for key in stage_record(spec.type).references:  # a reward_model or teacher named by path, not by stage
+        value = getattr(spec, key, None)
+        if value and key not in refs:
+            parts[key] = value
+            parts[f"{key}.content"] = model_digest(recipe, value)
     for name in type(spec).model_fields:
         value = getattr(spec, name)
         if isinstance(value, DatasetSpec):
@@ -94,17 +95,18 @@ def stage_parts(recipe: Recipe, spec: StageSpec, refs: dict[str, tuple[str, dict
         )
     if getattr(spec, "revise_fn", None):
         parts["revise_fn.source"] = reward_fn_digest(spec.revise_fn, revise=True)
-    parts = {k: v for k, v in parts.items() if k not in NOT_RESULT_KEYS}
+    skip = not_result_keys(spec)
+    parts = {k: v for k, v in parts.items() if k not in skip}
     return json.loads(json.dumps(parts))
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, Any]:
     """What a recipe trains and measures, read from its keys alone: model, peft and each stage's resolved keys,
-    less the recipe's name, seed and output folder and the keys that change no result (NOT_RESULT_KEYS). Runs of
+    less the recipe's name, seed and output folder and the keys that change no result (not_result_keys). Runs of
     two recipes with equal settings differ by their seed only. Data and code are not digested (stage_parts is)."""
     parts = {**_flatten(recipe.model, "model."), **_flatten(recipe.peft, "peft.")}
     parts["stages"] = [
-        {k: v for k, v in _flatten(spec, "").items() if k not in NOT_RESULT_KEYS} for spec in recipe.stages
+        {k: v for k, v in _flatten(spec, "").items() if k not in not_result_keys(spec)} for spec in recipe.stages
     ]
     return json.loads(json.dumps({k: v for k, v in parts.items() if k not in NOT_RESULT_KEYS}))
 
@@ -255,7 +257,7 @@ def _name(key: str) -> str:
     field, _, what = key.rpartition(".")
     about = {
         "content": f"the files of {field}"
-        if field.startswith(("model", "reward_model"))
+        if field.startswith(("model", "reward_model", "teacher"))
         else f"the data {field}.path holds",
         "eval_content": f"the held-out data of {field}",
         "source": f"the source of the {field} module",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from alignlab.schema import SHARDABLE_STAGE_TYPES
+from alignlab.stages.registry import stage_record
 
 GB = 1e9
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -108,26 +108,6 @@ def model_shape(recipe, path: str, r: int) -> ModelShape:
     )
 
 
-def stage_batch(spec, prompt_length: int) -> tuple[int, int, int, bool]:
-    """(rows per forward and backward, their length, rows sampled at once, whether it trains) of a stage."""
-    t = spec.type
-    if t in ("sft", "reward", "kto"):
-        return spec.train.per_device_batch_size * (2 if t == "reward" else 1), spec.train.max_length or 1024, 0, True
-    if t == "dpo":  # chosen and rejected in one forward
-        return 2 * spec.train.per_device_batch_size, spec.train.max_length or 1024, 0, True
-    if t == "ppo":
-        length = prompt_length + spec.rollout.max_new_tokens
-        return spec.ppo.minibatch_size, length, spec.rollout.batch_size, True
-    if t == "grpo":
-        rows = spec.minibatch_size or spec.prompts_per_step * spec.num_generations
-        return rows, prompt_length + spec.max_new_tokens, spec.prompts_per_step * spec.num_generations, True
-    if t == "generate":
-        return 0, prompt_length + spec.max_new_tokens, spec.batch_size * spec.num_samples, False
-    if t == "eval":
-        return 0, prompt_length + spec.max_new_tokens, spec.batch_size, False
-    return 0, prompt_length, 0, False
-
-
 def estimate(recipe, spec, shape: ModelShape, gpus: int, prompt_length: int, *, device: str = "cuda") -> Estimate:
     """Bytes per process of `spec` under each engine (module docstring)."""
     peft = recipe.peft
@@ -139,7 +119,8 @@ def estimate(recipe, spec, shape: ModelShape, gpus: int, prompt_length: int, *, 
         weights = shape.linear_params * 0.53 + (shape.params - shape.linear_params) * BYTES[compute]
     else:
         weights = shape.params * w_bytes
-    rows, length, sampled, trains = stage_batch(spec, prompt_length)
+    work = stage_record(spec.type).workload(spec, prompt_length)
+    rows, length, sampled, trains = work.rows, work.length, work.sampled, work.trains
     lora = peft.method in ("lora", "dora", "qlora")
     trainable = (shape.lora.get(peft.r, 0) if lora else shape.params) if trains else 0
     t_bytes = 4 if lora else w_bytes
@@ -152,17 +133,10 @@ def estimate(recipe, spec, shape: ModelShape, gpus: int, prompt_length: int, *, 
         activations = (shape.layers * rows * length * shape.hidden + per_layer) * act_bytes
     else:
         activations = shape.layers * per_layer * act_bytes
-    scored = getattr(spec, "max_new_tokens", None) or getattr(getattr(spec, "rollout", None), "max_new_tokens", length)
-    logit_length = min(scored, length) if spec.type in ("ppo", "grpo") else length
+    logit_length = min(work.scored, length) if work.scored else length
     activations += 2 * rows * logit_length * shape.vocab * 4 if trains else 0
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * sampled * length * act_bytes  # 0 when nothing samples
-    stop_kl = getattr(getattr(spec, "stop_if", None), "kl", None) is not None
-    needs_ref = spec.type in ("dpo", "kto", "ppo") or (
-        spec.type == "grpo" and (spec.beta > 0 or spec.watch_steps is not None or stop_kl)
-    )  # fmt: skip
-    reference = weights if needs_ref and not lora and not getattr(spec, "precompute_ref_logps", False) else 0.0
-    if spec.type == "eval":  # the policy and, unless it is the same backbone, the reference
-        reference = weights if not lora else 0.0
+    reference = weights if work.reference and not lora else 0.0  # LoRA: the adapter-free backbone is the reference
     parts = {
         "weights": weights,
         "gradients": grads,
@@ -180,7 +154,7 @@ def estimate(recipe, spec, shape: ModelShape, gpus: int, prompt_length: int, *, 
     sampling_gather = weights * (1 - 1 / gpus) if sampled and once else 0.0
     fsdp = states / gpus + unit + activations + kv + sampling_gather + parts["reward model"]
     offload = unit + activations + kv + parts["reward model"]
-    if spec.type in SHARDABLE_STAGE_TYPES:  # alignlab's own loops shard, but do not offload
+    if spec.SHARDABLE:  # alignlab's own loops shard, but do not offload
         offload = math.inf
 
     engines = dict(zip(ENGINES, (ddp, fsdp, offload)))
@@ -197,7 +171,7 @@ def advice(recipe, spec, est: Estimate, budget: float) -> str:
         if est.engines["FSDP2"] - est.gathered_for_sampling <= budget:
             return "FSDP2 with parallel.gather: per_layer (sampling gathers one layer at a time)"
         tips.append("parallel.gather: per_layer")
-    if recipe.peft.method == "none" and spec.type not in ("generate", "eval"):
+    if recipe.peft.method == "none" and est.parts["optimizer"] > 0:
         tips.append("peft.method: lora")
     elif recipe.peft.method == "lora":
         tips.append("peft.method: qlora")

@@ -16,11 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
-import alignlab.stages.specs  # noqa: F401, I001  (registers the stage types)
 from alignlab.schema import (  # noqa: F401  (re-exported: the recipe's sections are part of its API)
     CANONICAL_COLUMNS,
     MAX_SEED,
-    SHARDABLE_STAGE_TYPES,
     DatasetSpec,
     ModelSpec,
     ParallelSpec,
@@ -31,7 +29,7 @@ from alignlab.schema import (  # noqa: F401  (re-exported: the recipe's sections
     Strict,
     TrainSpec,
 )
-from alignlab.stages.registry import STAGE_TYPES
+from alignlab.stages.types import STAGE_TYPES
 
 
 class Recipe(Strict):
@@ -57,7 +55,7 @@ class Recipe(Strict):
 
     def parallel_for(self, spec: StageSpec) -> ParallelSpec:
         """The sharding a stage runs with: its own `parallel`, else the recipe's; `none` for the trainer stages."""
-        if spec.type not in SHARDABLE_STAGE_TYPES:
+        if not spec.SHARDABLE:
             return ParallelSpec()
         return spec.parallel if spec.parallel is not None else self.parallel
 
@@ -220,7 +218,7 @@ def parse_recipe(
                 )
                 continue
             type_name = st.get("type")
-            record = STAGE_TYPES.get(type_name)
+            record = STAGE_TYPES.get(type_name) if isinstance(type_name, str) else None  # (a list or mapping: no name)
             if record is None:
                 close = difflib.get_close_matches(str(type_name), list(STAGE_TYPES), n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -191,26 +191,41 @@ class DatasetSpec(DataSource):
         return [(key, self)] if self.mix is None else [(f"{key}.mix[{i}]", s) for i, s in enumerate(self.mix)]
 
 
-class TrainSpec(Strict):
-    """Training arguments shared by the trainer-based stages; `extra` passes any other field of the
+class OptimSpec(Strict):
+    """The keys of `train:` that every trainable stage has, with one set of defaults: the optimiser's (AdamW), how
+    often metrics are written and checkpoints kept. Each stage type's `train:` adds its own keys (TrainSpec for the
+    TRL trainer stages, LoopTrainSpec for alignlab's own loops) and may set its own default learning rate."""
+
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate (peak, for a schedule)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
+    layer_lr_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise learning-rate decay: decoder layer l of L trains at learning_rate x decay^(L + 1 - l), "
+        "the embeddings at learning_rate x decay^(L + 1), the head at learning_rate (LoRA adapters at their layer's "
+        "rate; alignlab/optim.py). e.g. 0.9; None: one rate for all",
+    )
+    logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume); None: never")
+    save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted); None keeps all")
+    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow")
+
+
+class TrainSpec(OptimSpec):
+    """`train:` of the trainer-based stages (sft, dpo, kto, reward, on TRL); `extra` passes any other field of the
     stage's TRL config (checked against that config's fields at validation time)."""
 
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="Overrides epochs when > 0")
+    epochs: float = Field(1.0, gt=0, description="Passes over the dataset")
+    max_steps: int = Field(-1, description="Optimizer steps; overrides epochs when > 0")
     per_device_batch_size: int = Field(8, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler: str = "linear"
+    lr_scheduler: str = Field("linear", description="transformers' scheduler name: linear, cosine, constant, ...")
     warmup_ratio: float = Field(0.0, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    max_length: int | None = Field(1024, gt=0)
-    logging_steps: int = Field(10, gt=0)
+    max_length: int | None = Field(1024, gt=0, description="Tokens per row; longer rows are truncated")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default: at the end only")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume)")
-    save_total_limit: int | None = Field(2, gt=0)
-    report_to: list[str] = Field(default_factory=list, description="tensorboard, trackio, wandb, mlflow")
     bf16: bool = False
     fp16: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -231,6 +246,48 @@ class TrainSpec(Strict):
         return self
 
 
+class LoopTrainSpec(OptimSpec):
+    """`train:` of alignlab's own RL loops (ppo, grpo): a step samples a batch (`rollout:`), then makes `epochs`
+    passes over it in minibatches, one AdamW step (constant learning rate) per minibatch."""
+
+    max_steps: int = Field(100, gt=0, description="Steps: each samples a fresh rollout batch, then updates on it")
+    epochs: int = Field(1, gt=0, description="Passes over each step's samples")
+    minibatch_size: int | None = Field(
+        None, gt=0, description="Samples per optimizer step (per process); default: all of a step's samples"
+    )
+
+
+class SamplingSpec(Strict):
+    """The keys of `rollout:` that every sampling stage has (ppo, grpo, generate, eval); each stage type adds its own
+    and sets its own defaults."""
+
+    batch_size: int = Field(8, gt=0, description="Prompts per sampling pass (per process)")
+    max_new_tokens: int = Field(32, gt=0, description="Maximum response length; generation also stops at EOS")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use logits / temperature")
+
+
+class TrainingSamplingSpec(SamplingSpec):
+    """`rollout:` keys of the RL loops (ppo, grpo): what is sampled for training, and how its log-probs are read."""
+
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of a response that hit max_new_tokens without EOS"
+    )
+    forward_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per no-grad forward of the rollout (reference, reward model); default: train.minibatch_size. "
+        "Larger is faster; memory grows with rows x length x vocab",
+    )
+    recompute_logprobs: bool | None = Field(
+        None,
+        description="false: the sampling policy's log-probs come from the sampling pass itself; true: from one more "
+        "forward over prompt + response (the training forward's exact arithmetic, so the first ratio is exactly 1). "
+        "Default (null): true under mixed precision (accelerate bf16/fp16), a float16/bfloat16 model, a quantized base "
+        "computing in bf16/fp16 (QLoRA's default compute_dtype) or rollout.dtype, where cached decoding drifts from a "
+        "full forward; false otherwise",
+    )
+
+
 class RewardFnSpec(Strict):
     """One weighted component of a reward: `{fn: "builtin:constraints", weight: 1.0}`."""
 
@@ -245,11 +302,6 @@ def reward_fn_refs(value: str | list[RewardFnSpec] | None) -> list[str]:
     if isinstance(value, str):
         return [value]
     return [component.fn for component in value]
-
-
-# The stage types that run alignlab's own loops and shard their models themselves (parallel.shard); the trainer
-# stages (TRL) are sharded by an FSDP accelerate config instead.
-SHARDABLE_STAGE_TYPES = ("ppo", "grpo", "generate", "eval")
 
 
 class ParallelSpec(Strict):
@@ -274,6 +326,13 @@ class StageSpec(Strict):
     """Keys common to every stage. `input` says which model the stage starts from: `previous` (default: the
     output of the stage before it), `base` (the recipe's base model), or the name of an earlier stage."""
 
+    # old key path -> where that setting lives now: a recipe still using the old one gets an error naming the new
+    # path (it is never silently ignored)
+    MOVED: ClassVar[dict[str, str]] = {}
+    # whether the stage runs alignlab's own loop, which shards its models itself (`parallel`, alignlab/parallel.py);
+    # the trainer stages (TRL) are sharded by an FSDP accelerate config instead
+    SHARDABLE: ClassVar[bool] = False
+
     name: str
     type: str
     input: str = "previous"
@@ -282,13 +341,27 @@ class StageSpec(Strict):
         None, description="This stage's sharding (ppo, grpo, generate, eval), in place of the recipe's `parallel`"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"{old} -> {new}" for old, new in cls.MOVED.items() if _has_path(data, old)]
+            if moved:
+                raise ValueError(
+                    f"{'this key has' if len(moved) == 1 else 'these keys have'} moved: {'; '.join(moved)}. Every "
+                    "stage keeps optimisation, logging and checkpoints under `train:` and sampling under `rollout:` "
+                    "(docs/recipe-reference.md)"
+                )
+        return data
+
     @model_validator(mode="after")
     def _parallel_where_it_applies(self):
-        if self.parallel is not None and self.type not in SHARDABLE_STAGE_TYPES:
+        if self.parallel is not None and not self.SHARDABLE:
+            own = sorted(c.model_fields["type"].default for c in StageSpec.__subclasses__() if c.SHARDABLE)
             raise ValueError(
                 f"parallel: a {self.type} stage runs on TRL's trainer, which accelerate shards (an FSDP accelerate "
-                f"config: recipes/accelerate/fsdp2.yaml), not the recipe; `parallel` applies to "
-                f"{', '.join(SHARDABLE_STAGE_TYPES)}. Remove it from this stage"
+                f"config: recipes/accelerate/fsdp2.yaml), not the recipe; `parallel` applies to the stages that run "
+                f"alignlab's own loops ({', '.join(own)}). Remove it from this stage"
             )
         return self
 
@@ -302,3 +375,11 @@ class StageSpec(Strict):
                 f"'_' (no '/', not '.', '..', {' or '.join(repr(n) for n in RESERVED_STAGE_NAMES)})"
             )
         return v
+
+
+def _has_path(data: dict, path: str) -> bool:
+    """Whether the dotted key `path` (e.g. "ppo.learning_rate") is set in the mapping `data`."""
+    head, _, rest = path.partition(".")
+    if head not in data:
+        return False
+    return not rest or (isinstance(data[head], dict) and _has_path(data[head], rest))

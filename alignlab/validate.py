@@ -74,7 +74,7 @@ def validate_recipe(
             ds = getattr(spec, key, None)
             if ds is None:
                 continue
-            max_length = train.max_length if train is not None and key == "dataset" else None
+            max_length = getattr(train, "max_length", None) if key == "dataset" else None
             masks = key == "dataset" and getattr(spec, "completion_only_loss", False)  # SFT on assistant turns
             try:
                 note = check_dataset(ds, recipe, spec.type, tokenizer, max_length, formats, assistant_masks=masks)

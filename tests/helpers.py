@@ -58,6 +58,26 @@ def make_recipe(
     return raw
 
 
+def make_stage(stage_type: str, name: str | None = None, **keys) -> dict:
+    """A stage dict of type `stage_type` (named after it unless `name`), each key put where the schema keeps it:
+    a key of the stage itself stays at the top, a key of its `train:` or `rollout:` section goes there (so
+    `make_stage("grpo", max_steps=2, temperature=0.7)` is `{..., "train": {"max_steps": 2}, "rollout": {"temperature":
+    0.7}}`). A `train={...}` or `rollout={...}` argument is merged with the keys that go there."""
+    from alignlab.stages.types import STAGE_TYPES
+
+    fields = STAGE_TYPES[stage_type].spec.model_fields
+    raw: dict = {"name": name or stage_type, "type": stage_type}
+    for key, value in keys.items():
+        section = next(
+            (s for s in ("train", "rollout") if s in fields and key in fields[s].annotation.model_fields), None
+        )
+        if key in fields or section is None:
+            raw[key] = {**raw.get(key, {}), **value} if key in ("train", "rollout") else value
+        else:
+            raw.setdefault(section, {})[key] = value
+    return raw
+
+
 def write_yaml(path, raw: dict) -> str:
     """`raw` as a recipe file at `path`; returns the path as a string (what `alignlab run` takes)."""
     Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -160,3 +180,23 @@ def assert_reused(src, run_dir, stage: str = "sft") -> None:
     """`stage` in run_dir is the copied one from src (the same training attempt), not trained again."""
     copied, own = (json.loads((Path(d) / stage / "stage_output.json").read_text()) for d in (src, run_dir))
     assert own["origin"]["attempt"] == copied["origin"]["attempt"], f"{run_dir}: stage {stage} was trained again"
+
+
+class Unreadable(Exception):
+    """What a user's function may return or raise that cannot be read at all: not a number, not a list, and not
+    even printable (its repr and its message fail too)."""
+
+    def __float__(self):
+        raise RuntimeError("no float")
+
+    def __len__(self):
+        raise RuntimeError("no len")
+
+    def __iter__(self):
+        raise RuntimeError("no iter")
+
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+    def __str__(self):
+        raise RuntimeError("no str")

@@ -329,7 +329,7 @@ CASES = [
         "grpo-stop-if-without-checkpoints",
         [
             "stages[2]",
-            "stop_if ends the stage with its last good checkpoint, and no checkpoints are written: set save_steps",
+            "stop_if ends the stage with its last good checkpoint, and no checkpoints are written: set train.save_steps",
         ],
         {"stages.2": {**GRPO, "reward_fn": FN, "stop_if": {"repetition": 0.3}}},
     ),

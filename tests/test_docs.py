@@ -132,8 +132,8 @@ def test_quickstart_results_were_measured_with_the_shipped_recipes():
         e = res["eval"]
         assert e["num_prompts"] == spec.num_prompts, name
         assert (e["settings"]["temperature"], e["settings"]["max_new_tokens"]) == (
-            spec.temperature,
-            spec.max_new_tokens,
+            spec.rollout.temperature,
+            spec.rollout.max_new_tokens,
         ), name
 
 
@@ -157,8 +157,8 @@ def test_smollm2_results_were_measured_with_the_shipped_recipes():
         e = res["eval"]
         assert (e["num_prompts"], spec.dataset.path, spec.dataset.split) == (160, "builtin:constraints", "eval"), name
         assert (spec.num_prompts, spec.reference) == (160, "base"), name
-        assert e["settings"]["max_new_tokens"] == spec.max_new_tokens, name
-        assert e["settings"]["temperature"] == spec.temperature == 0.0, name
+        assert e["settings"]["max_new_tokens"] == spec.rollout.max_new_tokens, name
+        assert e["settings"]["temperature"] == spec.rollout.temperature == 0.0, name
 
 
 def test_arith_card_lists_every_split_the_task_has():
@@ -199,9 +199,8 @@ def _chain(text: str, types: set[str]) -> list[str] | None:
 def test_recipe_headers_and_readme_name_the_stages_the_recipes_run():
     """`SFT -> DPO -> eval` in a recipe's first comment line, or in the README's recipe table, is the recipe's list
     of stage types."""
-    import alignlab.stages.specs  # noqa: F401 - registers the stage types
     from alignlab.recipe import load_recipe
-    from alignlab.stages.registry import STAGE_TYPES
+    from alignlab.stages.types import STAGE_TYPES
 
     types = set(STAGE_TYPES)
     readme = (ROOT / "README.md").read_text()
@@ -323,7 +322,7 @@ def test_algorithms_doc_names_every_method_a_recipe_can_choose():
     import typing
 
     from alignlab.losses.catalog import PREFERENCE_LOSS_INFO
-    from alignlab.stages.specs import GRPOSpec, PPOHyperSpec, SFTLossSpec
+    from alignlab.stages.specs import DistillLossSpec, GRPOSpec, PPOHyperSpec, SFTLossSpec
 
     doc = (ROOT / "docs" / "algorithms.md").read_text()
 
@@ -333,7 +332,7 @@ def test_algorithms_doc_names_every_method_a_recipe_can_choose():
         return [v for lit in literals for v in typing.get_args(lit)]
 
     names = list(PREFERENCE_LOSS_INFO) + choices(SFTLossSpec, "name") + choices(PPOHyperSpec, "kl_estimator")
-    names += choices(GRPOSpec, "advantage") + choices(GRPOSpec, "loss_agg")
+    names += choices(GRPOSpec, "advantage") + choices(GRPOSpec, "loss_agg") + choices(DistillLossSpec, "name")
     missing = [n for n in names if f"`{n}`" not in doc and not re.search(rf"^{n}:", doc, re.M)]
     assert not missing, f"docs/algorithms.md lacks {missing}"
     for name, info in PREFERENCE_LOSS_INFO.items():

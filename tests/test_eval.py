@@ -111,13 +111,13 @@ def _recipe(out: Path, **eval_keys):
     stage = {
         "name": "eval",
         "type": "eval",
+        "rollout": {"max_new_tokens": 6},
         "input": "base",
         "dataset": {"path": "builtin:arith", "split": "eval", "size": N},
         "preference_dataset": {"path": "builtin:arith", "split": "preference_eval", "size": N},
         "sft_dataset": {"path": "builtin:arith", "split": "sft_eval", "size": N},
         "reward_fn": ARITH,
         "num_prompts": N,
-        "max_new_tokens": 6,
         "num_samples_shown": 3,
         **eval_keys,
     }
@@ -299,7 +299,7 @@ def test_cli_evaluates_several_checkpoints(tmp_path, adapter_dir, reward_model_d
     raw = _recipe(tmp_path / "run").model_dump(mode="json", serialize_as_any=True)  # stage keys too
     recipe.write_text(yaml.safe_dump(raw))
     argv = ["eval", "base", str(adapter_dir), "--recipe", str(recipe), "--out", str(tmp_path / "out")]
-    sets = ["temperature=1.0", "sft_dataset=", f"reward_model={reward_model_dir}"]
+    sets = ["rollout.temperature=1.0", "sft_dataset=", f"reward_model={reward_model_dir}"]
     assert main([*argv, *(x for kv in sets for x in ("--set", kv))]) == 0
     assert "| metric | policy | reference |" in capsys.readouterr().out
     base = json.loads((tmp_path / "out" / "base" / "eval.json").read_text())

@@ -72,12 +72,11 @@ def test_nan_reward_stops_ppo(tmp_path, capsys):
     ppo = {
         "name": "ppo",
         "type": "ppo",
+        "train": {"max_steps": 4, "save_steps": 1, "epochs": 1, "minibatch_size": 4},
         "dataset": {"path": "builtin:arith", "split": "sft", "size": 32},
         "reward_fn": "tests.test_faults:nan_on_third_call",
-        "steps": 4,
-        "save_steps": 1,
         "rollout": {"batch_size": 4, "max_new_tokens": 3},
-        "ppo": {"epochs": 1, "minibatch_size": 4},
+        "ppo": {},
     }
     assert main(["run", _write(tmp_path, ppo)]) == 1
     err = capsys.readouterr().err
@@ -109,7 +108,7 @@ def test_nan_reward_stops_ppo(tmp_path, capsys):
             },
             RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"),
             [
-                "lower rollout.batch_size (now 16) and ppo.minibatch_size (now 8)",
+                "lower rollout.batch_size (now 16) and train.minibatch_size (now 8)",
                 "lower rollout.max_new_tokens (now 32)",
             ],
         ),

@@ -24,7 +24,7 @@ LENGTH_REWARD = "tests.helpers:char_length_reward"
 
 
 def _spec(**keys):
-    base = {"output": "preference", "min_margin": 0.0, "min_score": None, "num_samples": 4}
+    base = {"output": "preference", "min_margin": 0.0, "min_score": None, "rollout": SimpleNamespace(num_samples=4)}
     return SimpleNamespace(**{**base, **keys})
 
 
@@ -149,7 +149,10 @@ def test_stage_data_references_are_checked(stages, message):
     "keys, message",
     [
         ({}, "a generate stage needs exactly one of reward_model"),
-        ({"reward_fn": "builtin:arith", "num_samples": 1}, "output: preference needs num_samples >= 2"),
+        (
+            {"reward_fn": "builtin:arith", "rollout": {"num_samples": 1}},
+            "output: preference needs rollout.num_samples >= 2",
+        ),
         ({"reward_fn": "builtin:arith", "min_score": 0.5}, "min_score applies to output: sft"),
         ({"reward_fn": "builtin:arith", "revise_fn": "builtin:constraints"}, "revise_fn applies to output: sft"),
     ],
@@ -190,7 +193,10 @@ def test_reading_a_stage_that_has_not_finished_says_so(tmp_path):
 
 def chain_raw(out, prompts=8):
     """generate -> dpo -> generate -> dpo: iterative on-policy DPO. Small: the CPU is shared."""
-    gen = {"reward_fn": LENGTH_REWARD, "num_samples": 4, "max_new_tokens": 4, "batch_size": 3, "temperature": 2.0}
+    gen = {
+        "reward_fn": LENGTH_REWARD,
+        "rollout": {"num_samples": 4, "max_new_tokens": 4, "batch_size": 3, "temperature": 2.0},
+    }
     train = {"per_device_batch_size": 4, "learning_rate": 1e-3, "max_length": 48, "logging_steps": 1}
     data = {"path": "builtin:arith", "split": "sft", "size": prompts}
     stages = [
@@ -295,9 +301,11 @@ def test_sampling_from_an_adapter_folds_it_in_and_samples_the_same(chain):
     assert not torch.allclose(adapter(ids).logits, load_frozen_model(recipe, None)(ids).logits)  # dpo moved it
 
     spec, samples = recipe.stages[2], _jsonl(run / "pairs2" / "samples.jsonl")
-    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(spec.num_samples)]
-    seeds = [sample_seed(recipe.seed, spec.name, s["index"], j) for s in samples for j in range(spec.num_samples)]
-    out = generate(adapter, tok, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(spec.rollout.num_samples)]
+    seeds = [
+        sample_seed(recipe.seed, spec.name, s["index"], j) for s in samples for j in range(spec.rollout.num_samples)
+    ]
+    out = generate(adapter, tok, prompts, max_new_tokens=spec.rollout.max_new_tokens, temperature=spec.rollout.temperature,
                    row_seeds=seeds)  # fmt: skip
     assert out.texts == [t for s in samples for t in s["texts"]]
 
@@ -344,7 +352,7 @@ def test_revise_fn_rewrites_samples_before_scoring(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     gen = {"name": "best", "type": "generate", "dataset": {"path": "builtin:arith", "split": "sft", "size": 6},
            "reward_fn": "my_revisers:reward", "revise_fn": "my_revisers:revise", "output": "sft", "min_score": 1.0,
-           "num_samples": 4, "max_new_tokens": 4, "batch_size": 3}  # fmt: skip
+           "rollout": {"num_samples": 4, "max_new_tokens": 4, "batch_size": 3}}  # fmt: skip
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_raw([gen], tmp_path / "run")))
     assert main(["run", str(path)]) == 0
@@ -383,15 +391,15 @@ def test_slow_half_precision_is_named_with_its_key_and_fix(monkeypatch):
         note = generation.slow_half_precision_note("bfloat16", "stages.pairs.dtype", "cpu")
         assert (note is not None) == expected, native
     monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)
-    note = generation.slow_half_precision_note("float16", "stages.grpo.sample_dtype", "cpu")
-    assert note.startswith("stages.grpo.sample_dtype: float16 on this CPU (") and "slower than float32" in note
-    assert "Remove stages.grpo.sample_dtype for speed" in note
+    note = generation.slow_half_precision_note("float16", "stages.grpo.rollout.dtype", "cpu")
+    assert note.startswith("stages.grpo.rollout.dtype: float16 on this CPU (") and "slower than float32" in note
+    assert "Remove stages.grpo.rollout.dtype for speed" in note
     assert generation.slow_half_precision_note("bfloat16", "k", "cuda:0") is None
     assert generation.slow_half_precision_note("float32", "k", "cpu") is None
 
 
 def test_dtype_samples_from_the_model_in_that_precision(tmp_path, monkeypatch):
-    """`dtype: bfloat16`: the stage samples from the model cast to bf16 (exactly what that model samples with the
+    """`rollout.dtype: bfloat16`: the stage samples from the model cast to bf16 (exactly what that model samples with the
     same random streams), and most samples match the float32 model's, since only the precision differs. On a CPU
     without native bf16 kernels the run log says it is slow, naming the key."""
     import torch
@@ -406,10 +414,7 @@ def test_dtype_samples_from_the_model_in_that_precision(tmp_path, monkeypatch):
     gen = {
         **GEN,
         "reward_fn": LENGTH_REWARD,
-        "num_samples": 4,
-        "max_new_tokens": 6,
-        "batch_size": 4,
-        "dtype": "bfloat16",
+        "rollout": {"num_samples": 4, "max_new_tokens": 6, "batch_size": 4, "dtype": "bfloat16"},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_raw([gen], tmp_path / "run")))
@@ -427,12 +432,12 @@ def test_dtype_samples_from_the_model_in_that_precision(tmp_path, monkeypatch):
     assert written == texts[torch.bfloat16]
     assert sum(a == b for a, b in zip(written, texts[torch.float32])) >= len(written) // 2
     log = (tmp_path / "run" / "logs" / "run.0.log").read_text()
-    assert "stages.pairs.dtype: bfloat16 on this CPU (" in log and "slower than float32" in log
+    assert "stages.pairs.rollout.dtype: bfloat16 on this CPU (" in log and "slower than float32" in log
 
 
 def test_dtype_with_a_4bit_base_is_refused(write_recipe):
     from alignlab.validate import validate_recipe
 
-    raw = {**_raw([{**GEN_FN, "dtype": "bfloat16"}]), "peft": {"method": "qlora"}}
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(pairs\): dtype: bfloat16 casts the model .* qlora base"):
+    raw = {**_raw([{**GEN_FN, "rollout": {"dtype": "bfloat16"}}]), "peft": {"method": "qlora"}}
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(pairs\): rollout.dtype: bfloat16 casts the model .* qlora"):
         validate_recipe(write_recipe(raw))

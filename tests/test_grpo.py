@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import assert_reused, copy_run, make_recipe, sft_lora_recipe
+from tests.helpers import assert_reused, copy_run, make_recipe, make_stage, sft_lora_recipe
 from tests.helpers import rows as _rows
 from tests.helpers import run as _run
 from tests.helpers import steps as _steps
@@ -51,20 +51,18 @@ def operand_reward(prompts, completions):
 
 
 def _grpo(**kw):
-    stage = {
-        "name": "grpo",
-        "type": "grpo",
-        "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
-        "reward_fn": "builtin:arith",
-        "steps": 2,
-        "prompts_per_step": 4,
-        "num_generations": 4,
-        "max_new_tokens": 4,
-        "learning_rate": 1.0e-3,
-        "watch_steps": None,
-    }
-    stage.update(kw)
-    return stage
+    """A grpo stage (tests.helpers.make_stage: each key where the schema keeps it) on 4 arith prompts per step."""
+    keys = dict(
+        dataset={"path": "builtin:arith", "split": "sft", "size": 64},
+        reward_fn="builtin:arith",
+        max_steps=2,
+        batch_size=4,
+        num_samples=4,
+        max_new_tokens=4,
+        learning_rate=1.0e-3,
+        watch_steps=None,
+    )
+    return make_stage("grpo", **{**keys, **kw})
 
 
 def _recipe(output_dir, stages, peft="lora"):
@@ -167,9 +165,9 @@ def test_grouped_forward_is_the_full_forward(model_name, lora, new_tokens, tol):
 def test_grpo_raises_heldout_true_reward(tmp_path):
     stage = _grpo(
         dataset={"path": "builtin:arith", "split": "sft", "size": 512},
-        steps=16,
-        prompts_per_step=8,
-        num_generations=8,
+        max_steps=16,
+        batch_size=8,
+        num_samples=8,
         max_new_tokens=6,
         learning_rate=3.0e-4,
         watch_steps=8,
@@ -204,7 +202,7 @@ def test_recomputed_old_logprobs_give_ratio_one(tmp_path):
     """recompute_logprobs: the sampling policy's log-probs come from the training forward's own arithmetic (whole
     groups, shared prompts), so the first pass's ratio is 1 to float precision. One epoch, one minibatch: the
     logged ratio is that pass's."""
-    _run(_recipe(tmp_path / "run", [_grpo(steps=1, recompute_logprobs=True)]))
+    _run(_recipe(tmp_path / "run", [_grpo(max_steps=1, recompute_logprobs=True)]))
     row = _steps(tmp_path / "run" / "grpo")[0]
     assert row["ratio"] == pytest.approx(1.0, abs=1e-6) and row["approx_kl"] < 1e-12
     assert row["clip_low_frac"] == row["clip_high_frac"] == 0.0
@@ -257,7 +255,7 @@ def test_unlikelihood_is_the_whole_loss_of_flat_groups_and_unlearns_repeats(tmp_
     from alignlab.generation import generate
 
     stage = _grpo(
-        reward_fn="tests.test_grpo:operand_reward", unlikelihood=1.0, steps=8, max_new_tokens=16, temperature=2.0,
+        reward_fn="tests.test_grpo:operand_reward", unlikelihood=1.0, max_steps=8, max_new_tokens=16, temperature=2.0,
         loss_agg="token_mean", learning_rate=1e-3,
     )  # fmt: skip
     out = _run(_recipe(tmp_path / "run", [stage], peft="none"))["grpo"]
@@ -307,7 +305,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from alignlab.rl.grpo import GRPOTrainer
 
     def recipe(name):  # two minibatches per epoch, two epochs: the shuffles must resume too
-        stage = _grpo(steps=4, save_steps=2, epochs=2, minibatch_size=8, clip_high=0.28, watch_steps=2)
+        stage = _grpo(max_steps=4, save_steps=2, epochs=2, minibatch_size=8, clip_high=0.28, watch_steps=2)
         return _recipe(tmp_path / name, [stage])
 
     _run(recipe("straight"))
@@ -362,7 +360,7 @@ def test_stop_if_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     _collapse_from_step(monkeypatch, 3, 16)
-    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
+    stage = _grpo(max_steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
     outputs = _run(_recipe(tmp_path / "run", [stage]))
     stage_dir = tmp_path / "run" / "grpo"
     final = _rows(stage_dir)[-1]
@@ -402,15 +400,15 @@ def test_stop_if_without_a_good_checkpoint_keeps_the_input_model(tmp_path, monke
     are the input's, which no checkpoint holds (checkpoint 1 holds those after the update); the stage ends with its
     input model, the SFT adapter, and says so (it no longer fails)."""
     _collapse_from_step(monkeypatch, 2, 16)
-    stage = _grpo(steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
+    stage = _grpo(max_steps=6, save_steps=1, stop_if={"repetition": 0.5}, **LENGTH)
     outputs = _after_sft(sft_lora_run, tmp_path / "run", stage)
     final = _rows(tmp_path / "run" / "grpo")[-1]
     assert final["stopped_at_step"] == 2 and final["kept_checkpoint_step"] == 0
     assert final["stop_reason"] == (
         "grpo stopped at step 2 of 6: the share of repeated word 3-grams in step 2's responses is 0.900, above "
         "stop_if.repetition = 0.5. The stage's model is its input model, whose weights passed the checks of step 1: "
-        "no checkpoint at or before step 0 is left (save_steps 1, save_total_limit None). Lower learning_rate (now "
-        "0.001) or raise beta (now 0.0); save more often."
+        "no checkpoint at or before step 0 is left (train.save_steps 1, train.save_total_limit 2). Lower "
+        "train.learning_rate (now 0.001) or raise beta (now 0.0); save more often."
     )
     assert outputs["grpo"].metrics["stop_reason"] == final["stop_reason"]
     _assert_kept_the_sft_adapter(tmp_path / "run", 1)
@@ -421,7 +419,7 @@ def test_greedy_probe_falls_back_to_the_input_model(tmp_path, monkeypatch, sft_l
     """Measured on SmolLM2 (README): the SFT model passed the probe, the first checkpoint's weights did not. The
     stage keeps its input weights (the newest that passed) instead of failing; checkpoint 2 is left as it was."""
     probes = _greedy_loops_after(monkeypatch, 2)
-    stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    stage = _grpo(max_steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
     _after_sft(sft_lora_run, tmp_path / "run", stage)
     assert [u for u, _ in probes] == [0, 2]
     final = _rows(tmp_path / "run" / "grpo")[-1]
@@ -477,7 +475,7 @@ def test_greedy_probe_keeps_the_last_checkpoint_that_passed(tmp_path, monkeypatc
     model), at steps 3 and 5 (the weights of checkpoints 2 and 4) and after the loop (the final weights). Loops from
     4 updates on: step 5's probe fails (checkpoint 4's weights), so the stage keeps checkpoint 2, which passed."""
     probes = _greedy_loops_after(monkeypatch, 4)
-    stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    stage = _grpo(max_steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
     outputs = _run(_recipe(tmp_path / "run", [stage]))
     stage_dir = tmp_path / "run" / "grpo"
     assert [u for u, _ in probes] == [0, 2, 4]
@@ -502,7 +500,7 @@ def test_greedy_probe_of_the_final_weights(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     probes = _greedy_loops_after(monkeypatch, 6)
-    stage = _grpo(steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    stage = _grpo(max_steps=6, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
     _run(_recipe(tmp_path / "run", [stage]))
     stage_dir = tmp_path / "run" / "grpo"
     assert [u for u, _ in probes] == [0, 2, 4, 6]
@@ -521,7 +519,7 @@ def test_greedy_probe_of_the_input_model_fails_the_stage(tmp_path, monkeypatch):
     from alignlab.contract import StageFailed
 
     _greedy_loops_after(monkeypatch, 0)
-    stage = _grpo(steps=4, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
+    stage = _grpo(max_steps=4, save_steps=2, stop_if={"greedy_repetition": 0.5}, greedy_prompts=4, **LENGTH)
     with pytest.raises(StageFailed, match=r"at step 1 \(after 0 updates\).* The input model itself fails this check"):
         _run(_recipe(tmp_path / "run", [stage]))
 
@@ -533,7 +531,7 @@ def test_greedy_probe_that_passes_changes_nothing(tmp_path):
 
     weights = []
     for name, extra in (("plain", {}), ("probed", {"stop_if": {"greedy_repetition": 1.0}, "greedy_prompts": 4})):
-        _run(_recipe(tmp_path / name, [_grpo(steps=4, save_steps=2, **LENGTH, **extra)]))
+        _run(_recipe(tmp_path / name, [_grpo(max_steps=4, save_steps=2, **LENGTH, **extra)]))
         weights.append(load_file(str(tmp_path / name / "grpo" / "model" / "adapter_model.safetensors")))
         rows = _steps(tmp_path / name / "grpo")
     assert [r.get("greedy_repetition") is not None for r in rows] == [True, False, True, False]
@@ -556,8 +554,8 @@ def test_skip_zero_std_groups_counts_and_drops_flat_groups(tmp_path):
     rows = {}
     for skip in (False, True):
         stage = _grpo(
-            dataset={"path": "builtin:arith", "split": "sft", "size": 8}, reward_fn=components, steps=1,
-            prompts_per_step=8, advantage="dr_grpo", skip_zero_std_groups=skip,
+            dataset={"path": "builtin:arith", "split": "sft", "size": 8}, reward_fn=components, max_steps=1,
+            batch_size=8, advantage="dr_grpo", skip_zero_std_groups=skip,
         )  # fmt: skip
         _run(_recipe(tmp_path / f"skip{skip}", [stage]))
         rows[skip] = _steps(tmp_path / f"skip{skip}" / "grpo")[0]
@@ -601,7 +599,7 @@ def test_qlora_default_recomputes_old_logprobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(grpo.GRPOTrainer, "train_step", recording_step)
     monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
-    stage = _grpo(steps=1, max_new_tokens=16, temperature=3.0)
+    stage = _grpo(max_steps=1, max_new_tokens=16, temperature=3.0)
     _run(_recipe(tmp_path / "run", [stage], peft="qlora"))
     row = _steps(tmp_path / "run" / "grpo")[0]
     assert row["ratio"] == 1.0 and row["approx_kl"] == 0.0  # one epoch, one minibatch: the first pass
@@ -618,8 +616,8 @@ def test_qlora_default_recomputes_old_logprobs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch):
-    """sample_dtype: bfloat16, LoRA: every step's responses come from the bf16 copy, refreshed to the policy as it is
+def test_rollout_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch):
+    """rollout.dtype: bfloat16, LoRA: every step's responses come from the bf16 copy, refreshed to the policy as it is
     at that step (step 2: after step 1's update); the old log-probs come from the float32 training forward (no
     SamplingRecorder), so the first pass's ratio is exactly 1; the responses are what generate() gives that copy."""
     import alignlab.rl.grpo as grpo
@@ -650,9 +648,9 @@ def test_sample_dtype_samples_from_the_refreshed_bf16_copy(tmp_path, monkeypatch
     monkeypatch.setattr(grpo, "generate", recording_generate)
     monkeypatch.setattr(grpo, "SamplingRecorder", CountingRecorder)
     monkeypatch.setattr(generation, "native_half_precision", lambda dtype: False)  # a CPU without native bf16
-    _run(_recipe(tmp_path / "run", [_grpo(sample_dtype="bfloat16", **LENGTH)]))
+    _run(_recipe(tmp_path / "run", [_grpo(dtype="bfloat16", **LENGTH)]))
     rows = _steps(tmp_path / "run" / "grpo")
     assert seen["calls"] == [(torch.bfloat16, True, True)] * 2 and seen["recorders"] == 0
-    assert "stages.grpo.sample_dtype: bfloat16 on this CPU (" in (tmp_path / "run" / "logs" / "run.0.log").read_text()
+    assert "stages.grpo.rollout.dtype: bfloat16 on this CPU (" in (tmp_path / "run" / "logs" / "run.0.log").read_text()
     assert rows[0]["ratio"] == 1.0 and rows[0]["approx_kl"] == 0.0  # one epoch, one minibatch: the first pass
     assert rows[1]["ratio"] == 1.0  # step 2's old log-probs: the updated float32 policy's own forward

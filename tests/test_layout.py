@@ -63,8 +63,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "the recipe: stage-type records, loading, data, built-ins, recipe checks that need no model (torch-free)",
         [
-            "alignlab.stages.registry",
+            "alignlab.stages.record",
             "alignlab.stages.specs",
+            "alignlab.stages.types",
+            "alignlab.stages.registry",
             "alignlab.recipe",
             "alignlab.data.*",
             "alignlab.builtin.*",
@@ -114,6 +116,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "alignlab.stages.reward",
             "alignlab.stages.ppo",
             "alignlab.stages.grpo",
+            "alignlab.stages.distill",
             "alignlab.stages.generate",
             "alignlab.stages.eval",
             "alignlab.stages.rl_glue",

@@ -3,7 +3,8 @@ process computes at the same GLOBAL batch (1 process x 8 vs 2 processes x 4).
 
 One recipe chains all six stage types: SFT (LoRA) -> DPO with KLDPO (its batch mean is gathered over processes)
 and precomputed reference log-probs; a reward model; PPO with a programmatic reward; GRPO; eval; generate (sampled
-preference pairs from the PPO model). It runs once in this
+preference pairs from the PPO model); distill (the SFT model into a fresh adapter, on-policy and offline steps, with
+layer-wise learning rates). It runs once in this
 process and once under two processes. Dropout is 0 and each PPO rollout batch is one minibatch, the settings under
 which the two runs are the same computation. They differ only by float summation order (gradients averaged over
 processes, batches padded to other lengths). Measured, largest over the steps: SFT loss identical, DPO (KLDPO) loss
@@ -61,25 +62,21 @@ def _recipe(output_dir, batch):
         {
             "name": "ppo",
             "type": "ppo",
+            "train": {"max_steps": 3, "epochs": 2, "minibatch_size": batch, "learning_rate": 1e-3},
             "input": "sft",
             "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
             "reward_fn": "tests.helpers:length_reward",
-            "steps": 3,
             "rollout": {"batch_size": batch, "max_new_tokens": 4, "temperature": 1.0},
-            "ppo": {"epochs": 2, "minibatch_size": batch, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
+            "ppo": {"kl_coef": 0.05, "kl_target": 1.0},
         },
         {  # groups stay whole on one process: 1 process x 4 prompts = 2 processes x 2 prompts (x 4 responses)
             "name": "grpo",
             "type": "grpo",
+            "train": {"max_steps": 3, "epochs": 2, "learning_rate": 1e-3},
+            "rollout": {"batch_size": batch // 2, "num_samples": 4, "max_new_tokens": 4},
             "input": "sft",
             "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
             "reward_fn": [{"fn": "tests.helpers:length_reward"}, {"fn": "builtin:arith", "weight": 0.5}],
-            "steps": 3,
-            "prompts_per_step": batch // 2,
-            "num_generations": 4,
-            "max_new_tokens": 4,
-            "epochs": 2,
-            "learning_rate": 1e-3,
             "beta": 0.1,
             "loss_agg": "token_mean",
             "skip_zero_std_groups": True,
@@ -88,23 +85,33 @@ def _recipe(output_dir, batch):
         {
             "name": "eval",
             "type": "eval",
+            "rollout": {"max_new_tokens": 6},
             "input": "ppo",
             "reference": "sft",
             "reward_model": "reward",
             "reward_fn": "alignlab.builtin.tasks:arith_reward",
             "dataset": {"path": "builtin:arith", "split": "eval", "size": 8},
             "num_prompts": 8,
-            "max_new_tokens": 6,
         },
         {
             "name": "pairs",
             "type": "generate",
+            "rollout": {"num_samples": 3, "max_new_tokens": 4, "batch_size": 3},
             "input": "ppo",
             "dataset": {"path": "builtin:arith", "split": "eval", "size": 10},
             "reward_fn": "alignlab.builtin.tasks:arith_reward",
-            "num_samples": 3,
-            "max_new_tokens": 4,
-            "batch_size": 3,  # 4 prompt groups: process 0 samples groups 0 and 2, process 1 groups 1 and 3
+            # 4 prompt groups: process 0 samples groups 0 and 2, process 1 groups 1 and 3
+        },
+        {  # on-policy and offline steps (a draw seeded by the step), a fresh adapter, the SFT model as teacher
+            "name": "distill",
+            "type": "distill",
+            "input": "base",
+            "teacher": "sft",
+            "mode": "on_policy",
+            "on_policy_share": 0.5,
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 64, "eval_size": 8},
+            "train": {"max_steps": 4, "learning_rate": 1e-3, "layer_lr_decay": 0.8},
+            "rollout": {"batch_size": batch, "max_new_tokens": 4},
         },
     ]
     return make_recipe(stages, output_dir, name="multiprocess", peft=lora(dropout=0.0))
@@ -266,3 +273,27 @@ def test_generate_writes_the_one_process_dataset(runs):
     for name in ("data/train.jsonl", "samples.jsonl", "generation.json"):
         assert (two / "pairs" / name).read_text() == (one / "pairs" / name).read_text(), name
     assert len((one / "pairs" / "samples.jsonl").read_text().splitlines()) == 10
+
+
+def test_distill_matches_one_process(runs):
+    """Each process samples (on-policy steps) or reads (offline steps) its half of the rows, and weighs its token
+    means by its share of the step's tokens: the one-process losses, KLs and held-out KL, and the same samples."""
+    import torch
+    from safetensors.torch import load_file
+
+    one, two, _ = runs
+    (rows1, final1), (rows2, final2) = _rows(one / "distill"), _rows(two / "distill")
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3, 4]
+    assert [r["on_policy"] for r in rows1] == [r["on_policy"] for r in rows2]
+    assert {r["on_policy"] for r in rows1} == {0.0, 1.0}  # both kinds of step ran
+    for a, b in zip(rows1, rows2):
+        assert b["response_length"] == a["response_length"]  # the same samples, the same rows
+        rel, tol = _tolerance(a["step"])
+        for key in ("loss", "forward_kl", "reverse_kl"):
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=tol), (key, a["step"])
+    assert final2["eval_forward_kl"] == pytest.approx(final1["eval_forward_kl"], rel=1e-2)
+    assert final2["first_eval_forward_kl"] == pytest.approx(final1["first_eval_forward_kl"], rel=1e-5)
+    a, b = (load_file(str(d / "distill" / "model" / "adapter_model.safetensors")) for d in (one, two))
+    lora_b = [k for k in a if "lora_B" in k]  # zero at the start: their values are the update
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in lora_b]).norm()
+    assert diff < 0.01 * torch.cat([a[k].flatten() for k in lora_b]).norm()

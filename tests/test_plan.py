@@ -60,8 +60,8 @@ def test_parts_are_the_documented_formulas(tiny_model_path):
 
 
 def test_reference_and_sampling_follow_the_stage(tiny_model_path):
-    grpo = {"type": "grpo", "reward_fn": "builtin:arith", "prompts_per_step": 2, "num_generations": 4,
-            "max_new_tokens": 8, "watch_steps": None}  # fmt: skip
+    grpo = {"type": "grpo", "reward_fn": "builtin:arith", "watch_steps": None,
+            "rollout": {"batch_size": 2, "num_samples": 4, "max_new_tokens": 8}}  # fmt: skip
     full = _recipe(**grpo, beta=0.1)
     shape = model_shape(full, tiny_model_path, 8)
     est = estimate(full, full.stages[0], shape, 2, 24, device="cpu")

@@ -16,7 +16,7 @@
 import pytest
 import torch
 
-from tests.helpers import assert_reused, copy_run, length_reward, make_recipe, sft_lora_recipe
+from tests.helpers import assert_reused, copy_run, length_reward, make_recipe, make_stage, sft_lora_recipe
 from tests.helpers import rows as _rows
 from tests.helpers import run as _run
 from tests.helpers import steps as _steps
@@ -45,17 +45,18 @@ SFT_STAGE = {
 
 
 def _ppo_stage(**kw):
-    stage = {
-        "name": "ppo",
-        "type": "ppo",
-        "dataset": {"path": "builtin:arith", "split": "sft", "size": 512},
-        "reward_fn": "tests.test_ppo:sevens_reward",
-        "steps": 12,
-        "rollout": {"batch_size": 32, "max_new_tokens": 6, "temperature": 1.0},
-        "ppo": {"epochs": 4, "minibatch_size": 16, "learning_rate": 1.0e-4, "kl_coef": KL_COEF},
-    }
-    stage.update(kw)
-    return stage
+    """A ppo stage (tests.helpers.make_stage: each key where the schema keeps it; `rollout=` and `train=` merge)."""
+    keys = dict(
+        dataset={"path": "builtin:arith", "split": "sft", "size": 512},
+        reward_fn="tests.test_ppo:sevens_reward",
+        max_steps=12,
+        epochs=4,
+        minibatch_size=16,
+        learning_rate=1.0e-4,
+        rollout={"batch_size": 32, "max_new_tokens": 6, "temperature": 1.0},
+        ppo={"kl_coef": KL_COEF},
+    )
+    return make_stage("ppo", **{**keys, **kw})
 
 
 def _mean_reward(model_dir, prompts, fn):
@@ -105,8 +106,7 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path):
 def test_lora_reference_is_the_frozen_sft_adapter(tmp_path, recompute, sft_lora_run):
     """A PPO stage continuing an SFT adapter (the session's SFT-LoRA run, copied: its stage is reused as finished)."""
     rollout = {"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0, "recompute_logprobs": recompute}
-    ppo = _ppo_stage(steps=2, rollout=rollout)
-    ppo["ppo"] = {**ppo["ppo"], "learning_rate": 1.0e-2, "minibatch_size": 8}
+    ppo = _ppo_stage(max_steps=2, rollout=rollout, learning_rate=1.0e-2, minibatch_size=8)
     ppo["reward_fn"] = "tests.helpers:length_reward"
     copy_run(sft_lora_run, tmp_path / "run")
     outputs = _run(sft_lora_recipe(tmp_path / "run", ppo, name="ppo-test"))
@@ -148,9 +148,9 @@ def test_qlora_ppo_trains_only_adapter_and_value_head(tmp_path, monkeypatch, com
     ppo = _ppo_stage(
         input="base",
         reward_fn="tests.helpers:length_reward",
-        steps=2,
+        max_steps=2,
         rollout={"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
-        ppo={"epochs": 2, "minibatch_size": 8, "learning_rate": 1.0e-3, "kl_coef": KL_COEF},
+        train={"epochs": 2, "minibatch_size": 8, "learning_rate": 1.0e-3},
     )
     raw = _recipe(tmp_path / "run", [ppo], peft="qlora")
     raw["peft"]["quantization"] = {"compute_dtype": compute_dtype}
@@ -179,10 +179,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         stage = _ppo_stage(
             input="base",
             reward_fn="tests.helpers:length_reward",
-            steps=4,
+            max_steps=4,
             save_steps=2,
             rollout={"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
-            ppo={"epochs": 2, "minibatch_size": 4, "learning_rate": 1.0e-3, "kl_coef": 0.05, "kl_target": 1.0},
+            train={"epochs": 2, "minibatch_size": 4, "learning_rate": 1.0e-3},
+            ppo={"kl_coef": 0.05, "kl_target": 1.0},
         )
         return _recipe(tmp_path / name, [stage])
 
@@ -324,9 +325,9 @@ def _bare_trainer(tmp_path, policy, tokenizer, reference, accelerator, rollout=N
         name="ppo",
         dataset={"path": "builtin:arith"},
         reward_fn="tests.helpers:length_reward",
-        steps=1,
+        train={"max_steps": 1, "epochs": 1, "minibatch_size": 8, "learning_rate": 1e-3},
         rollout={"batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, **(rollout or {})},
-        ppo={"epochs": 1, "minibatch_size": 8, "learning_rate": 1e-3, **ppo},
+        ppo=ppo,
     )
     return PPOTrainer(
         accelerator=accelerator,

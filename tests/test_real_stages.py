@@ -76,12 +76,11 @@ def sft_run(tmp_path_factory):
             {
                 "name": "eval",
                 "type": "eval",
+                "rollout": {"max_new_tokens": 12, "batch_size": 4},
                 "dataset": {"path": "builtin:constraints", "split": "eval", "size": 4},
                 "sft_dataset": {"path": str(data)},
                 "reward_fn": "builtin:constraints",
                 "num_prompts": 4,
-                "max_new_tokens": 12,
-                "batch_size": 4,
                 "num_samples_shown": 4,
             },
         ],
@@ -247,11 +246,11 @@ def ppo_run(tmp_path_factory):
             {
                 "name": "ppo",
                 "type": "ppo",
+                "train": {"max_steps": 2, "epochs": 1, "minibatch_size": 2, "learning_rate": 2e-3},
                 "dataset": {"path": "builtin:constraints", "split": "train", "size": 4},
                 "reward_fn": "builtin:constraints",
-                "steps": 2,
                 "rollout": {"batch_size": 2, "max_new_tokens": 12, "temperature": 1.0},
-                "ppo": {"epochs": 1, "minibatch_size": 2, "learning_rate": 2e-3, "kl_coef": 0.05},
+                "ppo": {"kl_coef": 0.05},
             }
         ],
     )
@@ -334,16 +333,11 @@ def grpo_run(tmp_path_factory):
             {
                 "name": "grpo",
                 "type": "grpo",
+                "train": {"max_steps": 2, "learning_rate": 2e-3, "logging_steps": 1},
+                "rollout": {"batch_size": 2, "num_samples": 4, "max_new_tokens": 12, "temperature": 1.0},
                 "dataset": {"path": "builtin:constraints", "split": "train", "size": 8},
                 "reward_fn": "builtin:constraints",
-                "steps": 2,
-                "prompts_per_step": 2,
-                "num_generations": 4,
-                "max_new_tokens": 12,
-                "temperature": 1.0,
-                "learning_rate": 2e-3,
                 "beta": 0.1,
-                "logging_steps": 1,
             }
         ],
     )

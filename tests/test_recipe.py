@@ -220,13 +220,39 @@ def test_recipe_settings_see_what_trains_and_not_the_seed_or_the_folder(tmp_path
         "seed=7",
         "output_dir=elsewhere",
         "name=other",
-        "stages.grpo.logging_steps=5",
+        "stages.grpo.train.logging_steps=5",
         "stages.eval.num_samples_shown=2",
     ]
     assert recipe_settings(load_recipe(path, same)) == base
-    for override in ("stages.grpo.steps=12", "stages.grpo.beta=0.0", "peft.r=8", "stages.eval.max_new_tokens=32"):
+    for override in (
+        "stages.grpo.train.max_steps=12",
+        "stages.grpo.beta=0.0",
+        "peft.r=8",
+        "stages.eval.rollout.max_new_tokens=32",
+    ):
         assert recipe_settings(load_recipe(path, [override])) != base, override
     for shipped in RECIPES:
         resolved = tmp_path / shipped.name
         resolved.write_text(yaml.safe_dump(yaml.safe_load(_recipe_yaml(load_recipe(shipped)))))
         assert recipe_settings(load_recipe(resolved)) == recipe_settings(load_recipe(shipped)), shipped.name
+
+
+def _moved_keys() -> list[tuple[str, str, str]]:
+    from alignlab.stages.types import STAGE_TYPES
+
+    return [(t, old, new) for t, record in STAGE_TYPES.items() for old, new in record.spec.MOVED.items()]
+
+
+@pytest.mark.parametrize("stage_type, old, new", _moved_keys(), ids=lambda x: str(x))
+def test_a_moved_key_is_an_error_naming_its_new_path(tmp_path, stage_type, old, new):
+    """Each setting has one home (train: or rollout:); a recipe still using an old key, at the stage's top or in an
+    old section (ppo.learning_rate), is refused with the new path, in the file and on the command line."""
+    import yaml
+
+    def recipe(**keys) -> str:
+        stage = {"name": "s", "type": stage_type, **keys}
+        return yaml.safe_dump({"name": "t", "model": {"name_or_path": "builtin:tiny-llama"}, "stages": [stage]})
+
+    head, _, rest = old.partition(".")
+    assert f"{old} -> {new}" in _error(tmp_path, recipe(**{head: {rest: 1} if rest else 1}))
+    assert f"{old} -> {new}" in _error(tmp_path, recipe(), [f"stages.s.{old}=1"])

@@ -48,13 +48,12 @@ def _recipe(output_dir):
         {
             "name": "ppo",
             "type": "ppo",
+            "train": {"max_steps": 6, "save_steps": 2, "epochs": 2, "minibatch_size": 4, "learning_rate": 1e-3},
             "input": "base",
             "dataset": {"path": "builtin:arith", "split": "sft", "size": 64},
             "reward_fn": "tests.helpers:length_reward",
-            "steps": 6,
-            "save_steps": 2,
             "rollout": {"batch_size": 8, "max_new_tokens": 4, "temperature": 1.0},
-            "ppo": {"epochs": 2, "minibatch_size": 4, "learning_rate": 1e-3, "kl_coef": 0.05, "kl_target": 1.0},
+            "ppo": {"kl_coef": 0.05, "kl_target": 1.0},
         },
     ]
     # dropout: the RNG state must resume too

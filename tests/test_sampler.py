@@ -1,11 +1,11 @@
-"""The RL loops' low-precision sampling copy (alignlab/rl/sampler.py, `sample_dtype`), on the built-in tiny model:
+"""The RL loops' low-precision sampling copy (alignlab/rl/sampler.py, `rollout.dtype`), on the built-in tiny model:
 
 - LoRA: after the adapter moves (as a training step moves it), `refresh` makes the copy's every weight equal, bit for
   bit, to merge_and_unload of the policy as it is now, cast to bf16; the inactive "ref" adapter (the SFT adapter's
   frozen copy) is not folded in; its logits are the float32 policy's to bf16 precision;
 - full fine-tuning: the copy is the policy cast to bf16 after each refresh;
 - DoRA and modules_to_save (no in-place rule): the copy is PEFT's merge of the policy as it is now;
-- recipes: sample_dtype with a 4-bit base, or with recompute_logprobs false, is refused before any model loads.
+- recipes: rollout.dtype with a 4-bit base, or with rollout.recompute_logprobs false, is refused before any model loads.
 """
 
 import copy
@@ -96,20 +96,21 @@ def test_other_peft_setups_are_merged_by_peft(tiny_model_path, extra):
 
 def _grpo_raw(**kw):
     stage = {"name": "grpo", "type": "grpo", "dataset": {"path": "builtin:arith", "split": "sft", "size": 16},
-             "reward_fn": "builtin:arith", "steps": 1, "sample_dtype": "bfloat16", **kw}  # fmt: skip
+             "reward_fn": "builtin:arith", "train": {"max_steps": 1}, "rollout": {"dtype": "bfloat16"}, **kw}  # fmt: skip
     return {"name": "t", "model": {"name_or_path": "builtin:tiny-llama"}, "stages": [stage]}
 
 
-def test_sample_dtype_with_a_4bit_base_is_refused(write_recipe):
+def test_rollout_dtype_with_a_4bit_base_is_refused(write_recipe):
     from alignlab.validate import validate_recipe
 
     raw = {**_grpo_raw(), "peft": {"method": "qlora"}}
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(grpo\): sample_dtype: bfloat16 casts .* qlora base"):
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(grpo\): rollout.dtype: bfloat16 casts .* qlora base"):
         validate_recipe(write_recipe(raw))
 
 
-def test_sample_dtype_needs_recomputed_logprobs(write_recipe):
+def test_rollout_dtype_needs_recomputed_logprobs(write_recipe):
     from alignlab.validate import validate_recipe
 
-    with pytest.raises(RecipeError, match=r"sample_dtype: bfloat16 .* remove recompute_logprobs: false"):
-        validate_recipe(write_recipe(_grpo_raw(recompute_logprobs=False)))
+    raw = _grpo_raw(rollout={"dtype": "bfloat16", "recompute_logprobs": False})
+    with pytest.raises(RecipeError, match=r"rollout.dtype: bfloat16 .* remove rollout.recompute_logprobs: false"):
+        validate_recipe(write_recipe(raw))

@@ -60,18 +60,13 @@ def _recipe(output_dir, batch: int, peft: str) -> dict:
             {
                 "name": "grpo",
                 "type": "grpo",
+                "train": {"max_steps": 3, "save_steps": 2, "epochs": 2, "learning_rate": rl_lr},
+                "rollout": {"batch_size": batch // 2, "num_samples": 4, "max_new_tokens": 4},
                 "input": start,
                 # LoRA: this stage's own setting, each layer gathered whenever it runs (sampling steps in sync)
                 **({"parallel": {"shard": "fsdp2", "gather": "per_layer"}} if lora else {}),
                 "dataset": prompts,
                 "reward_fn": "tests.test_ppo:length_reward",
-                "steps": 3,
-                "save_steps": 2,
-                "prompts_per_step": batch // 2,
-                "num_generations": 4,
-                "max_new_tokens": 4,
-                "epochs": 2,
-                "learning_rate": rl_lr,
                 "beta": 0.1,
                 "loss_agg": "token_mean",
                 "watch_steps": None,
@@ -79,22 +74,21 @@ def _recipe(output_dir, batch: int, peft: str) -> dict:
             {
                 "name": "ppo",
                 "type": "ppo",
+                "train": {"max_steps": 3, "epochs": 2, "minibatch_size": batch, "learning_rate": rl_lr},
                 "input": start,
                 "dataset": prompts,
                 "reward_fn": "tests.test_ppo:length_reward",
-                "steps": 3,
                 "rollout": {"batch_size": batch, "max_new_tokens": 4, "temperature": 1.0},
-                "ppo": {"epochs": 2, "minibatch_size": batch, "learning_rate": rl_lr, "kl_coef": 0.05},
+                "ppo": {"kl_coef": 0.05},
             },
             {
                 "name": "pairs",
                 "type": "generate",
+                "rollout": {"num_samples": 3, "max_new_tokens": 4, "batch_size": 3},
                 "input": "base",  # the same weights in both runs: the same samples, byte for byte
                 "dataset": {"path": "builtin:arith", "split": "eval", "size": 10},
                 "reward_fn": "alignlab.builtin.tasks:arith_reward",
-                "num_samples": 3,
-                "max_new_tokens": 4,
-                "batch_size": 3,  # 4 groups of prompts: 2 per process
+                # 4 groups of prompts: 2 per process
             },
             *([_EVAL] if lora else []),
         ],
@@ -106,13 +100,12 @@ def _recipe(output_dir, batch: int, peft: str) -> dict:
 _EVAL = {
     "name": "eval",
     "type": "eval",
+    "rollout": {"max_new_tokens": 6, "batch_size": 4},
     "input": "sft",
     "reference": "base",
     "reward_fn": "alignlab.builtin.tasks:arith_reward",
     "dataset": {"path": "builtin:arith", "split": "eval", "size": 8},
     "num_prompts": 8,
-    "max_new_tokens": 6,
-    "batch_size": 4,
 }
 
 
@@ -311,10 +304,10 @@ def _checkpoint_worker(mode: str, folder: str, out: str) -> None:
     from alignlab.builtin import builtin_model_path
     from alignlab.parallel import Sharding
     from alignlab.rl.loop import RLTrainer
-    from alignlab.schema import ParallelSpec
+    from alignlab.schema import LoopTrainSpec, ParallelSpec
 
     class Probe(RLTrainer):
-        name, headline, lr_key = "probe", "loss", "learning_rate"
+        name, headline = "probe", "loss"
 
     PartialState(cpu=True)  # as `alignlab run` starts on a machine without GPUs: gloo over CPU processes
     acc = Accelerator()
@@ -322,7 +315,8 @@ def _checkpoint_worker(mode: str, folder: str, out: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    spec = type("Spec", (), {"steps": 1, "save_total_limit": None, "learning_rate": 1e-2})()
+    train = LoopTrainSpec(max_steps=1, save_total_limit=None, learning_rate=1e-2)
+    spec = type("Spec", (), {"train": train})()
     sharding = Sharding(ParallelSpec(shard="fsdp2"), acc, "probe")
     trainer = Probe(
         accelerator=acc, policy=model, tokenizer=AutoTokenizer.from_pretrained(path), prompts=[], reference=None,
@@ -358,16 +352,17 @@ def test_checkpoint_before_any_update_holds_no_optimizer_state(tmp_path, tiny_mo
 
     from alignlab.parallel import Sharding
     from alignlab.rl.loop import RLTrainer
-    from alignlab.schema import ParallelSpec
+    from alignlab.schema import LoopTrainSpec, ParallelSpec
 
     class Probe(RLTrainer):
-        name, headline, lr_key = "probe", "loss", "learning_rate"
+        name, headline = "probe", "loss"
 
     def trainer(folder):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
         acc = Accelerator(cpu=True)
-        spec = type("Spec", (), {"steps": 1, "save_total_limit": None, "learning_rate": 1e-2})()
+        train = LoopTrainSpec(max_steps=1, save_total_limit=None, learning_rate=1e-2)
+        spec = type("Spec", (), {"train": train})()
         t = Probe(
             accelerator=acc, policy=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_path), prompts=[],
             reference=None, spec=spec, seed=0, stage_dir=folder, sharding=Sharding(ParallelSpec(shard="fsdp2"), acc, "p"),

@@ -290,3 +290,32 @@ def test_a_builtin_reward_is_fingerprinted_by_its_checker_source():
     expected = "sha256:" + hashlib.sha256(inspect.getsource(checker).encode()).hexdigest()
     assert reward_fn_digest("builtin:constraints") == expected
     assert reward_fn_digest("builtin:nope").startswith("unreadable: unknown built-in reward function 'builtin:nope'")
+
+
+def test_what_changes_a_result_is_declared_by_the_stage_type(tmp_path, capsys):
+    """A grpo stage with stop_if schedules its greedy probe by train.save_steps and ends on a checkpoint that
+    train.save_total_limit may have deleted: both change its result there (its record's log_only), so changing
+    either stops the rerun, while train.logging_steps still does not. Without stop_if they are logging keys again."""
+    from alignlab.fingerprint import recipe_settings
+    from alignlab.recipe import parse_recipe
+    from tests.helpers import make_stage
+
+    grpo = make_stage(
+        "grpo", dataset={"path": "builtin:arith", "split": "sft", "size": 8}, reward_fn="tests.helpers:length_reward",
+        max_steps=2, batch_size=2, num_samples=2, max_new_tokens=4, save_steps=1, watch_steps=None,
+        stop_if={"repetition": 1.0},
+    )  # fmt: skip
+    recipe = _write(tmp_path, [grpo])
+    assert main(["run", recipe]) == 0
+    run = tmp_path / "run"
+    for key, old, new in (("save_steps", 1, 2), ("save_total_limit", 2, 1)):
+        assert main(["run", recipe, f"stages.grpo.train.{key}={new}"]) == 2
+        assert f"stage 'grpo' ({run / 'grpo'}):\n    train.{key}: {old} -> {new}\n" in capsys.readouterr().err
+    assert main(["run", recipe, "stages.grpo.train.logging_steps=2"]) == 0
+
+    def settings(**train):
+        stage = {**grpo, "train": {**grpo["train"], **train}}
+        stage.pop("stop_if")
+        return recipe_settings(parse_recipe(_recipe(tmp_path, [stage])))
+
+    assert settings() == settings(save_steps=2, save_total_limit=1, logging_steps=2)

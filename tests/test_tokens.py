@@ -242,7 +242,7 @@ def test_ppo_rollout_uses_every_end_token(tmp_path):
 
     from alignlab.recipe import DatasetSpec
     from alignlab.rl.ppo import PolicyWithValueHead, PPOTrainer
-    from alignlab.stages.specs import PPOHyperSpec, PPOSpec, RolloutSpec
+    from alignlab.stages.specs import PPORolloutSpec, PPOSpec, PPOTrainSpec
 
     seen = []
 
@@ -254,8 +254,8 @@ def test_ppo_rollout_uses_every_end_token(tmp_path):
         name="ppo",
         dataset=DatasetSpec(path="unused.jsonl"),
         reward_fn="unused:fn",
-        rollout=RolloutSpec(batch_size=2, max_new_tokens=4, temperature=0.01, missing_eos_penalty=1.0),
-        ppo=PPOHyperSpec(minibatch_size=2),
+        rollout=PPORolloutSpec(batch_size=2, max_new_tokens=4, temperature=0.01, missing_eos_penalty=1.0),
+        train=PPOTrainSpec(minibatch_size=2),
     )
     trainer = PPOTrainer(
         accelerator=Accelerator(cpu=True),

@@ -69,7 +69,7 @@ def _arith_eval(num_prompts: int, num_pairs: int) -> dict:
         "preference_dataset": {"path": "builtin:arith", "split": "preference_eval", "size": num_pairs},
         "reward_fn": "alignlab.builtin.tasks:arith_reward",
         "num_prompts": num_prompts,
-        "max_new_tokens": 8,
+        "rollout": {"max_new_tokens": 8},
         "num_samples_shown": 3,
     }
 
@@ -120,10 +120,7 @@ PRESETS: dict[str, dict] = {
         "generate_settings": {
             "reward_fn": "builtin:constraints",
             "output": "preference",
-            "num_samples": 4,
-            "max_new_tokens": 48,
-            "temperature": 1.0,
-            "batch_size": 16,
+            "rollout": {"num_samples": 4, "max_new_tokens": 48, "temperature": 1.0, "batch_size": 16},
         },
         "dpo": {
             "dataset": {"path": "stage:pairs"},
@@ -142,7 +139,7 @@ PRESETS: dict[str, dict] = {
             "preference_dataset": {"path": "stage:pairs-eval"},
             "reward_fn": "builtin:constraints",
             "num_prompts": 32,
-            "max_new_tokens": 48,
+            "rollout": {"max_new_tokens": 48},
             "num_samples_shown": 3,
         },
     },

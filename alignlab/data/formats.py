@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import alignlab.stages.specs  # noqa: F401, I001  (registers the stage types)
 from alignlab.schema import CANONICAL_COLUMNS  # noqa: F401  (re-exported)
 from alignlab.stages.registry import STAGE_DATA, stage_record
 

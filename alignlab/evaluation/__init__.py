@@ -5,7 +5,7 @@ alignment changed, with how much confidence, write eval.json, eval.md and plots 
     alignlab eval base runs/x/dpo runs/x/ppo --out cmp        # several checkpoints: also their paired comparison
     alignlab run recipes/quickstart.yaml --stage eval         # the same, as the recipe's last stage
 
-Policy and reference complete the SAME prompts: greedy when `temperature: 0`; when sampling, prompt i draws from
+Policy and reference complete the SAME prompts: greedy when `rollout.temperature: 0`; when sampling, prompt i draws from
 its own random stream (seeded from the recipe seed and i, whatever its batch), so equal models give equal samples
 and two checkpoints share their random numbers (a paired comparison). Every aggregate is computed in stats.py
 (Wilson intervals for rates of prompts, normal intervals for means, delta-method for ratios, paired differences, win
@@ -36,7 +36,7 @@ interval from the per-prompt differences, narrower than comparing the two interv
                                     reward model when given, else the reward function
     win_rate_by              str    "reward_model", "reward_fn" or null
     kl                       float  KL(pi || pi_ref) in nats, from responses SAMPLED FROM THE POLICY AT TEMPERATURE 1
-                                    (whatever `temperature` the completions above use; the same samples when it is 1):
+                                    (whatever `rollout.temperature` the completions above use; the same samples when it is 1):
                                     mean over prompts of sum_t [log pi(y_t|x, y<t) - log pi_ref(y_t|x, y<t)], the k1
                                     estimator, unbiased; a single prompt's term can be negative
     kl_exact                 float  the same KL as the mean over those samples of sum_t KL(pi(.|x, y<t) || pi_ref(.|x,

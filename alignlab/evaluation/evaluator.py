@@ -211,8 +211,8 @@ def evaluate_models(
     res: dict[str, Any] = dict.fromkeys(EVAL_KEYS)
     res.update(policy=describe(policy, recipe), reference=describe(reference, recipe), num_prompts=len(rows))
     res["settings"] = {
-        "temperature": spec.temperature,
-        "max_new_tokens": spec.max_new_tokens,
+        "temperature": spec.rollout.temperature,
+        "max_new_tokens": spec.rollout.max_new_tokens,
         "beta": spec.beta,
         "seed": recipe.seed,
         "kl_temperature": 1.0,
@@ -229,18 +229,18 @@ def evaluate_models(
     pol_texts, ref_texts, pol_len, ref_len, kl_k1, kl_exact = [], [], [], [], [], []
     # Both models stop at (and are scored up to) the same end tokens: those of either.
     end_ids = list(dict.fromkeys(end_token_ids(tokenizer, models.policy) + end_token_ids(tokenizer, models.reference)))
-    index_batches = list(_batches(list(range(len(prompts))), spec.batch_size))
+    index_batches = list(_batches(list(range(len(prompts))), spec.rollout.batch_size))
     for idx in progress(index_batches, total=len(index_batches), desc="eval: generating", unit="batch"):
         batch = [prompts[i] for i in idx]
-        gen = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, end_ids=end_ids)
+        gen = dict(max_new_tokens=spec.rollout.max_new_tokens, temperature=spec.rollout.temperature, end_ids=end_ids)
         gen["synced"] = models.synced
-        if spec.temperature > 0:
+        if spec.rollout.temperature > 0:
             gen["row_seeds"] = [row_seed(recipe.seed, "eval", i) for i in idx]
         with models.sampling(models.policy):
             pol = generate(models.policy, tokenizer, batch, **gen)
         with models.ref() as ref_model, models.sampling(ref_model):
             ref = generate(ref_model, tokenizer, batch, **gen)
-        if spec.temperature == 1.0:
+        if spec.rollout.temperature == 1.0:
             kl_roll = pol
         else:
             kl_seeds = [row_seed(recipe.seed, "kl", i) for i in idx]
@@ -275,8 +275,8 @@ def evaluate_models(
         pairs = build_datasets(spec.preference_dataset, recipe, "dpo", chat, with_eval=False)[0]
         chosen = [tokenize_completion(tokenizer, *split_last_turn(r.get("prompt"), r["chosen"])) for r in pairs]
         rejected = [tokenize_completion(tokenizer, *split_last_turn(r.get("prompt"), r["rejected"])) for r in pairs]
-        r_c = spec.beta * _log_ratio(models, chosen, tokenizer.pad_token_id, spec.batch_size)
-        r_r = spec.beta * _log_ratio(models, rejected, tokenizer.pad_token_id, spec.batch_size)
+        r_c = spec.beta * _log_ratio(models, chosen, tokenizer.pad_token_id, spec.rollout.batch_size)
+        r_r = spec.beta * _log_ratio(models, rejected, tokenizer.pad_token_id, spec.rollout.batch_size)
         _pair_stats(res, "preference", r_c.tolist(), r_r.tolist())
 
     # Perplexity on held-out SFT data, NLL per token on a fixed held-out text.
@@ -315,15 +315,15 @@ def evaluate_models(
         _task_report(res, per_prompt, report_fn, prompts, pol_texts, ref_texts)
     if reward_model is not None:
         rm, rm_tok = load_reward_model(recipe, reward_model)
-        pol_rewards = reward_model_scores(rm, rm_tok, prompts, pol_texts, spec.batch_size).tolist()
-        ref_rewards = reward_model_scores(rm, rm_tok, prompts, ref_texts, spec.batch_size).tolist()
+        pol_rewards = reward_model_scores(rm, rm_tok, prompts, pol_texts, spec.rollout.batch_size).tolist()
+        ref_rewards = reward_model_scores(rm, rm_tok, prompts, ref_texts, spec.rollout.batch_size).tolist()
         _paired(res, per_prompt, "mean_score", pol_rewards, ref_rewards)
         res["win_rate_by"] = "reward_model"
         if spec.preference_dataset is not None:
             pairs = build_datasets(spec.preference_dataset, recipe, "dpo", chat, with_eval=False)[0]
             p = [r.get("prompt") or "" for r in pairs]  # an implicit prompt stays inside chosen / rejected
-            s_c = reward_model_scores(rm, rm_tok, p, [r["chosen"] for r in pairs], spec.batch_size).tolist()
-            s_r = reward_model_scores(rm, rm_tok, p, [r["rejected"] for r in pairs], spec.batch_size).tolist()
+            s_c = reward_model_scores(rm, rm_tok, p, [r["chosen"] for r in pairs], spec.rollout.batch_size).tolist()
+            s_r = reward_model_scores(rm, rm_tok, p, [r["rejected"] for r in pairs], spec.rollout.batch_size).tolist()
             _pair_stats(res, "reward_model", s_c, s_r)
     if pol_rewards is not None:
         wins = stats.win_rate(pol_rewards, ref_rewards)
@@ -375,9 +375,9 @@ def _kl_along_samples(models: ModelPair, roll, rows_per_pass: int = 8) -> tuple[
 
 def _nll_pair(models: ModelPair, examples, tokenizer, spec) -> tuple[list[float], list[float], list[int]]:
     """Summed NLL of each example's completion tokens under policy and reference, and the token counts."""
-    nll, count = _nll(models.policy, examples, tokenizer.pad_token_id, spec.batch_size)
+    nll, count = _nll(models.policy, examples, tokenizer.pad_token_id, spec.rollout.batch_size)
     with models.ref() as ref_model:
-        nll_ref, _ = _nll(ref_model, examples, tokenizer.pad_token_id, spec.batch_size)
+        nll_ref, _ = _nll(ref_model, examples, tokenizer.pad_token_id, spec.rollout.batch_size)
     return nll, nll_ref, count
 
 

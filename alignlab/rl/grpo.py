@@ -1,20 +1,20 @@
 """Critic-free RL (GRPO, Dr. GRPO, RLOO, DAPO's fixes) on accelerate: alignlab's own loop. The stage that builds
 its inputs is alignlab/stages/grpo.py; the formulas are in alignlab/losses/grpo.py (see docs/algorithms.md).
 
-One step = one batch of groups, then `epochs` passes of the clipped policy-gradient loss over it:
-  1. take `prompts_per_step` prompts (per process) and sample `num_generations` responses to each (a group), every
+One step = one batch of groups, then `train.epochs` passes of the clipped policy-gradient loss over it:
+  1. take `rollout.batch_size` prompts (per process) and sample `rollout.num_samples` responses to each (a group), every
      response with its own seeded random stream (generation.RowSeededSampler): softmax(logits / temperature);
   2. score each response with every reward component (reward functions, a reward model), sum them with their
-     weights; subtract `missing_eos_penalty` from a response without EOS;
+     weights; subtract `rollout.missing_eos_penalty` from a response without EOS;
   3. group-relative advantages (`advantage`), the same for every token of a response; count the groups whose
      rewards are all equal (advantage 0: no signal) and, with `skip_zero_std_groups`, give them weight 0 in the loss;
   4. the sampling policy's log-probs, read off the sampling pass itself (or recomputed by a forward, the default in
-     low precision and with `sample_dtype`: sampling from a bf16 copy, alignlab/rl/sampler.py), and the reference's
+     low precision and with `rollout.dtype`: sampling from a bf16 copy, alignlab/rl/sampler.py), and the reference's
      log-probs when needed (beta > 0, stop_if.kl, or a watch step);
   5. the collapse watch: response length, share of repeated word 3-grams, KL to the reference (k3, summed over a
      response's tokens); every `watch_steps` a few samples go to samples.jsonl and the log; `stop_if` ends the run
      here, before the update, when a limit is passed (below);
-  6. `epochs` passes of clipped policy gradient (+ beta k3) over minibatches of whole groups; AdamW step per
+  6. `train.epochs` passes of clipped policy gradient (+ beta k3) over minibatches of whole groups; AdamW step per
      minibatch.
 
 The training forward computes each group's prompt once (GroupedPolicy): the prompts [N, P] run with a KV cache,
@@ -28,19 +28,17 @@ base computing in bf16/fp16: QLoRA; alignlab.rl.loop.low_precision) cached decod
 so by default the old log-probs are recomputed with it. Dropout is set to 0 (the ratio needs the same function
 twice).
 
-Several processes (`accelerate launch`): process p takes the p-th `prompts_per_step` prompts of each step's
+Several processes (`accelerate launch`): process p takes the p-th `rollout.batch_size` prompts of each step's
 stream, so a group lives on one process (its statistics need no communication) and every response's random stream
-depends only on (seed, its index in the run): P processes sample what one process does with P x prompts_per_step.
+depends only on (seed, its index in the run): P processes sample what one process does with P x rollout.batch_size.
 Each process scales its loss by its share of the global denominator (responses or tokens, after dropping groups),
 so the gradient DDP averages is the one-process gradient when each step is one minibatch. Metrics are averaged
 over processes. Resume: checkpoints/step-N (trainable weights, optimizer state, step; written to a temporary folder,
 marked complete, renamed) and the seeded streams make a resumed run the uninterrupted one. The loop, the prompt
 stream, checkpoints, the NaN guard and the process arithmetic are shared with PPO: alignlab/rl/loop.py.
 
-stop_if: a limit passed on step s's samples says the weights after s - 1 updates have collapsed; those after s - 2
-updates produced step s - 1's samples, which passed. The stage ends with the newest complete checkpoint at step
-<= s - 2 as its model, or with its input weights when no such checkpoint is left (they passed step 1's checks), and
-records why (`stop_reason`); it fails (StageFailed) only when the input itself fails step 1's checks.
+stop_if: the collapse guard (alignlab/rl/collapse.py) checks each step's samples (and greedy answers) before its
+update; when a limit is passed, the step returns Stop and the stage ends on the newest weights that passed.
 """
 
 from __future__ import annotations
@@ -48,15 +46,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from alignlab.checkpoints import complete_checkpoints, step_of
-from alignlab.contract import StageFailed
 from alignlab.data import prompt_text
 from alignlab.evaluation.repetition import repeated_ngram_share
 from alignlab.generation import generate, slow_half_precision_note
@@ -64,7 +59,8 @@ from alignlab.logprobs import token_logprobs
 from alignlab.losses import aggregation_count, entropy_from_logits, group_advantages, grpo_loss, zero_std_groups
 from alignlab.losses.ppo import kl_estimate
 from alignlab.losses.sft import token_unlikelihood
-from alignlab.rl.loop import EndRun, Reference, RLTrainer, SamplingRecorder, ScoreFn, low_precision, trainable_state
+from alignlab.rl.collapse import CollapseGuard
+from alignlab.rl.loop import Reference, RLTrainer, SamplingRecorder, ScoreFn, Stop, low_precision
 from alignlab.rl.sampler import LowPrecisionSampler
 
 log = logging.getLogger("alignlab")
@@ -132,11 +128,11 @@ class GroupedPolicy(nn.Module):
 
 
 class GRPOTrainer(RLTrainer):
-    """Runs `spec.steps` updates (the loop, checkpoints and process arithmetic: alignlab/rl/loop.py). `reference`:
+    """Runs `spec.train.max_steps` updates (the loop, checkpoints and process arithmetic: alignlab/rl/loop.py). `reference`:
     (input_ids, attention_mask, C) -> [B, C] reference log-probs, or None when nothing asks for them (beta 0, no
     watch, no stop_if.kl)."""
 
-    name, headline, lr_key = "grpo", "reward", "learning_rate"
+    name, headline = "grpo", "reward"
 
     def __init__(
         self,
@@ -158,23 +154,16 @@ class GRPOTrainer(RLTrainer):
         )  # fmt: skip
         self.rewards = rewards
         self.agg = spec.aggregation
-        self._prepare(GroupedPolicy(policy), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        self._prepare(GroupedPolicy(policy), lr=spec.train.learning_rate, weight_decay=spec.train.weight_decay)
         self.sampler = None
-        if spec.sample_dtype:
+        if spec.rollout.dtype:
             if note := slow_half_precision_note(
-                spec.sample_dtype, f"stages.{spec.name}.sample_dtype", accelerator.device
+                spec.rollout.dtype, f"stages.{spec.name}.rollout.dtype", accelerator.device
             ):
                 log.warning("%s", note)
-            self.sampler = LowPrecisionSampler(policy, getattr(torch, spec.sample_dtype))
-        # stop_if.greedy_repetition's limit and the fixed, evenly spaced prompts its probe decodes
-        self.greedy_limit = spec.stop_if.greedy_repetition if spec.stop_if is not None else None
-        n = min(spec.greedy_prompts, len(prompts))
-        self.probe_prompts = [prompts[i * len(prompts) // n] for i in range(n)] if self.greedy_limit else []
-        # stop_if's fallback: the input's trainable weights (adapter, or the full model), written before a resume
-        # loads a checkpoint
-        self.input_path = self.ckpt_dir / "input.safetensors"
-        if spec.stop_if is not None:
-            self._save_input()
+            self.sampler = LowPrecisionSampler(policy, getattr(torch, spec.rollout.dtype))
+        self.guard = CollapseGuard(self, spec, prompts)  # stop_if
+        self.guard.start()
         self.samples_path = self.stage_dir / "samples.jsonl"
         self.logs.append(self.samples_path)
         self.kl_trend: list[tuple[int, float]] = []  # (step, KL) at each step it was measured
@@ -193,9 +182,9 @@ class GRPOTrainer(RLTrainer):
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
             self.kl_trend = [(r["step"], r["kl"]) for r in rows if "kl" in r]
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, float] | Stop:
         """One step: sample and score the groups, watch, then update; a passed stop_if limit ends the run here, before
-        the update (EndRun, with _stop's summary entries)."""
+        the update (Stop, with the collapse guard's summary entries)."""
         step = self.step + 1  # 1-based, as logged
         watch = self.spec.watch_steps is not None and (step == 1 or step % self.spec.watch_steps == 0)
         with self._sampling():
@@ -203,29 +192,29 @@ class GRPOTrainer(RLTrainer):
         stats = self._mean_over_processes(stats)
         if watch or "kl" in stats:
             self._watch(step, stats, texts, prompts, rewards, show=watch)
-        if self._probe_due():  # the weights are the input model's or the checkpoint just written
-            stats["greedy_repetition"] = self.greedy_repetition()
-        reason = self._stop_reason(stats)
+        if self.guard.probe_due():  # the weights are the input model's or the checkpoint just written
+            stats["greedy_repetition"] = self.guard.greedy_repetition()
+        reason = self.guard.reason(stats)
         if reason is not None:
-            raise EndRun(self._stop(reason))
+            return Stop(self.guard.stop(reason))
         stats.update(self._mean_over_processes(self.optimize(batch, torch.Generator().manual_seed(self._seed()))))
         return stats
 
     @torch.no_grad()
     def make_groups(self, watch: bool):
-        spec, device = self.spec, self.acc.device
-        size = spec.num_generations
-        stream = self._stream(spec.prompts_per_step)  # this process's prompts in the run's stream
+        spec, ro_spec, device = self.spec, self.spec.rollout, self.acc.device
+        size = ro_spec.num_samples
+        stream = self._stream(ro_spec.batch_size)  # this process's prompts in the run's stream
         prompts = [self.prompts[self._prompt_index(k)] for k in stream for _ in range(size)]
         row_seeds = [self.seed * 1_000_003 + k * size + j for k in stream for j in range(size)]
-        recompute = spec.recompute_logprobs
+        recompute = ro_spec.recompute_logprobs
         if recompute is None:  # in low precision, cached decoding drifts from the training forward
             recompute = self.sampler is not None or low_precision(self.acc, self.policy)
-        recorder = None if recompute else SamplingRecorder(spec.temperature)
+        recorder = None if recompute else SamplingRecorder(ro_spec.temperature)
         model = self.policy if self.sampler is None else self.sampler.refresh(self.policy)
         with self.acc.autocast():
             ro = generate(
-                model, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                model, self.tokenizer, prompts, max_new_tokens=ro_spec.max_new_tokens, temperature=ro_spec.temperature,
                 row_seeds=row_seeds, observe=recorder, end_ids=self.end_ids, synced=self.sharding.synced,
             )  # fmt: skip
         input_ids, attention_mask = ro.input_ids.to(device), ro.attention_mask.to(device)
@@ -241,26 +230,26 @@ class GRPOTrainer(RLTrainer):
             self._check_finite(torch.isfinite(scores).all(), f"reward '{c.name}' gave nan or inf scores")
             stats[f"reward/{c.name}"] = scores.mean()
             total = total + c.weight * scores
-        if spec.missing_eos_penalty is not None:
-            total = total - spec.missing_eos_penalty * (~ended).float()
-        grouped = total.view(spec.prompts_per_step, size)  # [N, G]
+        if ro_spec.missing_eos_penalty is not None:
+            total = total - ro_spec.missing_eos_penalty * (~ended).float()
+        grouped = total.view(ro_spec.batch_size, size)  # [N, G]
         advantages = group_advantages(grouped, spec.advantage).flatten()  # [B]
         flat = zero_std_groups(grouped)  # [N]
         weights = torch.ones_like(total)
         if spec.skip_zero_std_groups:
             weights = (~flat).float().repeat_interleave(size)
 
-        rows = torch.arange(len(prompts), device=device).split(spec.forward_batch_size or self._minibatch)
+        rows = torch.arange(len(prompts), device=device).split(ro_spec.forward_batch_size or self._minibatch)
         if recorder is not None:  # off the sampling pass: step t's logits are those of response token t
             logprobs, entropy = (x.to(device) for x in recorder.finish(response))
         else:  # the training forward's arithmetic, on whole groups
             logprobs, entropy = [], []
-            per_chunk = max(1, (spec.forward_batch_size or self._minibatch) // size)
-            for g in range(0, spec.prompts_per_step, per_chunk):
+            per_chunk = max(1, (ro_spec.forward_batch_size or self._minibatch) // size)
+            for g in range(0, ro_spec.batch_size, per_chunk):
                 groups, idx = slice(g, g + per_chunk), slice(g * size, (g + per_chunk) * size)
                 with self.acc.autocast():
                     logits = self.unwrapped(
-                        prompt_ids[groups], prompt_mask[groups], response[idx], mask[idx], size, spec.temperature
+                        prompt_ids[groups], prompt_mask[groups], response[idx], mask[idx], size, ro_spec.temperature
                     )
                 logprobs.append(token_logprobs(logits, response[idx]))
                 entropy.append(entropy_from_logits(logits))
@@ -292,8 +281,8 @@ class GRPOTrainer(RLTrainer):
         totals: dict[str, torch.Tensor] = {}
         count = 0
         self.model.train()
-        size, groups = spec.num_generations, len(batch.prompt_ids)
-        for _ in range(spec.epochs):
+        temperature, size, groups = spec.rollout.temperature, spec.rollout.num_samples, len(batch.prompt_ids)
+        for _ in range(spec.train.epochs):
             order = torch.arange(groups, device=batch.response.device)
             if self._minibatch < groups * size:  # several minibatches (of whole groups): a fresh split each epoch
                 order = order[torch.randperm(groups, generator=generator).to(order.device)]
@@ -302,17 +291,17 @@ class GRPOTrainer(RLTrainer):
                 with self.acc.autocast():
                     logits = self.model(
                         batch.prompt_ids[chosen], batch.prompt_mask[chosen], batch.response[idx], batch.mask[idx],
-                        size, spec.temperature,
+                        size, temperature,
                     )  # fmt: skip
                 mask, weights = batch.mask[idx], batch.weights[idx]
                 logprobs, ul = token_logprobs(logits, batch.response[idx]), None
                 if spec.unlikelihood > 0:  # on the model's own distribution (temperature 1), as greedy decoding sees it
-                    raw = logits if spec.temperature == 1.0 else logits * spec.temperature
+                    raw = logits if temperature == 1.0 else logits * temperature
                     ul = token_unlikelihood(torch.log_softmax(raw, dim=-1), batch.response[idx], mask)
                 loss, stats = grpo_loss(
                     logprobs, batch.logprobs[idx], batch.advantages[idx], mask,
                     clip_low=spec.clip_low, clip_high=spec.clip_high, loss_agg=self.agg,
-                    max_length=spec.max_new_tokens,
+                    max_length=spec.rollout.max_new_tokens,
                     ref_logprobs=batch.ref_logprobs[idx] if spec.beta > 0 else None, beta=spec.beta, weights=weights,
                     unlikelihood=ul, ul_alpha=spec.unlikelihood,
                 )  # fmt: skip
@@ -320,7 +309,7 @@ class GRPOTrainer(RLTrainer):
                 # denominator (responses or tokens kept), so the average is the loss over every process's rows.
                 share = self._share(aggregation_count(mask, self.agg, weights))
                 loss = loss * share
-                self._update(loss, spec.max_grad_norm)
+                self._update(loss, spec.train.max_grad_norm)
                 tokens = self._share((mask * weights[:, None]).sum())  # metrics are token means: global ones
                 step_stats = {"policy_loss": loss.detach(), **{k: v * tokens for k, v in stats.items() if k != "kl"}}
                 for k, v in step_stats.items():
@@ -340,9 +329,9 @@ class GRPOTrainer(RLTrainer):
             "grpo watch step %d: reward %.4f, response length %.1f, repeated 3-grams %.3f, KL to reference %s",
             step, stats["reward"], stats["response_length"], stats["repetition"], trend,
         )  # fmt: skip
-        size = self.spec.num_generations
+        size = self.spec.rollout.num_samples
         rows = []
-        for g in range(min(self.spec.watch_samples, self.spec.prompts_per_step)):
+        for g in range(min(self.spec.watch_samples, self.spec.rollout.batch_size)):
             i = g * size  # the first response of each of the first groups
             rows.append(
                 {"step": step, "prompt": prompt_text(prompts[i]), "completion": texts[i], "reward": float(rewards[i])}
@@ -352,132 +341,34 @@ class GRPOTrainer(RLTrainer):
         with self.samples_path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def _stop_reason(self, stats: dict) -> str | None:
-        limits = self.spec.stop_if
-        if limits is None:
-            return None
-        step = self.step + 1
-        if limits.repetition is not None and stats["repetition"] > limits.repetition:
-            return (
-                f"the share of repeated word 3-grams in step {step}'s responses is {stats['repetition']:.3f}, "
-                f"above stop_if.repetition = {limits.repetition}"
-            )
-        if limits.kl is not None and stats.get("kl", 0.0) > limits.kl:
-            return (
-                f"the KL to the reference on step {step}'s responses is {stats['kl']:.3f} nats per response, above "
-                f"stop_if.kl = {limits.kl}"
-            )
-        if self.greedy_limit is not None and stats.get("greedy_repetition", 0.0) > self.greedy_limit:
-            return self._greedy_reason(f"at step {step}", stats["greedy_repetition"])
-        return None
-
-    # ------------------------------------------------------------------------------------------ greedy probe
-
-    def _probe_due(self) -> bool:
-        """stop_if.greedy_repetition probes the weights a checkpoint holds: before step 1 (the input model, whose
-        checkpoint is the stage's input) and on the step after each checkpoint is written (its weights, not yet
-        updated), so a failed probe at step s condemns the weights after s - 1 updates and the newest checkpoint
-        at or before s - 2 passed its own probe: the rule of the sample checks (_stop). train() probes the final
-        weights."""
-        return self.greedy_limit is not None and self.step % self.spec.save_steps == 0
-
     @torch.no_grad()
-    def greedy_repetition(self) -> float:
-        """Mean share of repeated word 3-grams of the policy's greedy answers to `greedy_prompts` fixed, evenly
-        spaced training prompts (what the eval's repetition measures, on greedy answers as the eval decodes). Every
-        process decodes the same prompts with the same weights: the same value everywhere, no communication."""
+    def decode_greedy(self, prompts: list) -> list[str]:
+        """The policy's greedy answers to `prompts` (the collapse guard's probe), decoded as the eval decodes."""
         with self._sampling(), self.acc.autocast():
             ro = generate(
-                self.policy, self.tokenizer, self.probe_prompts, max_new_tokens=self.spec.max_new_tokens,
+                self.policy, self.tokenizer, prompts, max_new_tokens=self.spec.rollout.max_new_tokens,
                 temperature=0.0, end_ids=self.end_ids, synced=self.sharding.synced,
             )  # fmt: skip
-        shares = [repeated_ngram_share(t) for t in ro.texts]
-        value = sum(shares) / len(shares)
-        if self.acc.is_main_process:
-            looped = ro.texts[shares.index(max(shares))]
-            log.info(
-                "grpo greedy probe after %d updates: repeated 3-grams %.3f on %d prompts (most: %r)",
-                self.step, value, len(shares), looped[:160],
-            )  # fmt: skip
-        return value
-
-    def _greedy_reason(self, when: str, value: float) -> str:
-        return (
-            f"the greedy answers to {len(self.probe_prompts)} training prompts {when} (after {self.step} updates) "
-            f"repeat word 3-grams at a share of {value:.3f}, above stop_if.greedy_repetition = {self.greedy_limit}"
-        )
+        return ro.texts
 
     def train(self, resume: bool = False) -> dict:
-        """The loop (RLTrainer.train), then stop_if.greedy_repetition's probe of the final weights: when it fails,
-        the stage keeps the newest checkpoint (each passed its probe), or its input model when none is left."""
+        """The loop (RLTrainer.train), then the collapse guard's probe of the final weights."""
         summary = super().train(resume=resume)
-        if "stop_reason" in summary or self.greedy_limit is None:
-            return summary
-        value = self.greedy_repetition()
-        summary["final_greedy_repetition"] = value
-        if value > self.greedy_limit:
-            summary.update(self._stop(self._greedy_reason("of the final weights", value)))
+        if "stop_reason" not in summary:
+            summary.update(self.guard.final_check())
         return summary
-
-    def _save_input(self) -> None:
-        from safetensors.torch import save_file
-
-        # whole tensors (gathered from the shards on the main process when sharded)
-        weights = self.sharding.full_state(self.unwrapped, True) if self.sharding.enabled else None
-        if self.acc.is_main_process:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.input_path.with_suffix(".tmp")
-            save_file(weights if weights is not None else trainable_state(self.unwrapped), str(tmp))
-            os.replace(tmp, self.input_path)
-        self.acc.wait_for_everyone()
-
-    def _stop(self, reason: str) -> dict:
-        """Step s = self.step + 1 failed stop_if (s = steps + 1: the final weights failed the greedy probe): end with
-        the newest checkpoint at step <= s - 2, or the input weights when none is left (see module doc)."""
-        failed = self.step + 1
-        at = f"grpo stopped at step {min(failed, self.spec.steps)} of {self.spec.steps}: {reason}"
-        if failed == 1:
-            raise StageFailed(
-                f"{at}. The input model itself fails this check, before any update: raise the limit, or start from "
-                f"a model that passes it."
-            )
-        good = [p for p in complete_checkpoints(self.ckpt_dir, "step") if step_of(p) <= failed - 2]
-        if good:
-            keep = max(good, key=step_of)
-            self.load_checkpoint(keep)
-            message = (
-                f"{at}. The stage's model is the last good checkpoint, {keep} (step {self.step}), whose weights passed "
-                f"the checks of step {self.step + 1}."
-            )
-        else:
-            from safetensors.torch import load_file
-
-            self.sharding.load_full_state(self.unwrapped, load_file(str(self.input_path), device=str(self.acc.device)))
-            self.step = 0
-            message = (
-                f"{at}. The stage's model is its input model, whose weights passed the checks of step 1: no checkpoint "
-                f"at or before step {failed - 2} is left (save_steps {self.spec.save_steps}, save_total_limit "
-                f"{self.spec.save_total_limit}). Lower learning_rate (now {self.spec.learning_rate}) or raise beta (now "
-                f"{self.spec.beta}); save more often."
-            )
-        log.warning("%s", message)
-        return {
-            "stop_reason": message,
-            "stopped_at_step": min(failed, self.spec.steps),
-            "kept_checkpoint_step": self.step,
-        }
 
     # ------------------------------------------------------------------------------------------------ helpers
 
     @property
     def _minibatch(self) -> int:
-        return self.spec.minibatch_size or self.spec.responses_per_step
+        return self.spec.train.minibatch_size or self.spec.responses_per_step
 
     def _log_line(self, row: dict[str, float]) -> None:
         log.info(
             "grpo step %d/%d: reward %.4f (std in groups %.3f, flat groups %.2f) len %.1f eos %.2f clip %.3f/%.3f "
             "(%.2fs)",
-            self.step, self.spec.steps, row["reward"], row["reward_std"], row["zero_std_groups"],
+            self.step, self.spec.train.max_steps, row["reward"], row["reward_std"], row["zero_std_groups"],
             row["response_length"], row["eos_rate"], row.get("clip_low_frac", 0.0), row.get("clip_high_frac", 0.0),
             row["step_time"],
         )  # fmt: skip

@@ -3,9 +3,9 @@ step, the prompt stream, the process arithmetic, the NaN guard, metrics rows and
 file keeps what differs: sampling and scoring its rollout, its advantages and losses, its log line.
 
 The loop (RLTrainer.train): resume from the newest complete checkpoint, drop metric rows written after it, then
-run `train_step` until `spec.steps`, averaging metrics over each `logging_steps` window, and checkpoint every
-`save_steps` (not after the last step: the stage saves the final model itself). A step may end the run early by
-raising EndRun (GRPO's stop_if) with the entries it adds to the summary.
+run `train_step` until `train.max_steps`, averaging metrics over each `train.logging_steps` window, and checkpoint every
+`train.save_steps` (not after the last step: the stage saves the final model itself). A step may end the run early by
+returning Stop (GRPO's stop_if) with the entries it adds to the summary.
 
 Randomness that makes resume and several processes exact: the prompt of position k in the run's stream is drawn
 from one seeded permutation per pass over the data (`_prompt_index`), each response samples from its own stream
@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,24 +61,22 @@ ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, completion text
 Reference = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (input_ids, attention_mask, C) -> [B, C]
 
 
-class EndRun(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by a step to end the run before its update; `summary`: entries for the run's summary."""
+@dataclass
+class Stop:
+    """What a step returns instead of its metrics to end the run before its update: `summary`, the entries it adds
+    to the run's summary (why it stopped, the step it kept)."""
 
-    def __init__(self, summary: dict):
-        super().__init__(summary)
-        self.summary = summary
+    summary: dict
 
 
 class RLTrainer:
     """The loop machinery of an RL trainer. A subclass sets `name` (log lines, progress bar, resume note),
-    `headline` (the metric a resumed run reports as its first, `first_<headline>`) and `lr_key` (the learning
-    rate's path in the spec, named by the NaN guard's advice), calls `_prepare` with its model, and defines
+    `headline` (the metric a resumed run reports as its first, `first_<headline>`), calls `_prepare` with its model, and defines
     `train_step() -> metrics` and `_log_line(row)`; `_extra_state` / `_load_extra_state` add to the checkpoint's
     trainer_state.json."""
 
     name: str
     headline: str
-    lr_key: str
 
     def __init__(self, *, accelerator, policy: nn.Module, tokenizer, prompts: list, reference, spec, seed: int,
                  stage_dir: Path, sharding: Sharding | None = None):  # fmt: skip
@@ -94,17 +92,26 @@ class RLTrainer:
 
     def _prepare(self, model: nn.Module, **adamw) -> None:
         """Dropout off, AdamW over the trainable parameters, both through accelerator.prepare (DDP); or, sharded,
-        the model sharded with FSDP2 (alignlab/parallel.py) and AdamW over its shards."""
+        the model sharded with FSDP2 (alignlab/parallel.py) and AdamW over its shards. With train.layer_lr_decay,
+        one parameter group per depth of the model, each at its rate (alignlab/optim.py)."""
         disable_dropout(model)
         if self.sharding.enabled:
             self.model = self.sharding.shard(model)
             self.params = [p for p in model.parameters() if p.requires_grad]
             adamw.pop("fused", None)  # the fused kernel takes plain tensors, not shards
-            self.optimizer = torch.optim.AdamW(self.params, **adamw)
+            self.optimizer = torch.optim.AdamW(self._param_groups(model, adamw), **adamw)
             return
         self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, **adamw)
+        optimizer = torch.optim.AdamW(self._param_groups(model, adamw), **adamw)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+    def _param_groups(self, model: nn.Module, adamw: dict) -> list:
+        decay = self.spec.train.layer_lr_decay
+        if decay is None:
+            return self.params
+        from alignlab.optim import layer_lr_groups
+
+        return layer_lr_groups(model, adamw["lr"], decay, adamw.get("weight_decay", 0.0))
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -133,27 +140,31 @@ class RLTrainer:
         end: dict = {}
         start = time.perf_counter()
         bar = progress(
-            total=self.spec.steps, initial=self.step, desc=self.name, unit="step", main_process=self.acc.is_main_process
+            total=self.spec.train.max_steps,
+            initial=self.step,
+            desc=self.name,
+            unit="step",
+            main_process=self.acc.is_main_process,
         )
-        while self.step < self.spec.steps:
+        while self.step < self.spec.train.max_steps:
             t0 = time.perf_counter()
-            try:
-                metrics = self.train_step()
-            except EndRun as stop:
-                end = stop.summary
+            metrics = self.train_step()
+            if isinstance(metrics, Stop):
+                end = metrics.summary
                 break
             metrics["step_time"] = time.perf_counter() - t0
             self.step += 1
             bar.update(1)
             window.append(metrics)
-            if self.step % self.spec.logging_steps == 0 or self.step == self.spec.steps:
+            if self.step % self.spec.train.logging_steps == 0 or self.step == self.spec.train.max_steps:
                 # a key missing from some steps (GRPO's kl, skipped_update) is averaged over the steps that have it
                 keys = dict.fromkeys(k for m in window for k in m)
                 last = {k: _mean([m[k] for m in window if k in m]) for k in keys}
                 self._log(last)
                 window = []
                 first = last[self.headline] if first is None else first
-            if self.spec.save_steps and self.step % self.spec.save_steps == 0 and self.step < self.spec.steps:
+            save = self.spec.train.save_steps
+            if save and self.step % save == 0 and self.step < self.spec.train.max_steps:
                 self.save_checkpoint()
         bar.close()
         summary = {f"final_{k}": v for k, v in last.items()}
@@ -214,9 +225,9 @@ class RLTrainer:
         bad = self._all_sum((~ok).float().reshape(1).to(self.acc.device))
         if bad.item() > 0:
             raise TrainingDiverged(
-                f"stopped at {self.name.upper()} step {self.step + 1} of {self.spec.steps}: "
+                f"stopped at {self.name.upper()} step {self.step + 1} of {self.spec.train.max_steps}: "
                 f"{what if not ok else 'a non-finite value on another process'}. "
-                f"Likely causes: {self.lr_key} too high (now {operator.attrgetter(self.lr_key)(self.spec)}); "
+                f"Likely causes: train.learning_rate too high (now {self.spec.train.learning_rate}); "
                 + ("fp16 overflow (use bfloat16 or float32); " if self._fp16 else "")
                 + "a reward that returns nan/inf or huge values. "
                 + checkpoint_note(last_checkpoint(self.ckpt_dir, "step"))
@@ -286,7 +297,7 @@ class RLTrainer:
             (tmp / COMPLETE_MARKER).write_text("")  # last: a folder without it is never resumed from
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            prune_checkpoints(self.ckpt_dir, self.spec.save_total_limit, "step")
+            prune_checkpoints(self.ckpt_dir, self.spec.train.save_total_limit, "step")
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: str | Path) -> None:

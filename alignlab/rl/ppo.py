@@ -29,7 +29,7 @@ trainable weights (adapter or full, and the value head), optimizer state, KL con
 temporary folder, marked complete, then renamed. The loop, the prompt stream, checkpoints, the NaN guard and the
 process arithmetic are shared with GRPO: alignlab/rl/loop.py.
 
-Several processes (`accelerate launch`): `rollout.batch_size` and `ppo.minibatch_size` are per process. Process p
+Several processes (`accelerate launch`): `rollout.batch_size` and `train.minibatch_size` are per process. Process p
 takes the p-th slice of each step's prompts; advantages are whitened, token-mean losses normalised and metrics
 (hence the KL controller's input) averaged over the GLOBAL batch, so P processes with batch B compute what one
 process with batch P x B does, when each rollout batch is one minibatch (with several, the split into
@@ -128,7 +128,7 @@ class PPOTrainer(RLTrainer):
     callable (input_ids, attention_mask, C) -> [B, C] reference log-probs (adapter disabled, the frozen "ref"
     adapter, or a frozen model: the stage decides)."""
 
-    name, headline, lr_key = "ppo", "score", "ppo.learning_rate"
+    name, headline = "ppo", "score"
 
     def __init__(
         self,
@@ -150,7 +150,7 @@ class PPOTrainer(RLTrainer):
         )  # fmt: skip
         self.score_fn = score_fn
         self.ro, self.hp = spec.rollout, spec.ppo
-        self._prepare(model, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay, fused=True)
+        self._prepare(model, lr=spec.train.learning_rate, weight_decay=spec.train.weight_decay, fused=True)
         self.kl_ctl = (
             AdaptiveKLController(self.hp.kl_coef, self.hp.kl_target, self.hp.kl_horizon)
             if self.hp.kl_target is not None
@@ -254,9 +254,9 @@ class PPOTrainer(RLTrainer):
         totals: dict[str, torch.Tensor] = {}
         count = 0
         self.model.train()
-        for _ in range(hp.epochs):
+        for _ in range(self.spec.train.epochs):
             order = torch.randperm(len(batch.response), generator=generator).to(batch.response.device)
-            for idx in order.split(hp.minibatch_size):
+            for idx in order.split(self.spec.train.minibatch_size):
                 with self.acc.autocast():  # as the rollout's passes (DDP's prepared forward has it too; sharded not)
                     logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], n, self.ro.temperature)
                 logprobs = token_logprobs(logits, batch.response[idx])
@@ -269,7 +269,7 @@ class PPOTrainer(RLTrainer):
                 # weighs its token mean by its share of the minibatch's tokens (1 in a single process).
                 share = self._share(mask.sum())
                 loss = (pg + hp.vf_coef * vf) * share
-                self._update(loss, hp.max_grad_norm)
+                self._update(loss, self.spec.train.max_grad_norm)
                 step_stats = {
                     "policy_loss": pg.detach() * share,
                     "value_loss": vf.detach() * share,
@@ -283,10 +283,10 @@ class PPOTrainer(RLTrainer):
         return {k: v / count for k, v in totals.items()}
 
     def _log_line(self, row: dict[str, float]) -> None:
-        left = duration(row["step_time"] * (self.spec.steps - self.step))  # at the last logged steps' pace
+        left = duration(row["step_time"] * (self.spec.train.max_steps - self.step))  # at the last logged steps' pace
         log.info(
             "ppo step %d/%d: score %.4f kl %.4f entropy %.3f clipfrac %.3f len %.1f eos %.2f (%.2f s/step, %s left)",
-            self.step, self.spec.steps, row["score"], row["kl"], row["entropy"], row["clipfrac"],
+            self.step, self.spec.train.max_steps, row["score"], row["kl"], row["entropy"], row["clipfrac"],
             row["response_length"], row["eos_rate"], row["step_time"], left,
         )  # fmt: skip
 

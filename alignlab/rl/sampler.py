@@ -1,4 +1,4 @@
-"""A low-precision copy of the policy that an RL loop samples its responses from (`sample_dtype: bfloat16`).
+"""A low-precision copy of the policy that an RL loop samples its responses from (`rollout.dtype: bfloat16`).
 
 Why: sampling is half or more of an RL step on a small model (one forward per new token, a few rows at a time), and
 bf16 matmuls run ~1.75x as fast on a CPU with AMX (SmolLM2-135M, bench/sampling_speed.py) and on GPUs. Training

@@ -2,8 +2,8 @@
 
     accelerate launch -m alignlab run recipes/smollm2_generate_dpo_lora.yaml --stage pairs
 
-For every prompt of `dataset`, `num_samples` completions are sampled from the stage's input model (the previous
-model-writing stage's output, or the base model) at `temperature`, and each is scored with `reward_fn` or
+For every prompt of `dataset`, `rollout.num_samples` completions are sampled from the stage's input model (the previous
+model-writing stage's output, or the base model) at `rollout.temperature`, and each is scored with `reward_fn` or
 `reward_model`. The stage writes <run>/<stage>/data/train.jsonl, which a later stage reads with
 `dataset: {path: "stage:<stage>"}`:
 - `output: preference`: one pair per prompt, chosen = the best-scored sample, rejected = the worst (the first
@@ -24,7 +24,7 @@ Generate -> dpo -> generate -> dpo is iterative on-policy DPO: the second genera
 dpo stage's model (its input), and the second dpo stage's reference is its own input, that same model.
 
 Randomness: sample j of prompt i draws from its own random stream (RowSeededSampler), seeded from the recipe seed,
-the stage name, i and j, and prompts are batched in fixed groups of `batch_size`; the processes of a multi-process
+the stage name, i and j, and prompts are batched in fixed groups of `rollout.batch_size`; the processes of a multi-process
 run take every world_size-th group. So the samples, and the written dataset, are the same for any number of
 processes. Writes also generation.json (counts and score statistics) and samples.jsonl (every sample and its score).
 
@@ -78,10 +78,10 @@ def run(ctx: StageContext) -> StageOutput:
     sharding = Sharding(recipe.parallel_for(spec), state, f"stage '{spec.name}'")
     # an adapter folded in: faster, same model; sharded, placed on the device unit by unit
     model = merged_for_sampling(load_frozen_model(recipe, ctx.input, move=not sharding.enabled))
-    if spec.dtype is not None:
-        if note := slow_half_precision_note(spec.dtype, f"stages.{spec.name}.dtype", state.device):
+    if spec.rollout.dtype is not None:
+        if note := slow_half_precision_note(spec.rollout.dtype, f"stages.{spec.name}.rollout.dtype", state.device):
             log.warning("%s", note)
-        model = model.to(getattr(torch, spec.dtype))
+        model = model.to(getattr(torch, spec.rollout.dtype))
     sharding.shard(model)
     score = _scorer(ctx)
     revise = load_revise_fn(spec.revise_fn) if spec.revise_fn else None
@@ -89,7 +89,10 @@ def run(ctx: StageContext) -> StageOutput:
     # Sample and score: fixed groups of prompts, every world_size-th group on this process. Sharded, every process
     # takes as many turns as the busiest (gathering weights needs them all): a process with no group left only
     # gathers (once), or samples one prompt it throws away (per_layer: each layer gathers whenever it runs).
-    groups = [list(range(i, min(i + spec.batch_size, len(prompts)))) for i in range(0, len(prompts), spec.batch_size)]
+    groups = [
+        list(range(i, min(i + spec.rollout.batch_size, len(prompts))))
+        for i in range(0, len(prompts), spec.rollout.batch_size)
+    ]
     mine = groups[state.process_index :: state.num_processes]
     turns = -(-len(groups) // state.num_processes) if sharding.enabled else len(mine)
     end_ids = end_token_ids(tokenizer, model)
@@ -97,8 +100,8 @@ def run(ctx: StageContext) -> StageOutput:
     for g in range(turns):
         spare = g >= len(mine)  # a turn taken only to keep step with the other processes
         idx = [0] if spare else mine[g]
-        batch = [prompts[i] for i in idx for _ in range(spec.num_samples)]
-        seeds = [sample_seed(recipe.seed, spec.name, i, j) for i in idx for j in range(spec.num_samples)]
+        batch = [prompts[i] for i in idx for _ in range(spec.rollout.num_samples)]
+        seeds = [sample_seed(recipe.seed, spec.name, i, j) for i in idx for j in range(spec.rollout.num_samples)]
         with sharding.gathered(model):
             if spare and not sharding.synced:
                 continue
@@ -106,9 +109,9 @@ def run(ctx: StageContext) -> StageOutput:
                 model,
                 tokenizer,
                 batch,
-                max_new_tokens=spec.max_new_tokens,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
+                max_new_tokens=spec.rollout.max_new_tokens,
+                temperature=spec.rollout.temperature,
+                top_p=spec.rollout.top_p,
                 row_seeds=seeds,
                 end_ids=end_ids,
                 synced=sharding.synced,
@@ -121,7 +124,7 @@ def run(ctx: StageContext) -> StageOutput:
             raw_scores, scores = scores, score(batch, texts)
         ended = out.ended.tolist()
         for k, i in enumerate(idx):
-            sl = slice(k * spec.num_samples, (k + 1) * spec.num_samples)
+            sl = slice(k * spec.rollout.num_samples, (k + 1) * spec.rollout.num_samples)
             results.append({"index": i, "texts": texts[sl], "scores": scores[sl], "ended": ended[sl]})
             if revise is not None:
                 results[-1].update(raw_texts=out.texts[sl], raw_scores=raw_scores[sl])
@@ -147,7 +150,7 @@ def run(ctx: StageContext) -> StageOutput:
         "generate %s: %d prompts x %d samples -> %d %s rows (%s)",
         spec.name,
         len(prompts),
-        spec.num_samples,
+        spec.rollout.num_samples,
         summary["rows"],
         spec.output,
         data_file,
@@ -199,7 +202,7 @@ def build_rows(prompts: list, results: list[dict], spec) -> tuple[list[dict], di
     best_scores = [max(r["scores"]) for r in results]
     summary = {
         "prompts": len(results),
-        "num_samples": spec.num_samples,
+        "num_samples": spec.rollout.num_samples,
         "rows": len(rows),
         "row_rate": len(rows) / len(results) if results else 0.0,
         "mean_score": mean(all_scores)["value"],
@@ -221,13 +224,13 @@ def build_rows(prompts: list, results: list[dict], spec) -> tuple[list[dict], di
 def _empty_reason(spec, summary: dict) -> str:
     if spec.output == "preference":
         return (
-            f"none of the {summary['prompts']} prompts gave a pair ({summary['ties']} had all {spec.num_samples} "
+            f"none of the {summary['prompts']} prompts gave a pair ({summary['ties']} had all {spec.rollout.num_samples} "
             f"samples scored the same{'' if spec.min_margin == 0 else f', the rest a margin <= {spec.min_margin}'}). "
-            f"Raise num_samples or temperature, use a reward with partial credit, or more prompts"
+            f"Raise rollout.num_samples or rollout.temperature, use a reward with partial credit, or more prompts"
         )
     return (
         f"no prompt's best sample reached min_score = {spec.min_score} (mean best score "
-        f"{summary['mean_best_score']:.3g}). Lower min_score or raise num_samples"
+        f"{summary['mean_best_score']:.3g}). Lower min_score or raise rollout.num_samples"
     )
 
 
@@ -241,7 +244,7 @@ def _scorer(ctx: StageContext):
 
     source = ctx.outputs.get(spec.reward_model) or checkpoint_output(recipe.resolve_path(spec.reward_model))
     rm, rm_tok = load_reward_model(recipe, source)
-    return lambda prompts, texts: reward_model_scores(rm, rm_tok, prompts, texts, spec.batch_size).tolist()
+    return lambda prompts, texts: reward_model_scores(rm, rm_tok, prompts, texts, spec.rollout.batch_size).tolist()
 
 
 def _write(ctx: StageContext, rows: list[dict], results: list[dict], prompts: list, summary: dict) -> None:

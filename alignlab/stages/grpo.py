@@ -28,7 +28,7 @@ components) and/or `reward_model` (an earlier reward stage or a model directory)
 Writes <stage>/model (adapter or full weights; the "ref" copy is not saved), metrics.jsonl (reward and each
 reward/<component>, reward_std, zero_std_groups, response_length, eos_rate, entropy, repetition, kl, policy_loss,
 clip_low_frac, clip_high_frac, approx_kl, ratio per logging step), samples.jsonl (the watch's samples) and
-checkpoints/step-N every `save_steps` (`--resume` continues from the newest complete one).
+checkpoints/step-N every `train.save_steps` (`--resume` continues from the newest complete one).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run(ctx: StageContext):
     )
     wants_reference = spec.beta > 0 or spec.watch_steps is not None or (spec.stop_if and spec.stop_if.kl)
     reference = (
-        reference_logprobs(recipe, policy, base, spec.temperature, accelerator.device, sharding)
+        reference_logprobs(recipe, policy, base, spec.rollout.temperature, accelerator.device, sharding)
         if wants_reference
         else None
     )
@@ -64,7 +64,7 @@ def run(ctx: StageContext):
     fns = [RewardFnSpec(fn=spec.reward_fn)] if isinstance(spec.reward_fn, str) else spec.reward_fn or []
     rewards = [RewardComponent(c.fn, c.weight, reward_fn_scorer(c.fn)) for c in fns]
     if spec.reward_model is not None:
-        _, scorer = rl_glue.load_reward_scorer(ctx, accelerator.device, spec.forward_batch_size or 32)
+        _, scorer = rl_glue.load_reward_scorer(ctx, accelerator.device, spec.rollout.forward_batch_size or 32)
         rewards.append(RewardComponent("reward_model", spec.reward_model_weight, scorer))
 
     # Train (resuming from the newest complete checkpoint when asked)

@@ -1,89 +1,39 @@
-"""Stage types: one record each, holding everything the rest of alignlab knows about a type of stage.
-
-A record names the type's recipe keys (its spec class), the module that runs it, the data formats it reads, the
-TRL config its `train.extra` keys are checked against, whether it writes a model, which earlier stages its keys
-may name, and the settings that lower its memory. The pipeline, the validator, the data layer and the error
-messages read these records and never branch on a type's name, so a new stage type is one runner module plus
-one registration (`@stage_type(...)` on its spec class in alignlab/stages/specs.py).
+"""Finding a stage type's record (alignlab/stages/record.py says what a record holds; the catalogue
+alignlab/stages/types.py registers them), and the stage chain: which earlier stages a stage's keys name, and the
+checks that they exist, come earlier and have the right type. A new stage type is a spec class, one runner module
+and one record in the catalogue; nothing else branches on a type's name.
 
 Torch-free on purpose (pydantic and the standard library only): `alignlab validate` reads it.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from alignlab.schema import RecipeError, StageSpec
+from alignlab.stages.record import MODEL_OR_PATH, StageType
+from alignlab.stages.types import STAGE_TYPES, input_stage_name
 
 if TYPE_CHECKING:
     from alignlab.recipe import Recipe
 
-
-@dataclass(frozen=True)
-class StageType:
-    name: str
-    spec: type[StageSpec]
-    runner: str  # module whose `run(ctx: StageContext) -> StageOutput` runs the stage
-    # spec attribute holding a DatasetSpec -> the data formats it accepts, preferred first when auto-detecting
-    datasets: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    trl_config: str | None = None  # TRL config class (trl.<name>) whose fields train.extra may set
-    writes_model: bool = True  # False: the stage measures (eval) or writes data (generate), and hands no model on
-    # the data format of the dataset the stage writes (read later as `dataset: {path: "stage:NAME"}`); None: none
-    writes_data: Callable[[Any], str] | None = None
-    # spec attribute that may name an earlier stage -> the type that stage must have (None: any model-writing stage)
-    references: dict[str, str | None] = field(default_factory=dict)
-    memory_knobs: Callable[[Any], list[str]] = lambda spec: []  # "lower X (now N)" advice for out-of-memory errors
-    check: Callable[[Recipe, int], str | None] | None = None  # a type-specific recipe check (validate)
-    # why the stage cannot run under DeepSpeed (alignlab's own loops: they shard themselves under FSDP, parallel.py)
-    not_under_deepspeed: str | None = None
-
-    def run(self, ctx):
-        return importlib.import_module(self.runner).run(ctx)
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        """The formats of the stage's main `dataset`."""
-        return self.datasets.get("dataset", ())
+__all__ = ["STAGE_DATA", "check_chain", "dataset_stage_refs", "input_stage_name", "stage_record", "stage_references"]
 
 
-STAGE_TYPES: dict[str, StageType] = {}
-
-
-def stage_type(name: str, **record: Any) -> Callable[[type[StageSpec]], type[StageSpec]]:
-    """Register the decorated spec class as stage type `name`, with the rest of its record."""
-
-    def deco(cls: type[StageSpec]) -> type[StageSpec]:
-        STAGE_TYPES[name] = StageType(name=name, spec=cls, **record)
-        return cls
-
-    return deco
+def stage_types() -> dict[str, StageType]:
+    """Every stage type's record, by name (the catalogue, alignlab/stages/types.py)."""
+    return STAGE_TYPES
 
 
 def stage_record(name: str) -> StageType:
-    """The record of stage type `name`. The types register when alignlab.stages.specs is imported, which importing
-    alignlab.recipe (hence any Recipe) does."""
-    if name not in STAGE_TYPES:
-        raise RecipeError(f"unknown stage type '{name}'; known types: {', '.join(sorted(STAGE_TYPES))}")
-    return STAGE_TYPES[name]
+    """The record of stage type `name`."""
+    types = stage_types()
+    if name not in types:
+        raise RecipeError(f"unknown stage type '{name}'; known types: {', '.join(sorted(types))}")
+    return types[name]
 
 
 # --------------------------------------------------------------------------------------------- the stage chain
-
-
-def input_stage_name(recipe: Recipe, index: int) -> str | None:
-    """Name of the stage whose model stage `index` starts from, or None for the base model."""
-    spec = recipe.stages[index]
-    if spec.input == "base":
-        return None
-    if spec.input == "previous":
-        for prev in reversed(recipe.stages[:index]):
-            if stage_record(prev.type).writes_model:
-                return prev.name
-        return None
-    return spec.input
 
 
 def stage_references(spec: StageSpec) -> dict[str, str]:
@@ -126,18 +76,19 @@ def check_chain(recipe: Recipe) -> None:
         for key, ref in stage_references(spec).items():
             wanted = record.references.get(key)
             if wanted is not None and ref not in names:
-                continue  # e.g. a reward_model that is no stage name is a path, checked by the validator
+                continue  # e.g. a reward_model or teacher that is no stage name is a path, checked by the validator
             if ref not in seen:
                 why = "comes later in the recipe" if ref in names else "is not a stage of this recipe"
                 raise RecipeError(
                     f"stages[{i}] ({spec.name}).{key} = '{ref}', which {why}. Stages can only start from earlier "
                     f"stages: {', '.join(seen) or '(none before it)'}; or 'base' for the base model."
                 )
-            if wanted is not None and seen[ref] != wanted:
+            any_model = wanted in (None, MODEL_OR_PATH)
+            if not any_model and seen[ref] != wanted:
                 raise RecipeError(
                     f"stages[{i}] ({spec.name}).{key} = '{ref}' is {_a(seen[ref])} stage, not {_a(wanted)} stage"
                 )
-            if wanted is None and not stage_record(seen[ref]).writes_model:
+            if any_model and not stage_record(seen[ref]).writes_model:
                 raise RecipeError(
                     f"stages[{i}] ({spec.name}).{key} = '{ref}' is {_a(seen[ref])} stage, which writes no model"
                 )
@@ -146,7 +97,7 @@ def check_chain(recipe: Recipe) -> None:
 
 def _check_data_refs(spec: StageSpec, index: int, names: set[str], earlier: dict[str, StageSpec]) -> None:
     record = stage_record(spec.type)
-    writers = sorted(t for t, r in STAGE_TYPES.items() if r.writes_data)
+    writers = sorted(t for t, r in stage_types().items() if r.writes_data)
     for key, ref in dataset_stage_refs(spec).items():
         where = f"stages[{index}] ({spec.name}).{key if key.endswith('eval_path') else key + '.path'}"
         source = earlier.get(ref)

@@ -20,9 +20,9 @@ from alignlab.stages.trl_glue import available_trackers
 
 
 def start(ctx: StageContext) -> Accelerator:
-    """The stage's Accelerator (trackers from `report_to`, those installed), with the recipe's seed set."""
+    """The stage's Accelerator (trackers from `train.report_to`, those installed), with the recipe's seed set."""
     spec, recipe = ctx.spec, ctx.recipe
-    trackers = available_trackers(spec.report_to)
+    trackers = available_trackers(spec.train.report_to)
     accelerator = Accelerator(log_with=None if trackers == "none" else trackers, project_dir=str(ctx.stage_dir))
     if trackers != "none":
         accelerator.init_trackers(f"{recipe.name}-{spec.name}")

@@ -8,23 +8,34 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from alignlab.schema import SHARDABLE_STAGE_TYPES, DatasetSpec, RewardFnSpec, StageSpec, Strict, TrainSpec
-from alignlab.stages.registry import input_stage_name, stage_type
+from alignlab.schema import (
+    DatasetSpec,
+    LoopTrainSpec,
+    RewardFnSpec,
+    SamplingSpec,
+    StageSpec,
+    Strict,
+    TrainingSamplingSpec,
+    TrainSpec,
+)
 
-# Data formats (alignlab/data/formats.py) by what a stage reads.
-CHAT_OR_TEXT = ("messages", "prompt_completion", "text")
-PAIRS = ("preference",)
-UNPAIRED = ("unpaired",)
-PROMPTS = ("prompt",)
+
+# Each trainer stage's `train:` (TrainSpec's keys) with the learning rate it starts from when none is given, in a
+# partial `train:` section too.
+class SFTTrainSpec(TrainSpec):
+    learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate (peak, for a schedule)")
 
 
-def trainer_memory_knobs(spec) -> list[str]:
-    t = spec.train
-    return [
-        f"lower train.per_device_batch_size (now {t.per_device_batch_size}) and raise "
-        f"train.gradient_accumulation_steps (now {t.gradient_accumulation_steps}) by the same factor (same batch)",
-        f"lower train.max_length (now {t.max_length})",
-    ]
+class DPOTrainSpec(TrainSpec):
+    learning_rate: float = Field(5e-6, gt=0, description="AdamW learning rate (peak, for a schedule)")
+
+
+class KTOTrainSpec(TrainSpec):
+    learning_rate: float = Field(5e-6, gt=0, description="AdamW learning rate (peak, for a schedule)")
+
+
+class RewardTrainSpec(TrainSpec):
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (peak, for a schedule)")
 
 
 class SFTLossSpec(Strict):
@@ -47,20 +58,13 @@ class SFTLossSpec(Strict):
         return 1.0 if self.alpha is None else self.alpha
 
 
-@stage_type(
-    "sft",
-    runner="alignlab.stages.sft",
-    datasets={"dataset": CHAT_OR_TEXT},
-    trl_config="SFTConfig",
-    memory_knobs=trainer_memory_knobs,
-)
 class SFTSpec(StageSpec):
     """Supervised fine-tuning on prompt/completion, chat messages or plain text (TRL's SFTTrainer).
     The loss is on completions / assistant turns only unless `completion_only_loss: false`; `loss` picks it."""
 
     type: Literal["sft"] = "sft"
     dataset: DatasetSpec
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=2e-4))
+    train: SFTTrainSpec = Field(default_factory=SFTTrainSpec)
     packing: bool = False
     completion_only_loss: bool = True
     loss: SFTLossSpec = Field(default_factory=lambda: SFTLossSpec())
@@ -110,20 +114,13 @@ class PreferenceLossSpec(Strict):
         return self
 
 
-@stage_type(
-    "dpo",
-    runner="alignlab.stages.dpo",
-    datasets={"dataset": PAIRS},
-    trl_config="DPOConfig",
-    memory_knobs=trainer_memory_knobs,
-)
 class DPOSpec(StageSpec):
     """Direct preference optimisation and its robust variants on preference pairs (prompt, chosen, rejected).
     The reference model is the stage's input model (e.g. the SFT model), frozen."""
 
     type: Literal["dpo"] = "dpo"
     dataset: DatasetSpec
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+    train: DPOTrainSpec = Field(default_factory=DPOTrainSpec)
     loss: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec)
     precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
     nll_alpha: float = Field(
@@ -156,13 +153,6 @@ class DPOSpec(StageSpec):
         return self
 
 
-@stage_type(
-    "kto",
-    runner="alignlab.stages.kto",
-    datasets={"dataset": UNPAIRED + PAIRS},
-    trl_config="KTOConfig",
-    memory_knobs=trainer_memory_knobs,
-)
 class KTOSpec(StageSpec):
     """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired binary feedback: prompt, completion and a
     desirable/undesirable label (thumbs up/down; format `unpaired`), on TRL's KTOTrainer. Preference pairs are read
@@ -171,7 +161,7 @@ class KTOSpec(StageSpec):
 
     type: Literal["kto"] = "kto"
     dataset: DatasetSpec
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+    train: KTOTrainSpec = Field(default_factory=KTOTrainSpec)
     beta: float = Field(0.1, gt=0, description="KL strength: the implied reward is beta * log(pi / pi_ref)")
     desirable_weight: float = Field(
         1.0, gt=0, description="lambda_D, weight of the desirable examples' losses (balance unequal counts)"
@@ -194,47 +184,22 @@ class KTOSpec(StageSpec):
         return self
 
 
-@stage_type(
-    "reward",
-    runner="alignlab.stages.reward",
-    datasets={"dataset": PAIRS},
-    trl_config="RewardConfig",
-    memory_knobs=trainer_memory_knobs,
-)
 class RewardSpec(StageSpec):
     """Bradley-Terry reward model (sequence-classification head) on preference pairs (prompt, chosen, rejected,
     optional per-pair `margin`). Reports held-out accuracy (eval_accuracy)."""
 
     type: Literal["reward"] = "reward"
     dataset: DatasetSpec
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=1e-4))
+    train: RewardTrainSpec = Field(default_factory=RewardTrainSpec)
     center_coef: float | None = Field(None, ge=0, description="Reward centering eta (0.01 recommended when on)")
 
 
-class RolloutSpec(Strict):
+class PPORolloutSpec(TrainingSamplingSpec):
     """How PPO samples completions from the policy."""
 
-    batch_size: int = Field(16, gt=0, description="Prompts per PPO update (per process)")
-    max_new_tokens: int = Field(32, gt=0, description="Maximum response length; generation also stops at EOS")
+    batch_size: int = Field(16, gt=0, description="Prompts per PPO step (per process), one response each")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs use logits / temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; PPO takes only 1.0 (off): docs/stages.md")
-    missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtracted from the score of a response that hit max_new_tokens without EOS"
-    )
-    forward_batch_size: int | None = Field(
-        None,
-        gt=0,
-        description="Rows per no-grad forward of the rollout (reference, reward model); default: "
-        "ppo.minibatch_size. Larger is faster; memory grows with rows x length x vocab",
-    )
-    recompute_logprobs: bool | None = Field(
-        None,
-        description="false: the policy's log-probs, values and entropy come from the sampling pass itself; "
-        "true: from one more forward over prompt + response (the PPO epochs' exact arithmetic, so the first ratio "
-        "is exactly 1). Default (null): true under mixed precision (accelerate bf16/fp16), a float16/bfloat16 "
-        "model or a quantized base computing in bf16/fp16 (QLoRA's default compute_dtype), where cached decoding "
-        "drifts from a full forward; false otherwise",
-    )
 
     @field_validator("top_p")
     @classmethod
@@ -254,12 +219,18 @@ class RolloutSpec(Strict):
         return v
 
 
-class PPOHyperSpec(Strict):
-    """PPO optimisation (formulas: docs/algorithms.md, code alignlab/losses/ppo.py)."""
+class PPOTrainSpec(LoopTrainSpec):
+    """PPO's optimisation: `epochs` passes over each rollout batch in minibatches; policy and value head share AdamW
+    (constant learning rate)."""
 
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant) for policy and value head")
     epochs: int = Field(4, gt=0, description="PPO epochs over each rollout batch")
     minibatch_size: int = Field(8, gt=0, description="Responses per optimizer step (per process)")
-    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant) for policy and value head")
+
+
+class PPOHyperSpec(Strict):
+    """PPO's objective (formulas: docs/algorithms.md, code alignlab/losses/ppo.py)."""
+
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip epsilon (around the rollout's values)")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss")
@@ -275,84 +246,39 @@ class PPOHyperSpec(Strict):
     kl_target: float | None = Field(None, gt=0, description="Set to use the adaptive KL controller")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon, in responses")
     whiten_advantages: bool = Field(True, description="Whiten advantages (masked mean/variance of the batch)")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
 
-def check_sharding(recipe, index: int) -> str | None:
-    """What `parallel.shard: fsdp2` cannot hold: a 4-bit base (fully_shard splits floating-point tensors; the packed
-    bitsandbytes weights are not) and a bf16 sampling copy of the policy (it would be a whole second model on every
-    process, which sharding is there to avoid)."""
-    spec = recipe.stages[index]
-    if recipe.parallel_for(spec).shard != "fsdp2":
-        return None
-    where = f"stages.{spec.name}.parallel.shard" if spec.parallel is not None else "parallel.shard"
-    return sharding_problem(recipe, spec, f"{where}: fsdp2")
+# Where the keys of the RL loops' train: section used to be (flat in the stage, or in ppo:).
+_LOOP_TRAIN_MOVED = {
+    key: f"train.{key}"
+    for key in ("learning_rate", "weight_decay", "max_grad_norm", "epochs", "minibatch_size", "logging_steps",
+                "save_steps", "save_total_limit", "report_to")
+} | {"steps": "train.max_steps"}  # fmt: skip
 
 
-def sharding_problem(recipe, spec, what: str) -> str | None:
-    """Why `spec` (an own-loop stage) cannot be sharded, `what` naming what shards it (the recipe's key, or an FSDP
-    accelerate config); None when it can."""
-    if spec.type not in SHARDABLE_STAGE_TYPES:
-        return None
-    if recipe.peft.method == "qlora":
-        return (
-            f"{what} shards floating-point tensors, but a qlora base is 4-bit: use peft.method lora (the base in "
-            "bfloat16 is sharded), or run this stage unsharded (DDP)"
-        )
-    if getattr(spec, "sample_dtype", None):
-        return (
-            f"{what} with sample_dtype: {spec.sample_dtype} would keep a whole {spec.sample_dtype} copy of the policy "
-            "on every process: remove sample_dtype (sampling gathers the sharded float32 weights once per pass), or "
-            "run this stage unsharded (DDP)"
-        )
-    return None
-
-
-def _checks(*checks):
-    """One record `check` from several: every problem found, joined."""
-
-    def check(recipe, index: int) -> str | None:
-        problems = [p for p in (c(recipe, index) for c in checks) if p]
-        return "; ".join(problems) or None
-
-    return check
-
-
-@stage_type(
-    "ppo",
-    runner="alignlab.stages.ppo",
-    datasets={"dataset": PROMPTS},
-    references={"reward_model": "reward"},
-    not_under_deepspeed="the ppo stage runs alignlab's own loop, which shards its models itself (FSDP2) and prepares "
-    "no dataloader",
-    memory_knobs=lambda spec: [
-        f"lower rollout.batch_size (now {spec.rollout.batch_size}) and ppo.minibatch_size "
-        f"(now {spec.ppo.minibatch_size})",
-        f"lower rollout.max_new_tokens (now {spec.rollout.max_new_tokens})",
-    ],
-    check=check_sharding,
-)
 class PPOSpec(StageSpec):
     """PPO for RLHF (alignlab's own loop on accelerate). Reward: a reward stage / model, or a Python
     function `module:function(prompts, completions) -> list[float]`."""
 
+    MOVED = {
+        **{k: v for k, v in _LOOP_TRAIN_MOVED.items() if k not in ("epochs", "minibatch_size")},
+        **{f"ppo.{k}": f"train.{k}" for k in ("learning_rate", "weight_decay", "max_grad_norm", "epochs",
+                                              "minibatch_size")},
+    }  # fmt: skip
+
+    SHARDABLE = True
     type: Literal["ppo"] = "ppo"
     dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     reward_fn: str | None = Field(None, description="module:function returning one float per completion")
-    steps: int = Field(100, gt=0, description="PPO updates (rollout batches)")
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    train: PPOTrainSpec = Field(default_factory=PPOTrainSpec)
+    rollout: PPORolloutSpec = Field(default_factory=PPORolloutSpec)
     ppo: PPOHyperSpec = Field(default_factory=PPOHyperSpec)
-    logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume)")
-    save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept (oldest deleted); None keeps all")
-    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow")
 
     @property
     def forward_batch_size(self) -> int:
-        """Rows per no-grad rollout forward: rollout.forward_batch_size, else ppo.minibatch_size."""
-        return self.rollout.forward_batch_size or self.ppo.minibatch_size
+        """Rows per no-grad rollout forward: rollout.forward_batch_size, else train.minibatch_size."""
+        return self.rollout.forward_batch_size or self.train.minibatch_size
 
     @model_validator(mode="after")
     def _one_reward(self):
@@ -385,39 +311,44 @@ class StopIfSpec(Strict):
     )
 
 
-def check_sampling_dtype(recipe, index: int) -> str | None:
-    """A generate stage's `dtype` (an RL stage's `sample_dtype`) casts the model it samples from; a 4-bit base cannot
-    be cast (it computes in peft.quantization.compute_dtype)."""
-    spec = recipe.stages[index]
-    key = "dtype" if spec.type == "generate" else "sample_dtype"
-    dtype = getattr(spec, key)
-    if dtype is None or recipe.peft.method != "qlora":
-        return None
-    return (
-        f"{key}: {dtype} casts the model it samples from, but a qlora base is 4-bit and computes in "
-        f"peft.quantization.compute_dtype (bfloat16 unless set). Remove {key}, or set that instead"
+class GRPORolloutSpec(TrainingSamplingSpec):
+    """How GRPO samples its groups: `batch_size` prompts per step, `num_samples` responses to each."""
+
+    num_samples: int = Field(8, ge=2, description="Responses sampled per prompt (the group size G)")
+    max_new_tokens: int = Field(32, gt=0, description="Maximum response length; also Dr. GRPO's constant")
+    dtype: Literal["bfloat16", "float16"] | None = Field(
+        None,
+        description="Sample from a copy of the policy in this precision, its adapter merged and refreshed before "
+        "each step (alignlab/rl/sampler.py); training stays float32 and the old log-probs come from a float32 "
+        "forward. bfloat16 samples SmolLM2-135M ~1.75x as fast on a CPU with AMX (and on GPUs). Default: sample "
+        "with the policy itself",
     )
 
 
-@stage_type(
-    "grpo",
-    runner="alignlab.stages.grpo",
-    datasets={"dataset": PROMPTS},
-    references={"reward_model": "reward"},
-    not_under_deepspeed="the grpo stage runs alignlab's own loop, which shards its models itself (FSDP2) and "
-    "prepares no dataloader",
-    memory_knobs=lambda spec: [
-        f"lower prompts_per_step (now {spec.prompts_per_step}) or num_generations (now {spec.num_generations}): "
-        f"{spec.prompts_per_step * spec.num_generations} responses are sampled at once",
-        f"set minibatch_size (now {spec.minibatch_size}) below the responses per step",
-        f"lower max_new_tokens (now {spec.max_new_tokens})",
-    ],
-    check=_checks(check_sampling_dtype, check_sharding),
-)
+class GRPOTrainSpec(LoopTrainSpec):
+    learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (constant)")
+    minibatch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Responses per optimizer step (per process), a multiple of rollout.num_samples; default: all "
+        "of a step's responses",
+    )
+
+
 class GRPOSpec(StageSpec):
     """Critic-free RL on rewards a program (or a reward model) gives: GRPO, Dr. GRPO, RLOO and DAPO's fixes
     (alignlab's own loop; formulas: docs/algorithms.md, code: alignlab/losses/grpo.py, alignlab/rl/grpo.py)."""
 
+    MOVED = {
+        **_LOOP_TRAIN_MOVED,
+        **{k: f"rollout.{k}" for k in ("temperature", "max_new_tokens", "missing_eos_penalty", "forward_batch_size",
+                                       "recompute_logprobs")},
+        "num_generations": "rollout.num_samples",
+        "prompts_per_step": "rollout.batch_size",
+        "sample_dtype": "rollout.dtype",
+    }  # fmt: skip
+
+    SHARDABLE = True
     type: Literal["grpo"] = "grpo"
     dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
     reward_fn: str | list[RewardFnSpec] | None = Field(
@@ -427,14 +358,8 @@ class GRPOSpec(StageSpec):
     )
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the summed reward")
-    steps: int = Field(100, gt=0, description="Policy updates (each on a fresh batch of groups)")
-    prompts_per_step: int = Field(8, gt=0, description="Prompts (groups) per step, per process")
-    num_generations: int = Field(8, ge=2, description="Responses sampled per prompt (the group size G)")
-    max_new_tokens: int = Field(32, gt=0, description="Maximum response length; also Dr. GRPO's constant")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use logits / temperature")
-    missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtracted from the reward of a response that hit max_new_tokens without EOS"
-    )
+    train: GRPOTrainSpec = Field(default_factory=GRPOTrainSpec)
+    rollout: GRPORolloutSpec = Field(default_factory=GRPORolloutSpec)
     advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
         "grpo",
         description="grpo: (r - group mean) / (group std + 1e-4); dr_grpo: r - group mean; rloo: r - mean of the "
@@ -448,16 +373,6 @@ class GRPOSpec(StageSpec):
     )
     clip_low: float = Field(0.2, gt=0, lt=1, description="The ratio is clipped below at 1 - clip_low")
     clip_high: float = Field(0.2, gt=0, description="... and above at 1 + clip_high (DAPO's clip-higher: 0.28)")
-    epochs: int = Field(1, gt=0, description="Policy-gradient passes over each step's responses")
-    minibatch_size: int | None = Field(
-        None,
-        gt=0,
-        description="Responses per optimizer step (per process), a multiple of num_generations; default: all of a "
-        "step's responses",
-    )
-    learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (constant)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
     beta: float = Field(0.0, ge=0, description="Weight of the k3 KL-to-reference term in the loss (0 = off)")
     unlikelihood: float = Field(
         0.0,
@@ -481,28 +396,6 @@ class GRPOSpec(StageSpec):
     greedy_prompts: int = Field(
         32, gt=0, description="Training prompts (evenly spaced, the same every time) stop_if.greedy_repetition decodes"
     )
-    forward_batch_size: int | None = Field(
-        None, gt=0, description="Rows per no-grad forward (reference, reward model); default: minibatch size"
-    )
-    recompute_logprobs: bool | None = Field(
-        None,
-        description="false: the sampling policy's log-probs come from the sampling pass itself; true: from one more "
-        "forward (the training forward's exact arithmetic, so the first ratio is exactly 1). Default (null): true "
-        "under mixed precision (accelerate bf16/fp16), a float16/bfloat16 model or a quantized base computing in "
-        "bf16/fp16 (QLoRA's default compute_dtype), where cached decoding drifts from a full forward, and with "
-        "sample_dtype; false otherwise",
-    )
-    sample_dtype: Literal["bfloat16", "float16"] | None = Field(
-        None,
-        description="Sample from a copy of the policy in this precision, its adapter merged and refreshed before "
-        "each step (alignlab/rl/sampler.py); training stays float32 and the old log-probs come from a float32 "
-        "forward. bfloat16 samples SmolLM2-135M ~1.75x as fast on a CPU with AMX (and on GPUs). Default: sample "
-        "with the policy itself",
-    )
-    logging_steps: int = Field(1, gt=0, description="Write metrics (averaged over the window) every N steps")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume and stop_if)")
-    save_total_limit: int | None = Field(None, gt=0, description="Checkpoints kept (oldest deleted); None keeps all")
-    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow")
 
     @property
     def aggregation(self) -> str:
@@ -514,7 +407,7 @@ class GRPOSpec(StageSpec):
     @property
     def responses_per_step(self) -> int:
         """Per process."""
-        return self.prompts_per_step * self.num_generations
+        return self.rollout.batch_size * self.rollout.num_samples
 
     @model_validator(mode="after")
     def _check(self):
@@ -525,50 +418,53 @@ class GRPOSpec(StageSpec):
             )
         if isinstance(self.reward_fn, list) and not self.reward_fn:
             raise ValueError("reward_fn is an empty list; name at least one {fn: module:function, weight: 1.0}")
-        if self.stop_if is not None and self.save_steps is None:
+        if self.stop_if is not None and self.train.save_steps is None:
             raise ValueError(
                 "stop_if ends the stage with its last good checkpoint, and no checkpoints are written: set "
-                "save_steps (e.g. 10), or remove stop_if"
+                "train.save_steps (e.g. 10), or remove stop_if"
             )
-        if self.minibatch_size is not None and self.minibatch_size % self.num_generations:
+        size, minibatch = self.rollout.num_samples, self.train.minibatch_size
+        if minibatch is not None and minibatch % size:
             raise ValueError(
-                f"minibatch_size = {self.minibatch_size} is not a multiple of num_generations = "
-                f"{self.num_generations}: a minibatch holds whole groups (each group's prompt is computed once). "
-                f"Use e.g. {max(1, self.minibatch_size // self.num_generations) * self.num_generations}"
+                f"train.minibatch_size = {minibatch} is not a multiple of rollout.num_samples = {size}: a minibatch "
+                f"holds whole groups (each group's prompt is computed once). Use e.g. {max(1, minibatch // size) * size}"
             )
         limits = self.stop_if
         if limits is not None and limits.repetition is None and limits.kl is None and limits.greedy_repetition is None:
             raise ValueError("stop_if sets no limit; give repetition (e.g. 0.3), kl (e.g. 20) and/or greedy_repetition")
-        if self.sample_dtype is not None and self.recompute_logprobs is False:
+        if self.rollout.dtype is not None and self.rollout.recompute_logprobs is False:
             raise ValueError(
-                f"sample_dtype: {self.sample_dtype} samples from a low-precision copy, whose log-probs are not the "
-                "float32 policy's the ratios start from: remove recompute_logprobs: false (or sample_dtype)"
+                f"rollout.dtype: {self.rollout.dtype} samples from a low-precision copy, whose log-probs are not the "
+                "float32 policy's the ratios start from: remove rollout.recompute_logprobs: false (or rollout.dtype)"
             )
         return self
 
 
-GENERATED_FORMATS = {"preference": "preference", "sft": "prompt_completion"}  # output -> data format it writes
+class GenerateRolloutSpec(SamplingSpec):
+    """How a generate stage samples: `num_samples` completions to each prompt, `batch_size` prompts per call."""
+
+    num_samples: int = Field(4, ge=1, description="Completions sampled per prompt")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (x num_samples rows)")
+    max_new_tokens: int = Field(64, gt=0, description="Maximum completion length; generation also stops at EOS")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the model's own distribution)")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Precision the model samples in (default null: the model's, model.dtype). bfloat16 samples "
+        "SmolLM2-135M 1.75x as fast on a CPU with AMX (and on GPUs); the samples are then the bf16 model's",
+    )
 
 
-@stage_type(
-    "generate",
-    runner="alignlab.stages.generate",
-    datasets={"dataset": PROMPTS},
-    writes_model=False,
-    writes_data=lambda spec: GENERATED_FORMATS[spec.output],
-    references={"reward_model": "reward"},
-    not_under_deepspeed="the generate stage samples with alignlab's own loop, which shards its model itself (FSDP2)",
-    memory_knobs=lambda spec: [
-        f"lower batch_size (now {spec.batch_size}: prompts per generate call, x num_samples rows)",
-        f"lower max_new_tokens (now {spec.max_new_tokens})",
-    ],
-    check=_checks(check_sampling_dtype, check_sharding),
-)
 class GenerateSpec(StageSpec):
-    """Sample `num_samples` completions per prompt from the input model, score them with `reward_fn` or
+    """Sample `rollout.num_samples` completions per prompt from the input model, score them with `reward_fn` or
     `reward_model`, and write a dataset a later stage reads as `dataset: {path: "stage:NAME"}`: preference pairs
     (best vs worst per prompt; ties dropped) or best-of-N SFT data (rejection sampling)."""
 
+    MOVED = {
+        k: f"rollout.{k}" for k in ("num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype")
+    }
+
+    SHARDABLE = True
     type: Literal["generate"] = "generate"
     dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
     reward_fn: str | None = Field(None, description="module:function or builtin:TASK, one float per completion")
@@ -576,12 +472,9 @@ class GenerateSpec(StageSpec):
     output: Literal["preference", "sft"] = Field(
         "preference",
         description="preference: (prompt, chosen = best, rejected = worst) per prompt whose scores differ; sft: "
-        "(prompt, completion = best of num_samples)",
+        "(prompt, completion = best of rollout.num_samples)",
     )
-    num_samples: int = Field(4, ge=1, description="Completions sampled per prompt")
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the model's own distribution)")
-    top_p: float = Field(1.0, gt=0, le=1)
+    rollout: GenerateRolloutSpec = Field(default_factory=GenerateRolloutSpec)
     min_margin: float = Field(
         0.0, ge=0, description="preference: keep a pair only when best - worst score exceeds this (ties always drop)"
     )
@@ -592,12 +485,6 @@ class GenerateSpec(StageSpec):
         "text, or None to keep it, per sample): builtin:constraints lays the model's own sentences out to meet the "
         "prompt's constraints. Among equal revised scores the sample that scored higher before revision wins",
     )
-    batch_size: int = Field(8, gt=0, description="Prompts per generate call (x num_samples rows)")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None,
-        description="Precision the model samples in (default null: the model's, model.dtype). bfloat16 samples "
-        "SmolLM2-135M 1.75x as fast on a CPU with AMX (and on GPUs); the samples are then the bf16 model's",
-    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -606,8 +493,10 @@ class GenerateSpec(StageSpec):
                 "a generate stage needs exactly one of reward_model (an earlier reward stage's name or a path) "
                 "or reward_fn (module:function or builtin:TASK) to score its samples"
             )
-        if self.output == "preference" and self.num_samples < 2:
-            raise ValueError(f"output: preference needs num_samples >= 2 to form a pair (now {self.num_samples})")
+        if self.output == "preference" and self.rollout.num_samples < 2:
+            raise ValueError(
+                f"output: preference needs rollout.num_samples >= 2 to form a pair (now {self.rollout.num_samples})"
+            )
         if self.output != "sft" and self.min_score is not None:
             raise ValueError("min_score applies to output: sft (best-of-N); for pairs use min_margin")
         if self.output != "preference" and self.min_margin > 0:
@@ -620,44 +509,22 @@ class GenerateSpec(StageSpec):
         return self
 
 
-def check_eval_has_two_models(recipe, index: int) -> str | None:
-    """An eval stage compares its input (the policy) with its reference. When `input: previous` finds no training
-    stage before it, or the very stage named as reference, both are the same model and every comparison is empty
-    (KL 0, win rate 1/2): most likely a misplaced stage. (Say `input: base` to measure the base model on purpose.)"""
-    spec = recipe.stages[index]
-    policy = input_stage_name(recipe, index)
-    reference = None if spec.reference == "base" else spec.reference
-    if spec.input != "previous" or policy != reference:
-        return None
-    what = "the base model (no training stage comes before it)" if policy is None else f"stage '{policy}'"
-    return (
-        f"evaluates {what} against itself (input: previous, reference: {spec.reference}), so there is nothing to "
-        f"compare. Put the eval stage after a training stage, set `reference` to another model, or write "
-        f"`input: {policy or 'base'}` to measure that model on its own."
+class EvalRolloutSpec(SamplingSpec):
+    """How an eval stage decodes the answers it scores (policy and reference alike)."""
+
+    batch_size: int = Field(32, gt=0, description="Prompts per generate call, and rows per scoring forward")
+    temperature: float = Field(
+        0.0, ge=0, description="0 = greedy. The KL is always measured on responses sampled at temperature 1"
     )
 
 
-@stage_type(
-    "eval",
-    runner="alignlab.stages.eval",
-    datasets={
-        "dataset": PROMPTS,
-        "preference_dataset": PAIRS,
-        "sft_dataset": CHAT_OR_TEXT,
-        "nll_dataset": CHAT_OR_TEXT,
-    },
-    writes_model=False,
-    references={"reward_model": "reward", "reference": None},
-    memory_knobs=lambda spec: [
-        f"lower batch_size (now {spec.batch_size})",
-        f"lower max_new_tokens (now {spec.max_new_tokens})",
-    ],
-    check=_checks(check_eval_has_two_models, check_sharding),
-)
 class EvalSpec(StageSpec):
     """Evaluate the input model against a reference: ground-truth reward, win rate, KL, preference accuracy,
     perplexity; writes eval.json, eval.md and training-curve plots."""
 
+    MOVED = {k: f"rollout.{k}" for k in ("max_new_tokens", "temperature", "batch_size")}
+
+    SHARDABLE = True
     type: Literal["eval"] = "eval"
     dataset: DatasetSpec = Field(description="Prompts (with answers when the task has a reward function)")
     preference_dataset: DatasetSpec | None = None
@@ -672,9 +539,135 @@ class EvalSpec(StageSpec):
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     beta: float = Field(0.1, gt=0, description="beta of the implicit DPO reward")
     num_prompts: int = Field(200, gt=0, description="The first num_prompts prompts of `dataset`")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(
-        0.0, ge=0, description="0 = greedy. The KL is always measured on responses sampled at temperature 1"
-    )
+    rollout: EvalRolloutSpec = Field(default_factory=EvalRolloutSpec)
     num_samples_shown: int = Field(5, ge=0)
-    batch_size: int = Field(32, gt=0)
+
+
+class DistillLossSpec(Strict):
+    """The divergence a distill stage pulls the student's next-token distributions toward the teacher's with,
+    per completion token over the whole vocabulary (alignlab/losses/distill.py; formulas: docs/algorithms.md)."""
+
+    name: Literal["forward_kl", "reverse_kl", "jsd"] | None = Field(
+        None,
+        description="forward_kl: KL(teacher || student) (Hinton et al. 2015; mean-seeking); reverse_kl: "
+        "KL(student || teacher) (mode-seeking); jsd: GKD's generalized Jensen-Shannon divergence with `beta`. "
+        "Default: forward_kl for mode offline, reverse_kl for mode on_policy",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="jsd only: the teacher's weight in the mixture (GKD's beta; 0.5, the default: the symmetric JSD; "
+        "toward 0 it behaves as forward_kl, toward 1 as reverse_kl)",
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="Both distributions are softmax(logits / temperature); the loss is scaled by its square"
+    )
+    nll_alpha: float = Field(
+        0.0, ge=0, description="Adds nll_alpha x the student's NLL of the data's completions on offline steps (0: none)"
+    )
+
+    @model_validator(mode="after")
+    def _beta_only_with_jsd(self):
+        if self.beta is not None and self.name != "jsd":
+            raise ValueError(
+                f"loss.beta weighs the teacher's side of the generalized JSD: set loss.name: jsd, or drop beta "
+                f"(loss.name is {self.name or 'the mode default'})"
+            )
+        return self
+
+    @property
+    def jsd_beta(self) -> float:
+        return 0.5 if self.beta is None else self.beta
+
+
+class DistillTrainSpec(LoopTrainSpec):
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant)")
+    minibatch_size: int | None = Field(
+        None, gt=0, description="Rows per optimizer step (per process); default: all of a step's rows"
+    )
+
+
+class DistillRolloutSpec(SamplingSpec):
+    """What a distill step trains on: `batch_size` rows, their completions sampled by the student (on-policy steps)
+    or read from the data (offline steps)."""
+
+    batch_size: int = Field(
+        8, gt=0, description="Rows per step (per process): prompts the student answers, or rows of the data"
+    )
+    max_new_tokens: int = Field(
+        64,
+        gt=0,
+        description="Longest completion, in tokens: sampled (generation also stops at an end token), or read from "
+        "the data and cut there",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling temperature of on-policy steps (1: the student's own distribution); the loss's own "
+        "temperature is loss.temperature",
+    )
+
+
+class DistillSpec(StageSpec):
+    """Knowledge distillation: the student (the stage's input model, trained: full or adapter) learns the
+    teacher's next-token distributions, on the data's completions (mode offline) or on its own samples (mode
+    on_policy, GKD), on alignlab's own loop (alignlab/rl/distill.py). Teacher and student must share a tokenizer."""
+
+    type: Literal["distill"] = "distill"
+    teacher: str = Field(
+        description="The model to learn from: an earlier stage's name, builtin:NAME, a local model folder or a hub "
+        "id. It must use the student's tokenizer (the teacher scores the student's token ids)"
+    )
+    mode: Literal["offline", "on_policy"] = Field(
+        "offline",
+        description="offline: the teacher scores the data's completions (prompt/completion or chat rows); on_policy: "
+        "the student samples completions to the prompts and the teacher scores those (GKD)",
+    )
+    on_policy_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="mode on_policy: the share of steps whose completions the student samples (GKD's lambda, TRL's "
+        "lmbda; default 1); the other steps are offline, on the data's completions",
+    )
+    dataset: DatasetSpec = Field(
+        description="Prompts with completions (prompt/completion or chat rows), or prompts alone for mode on_policy "
+        "with on_policy_share 1"
+    )
+    loss: DistillLossSpec = Field(default_factory=DistillLossSpec)
+    train: DistillTrainSpec = Field(default_factory=DistillTrainSpec)
+    rollout: DistillRolloutSpec = Field(default_factory=DistillRolloutSpec)
+
+    @property
+    def loss_name(self) -> str:
+        """loss.name, or the mode's default (forward KL on the data, reverse KL on the student's own samples)."""
+        return self.loss.name or ("forward_kl" if self.mode == "offline" else "reverse_kl")
+
+    @property
+    def on_policy_rate(self) -> float:
+        """The share of on-policy steps: 0 for mode offline, on_policy_share (default 1) for mode on_policy."""
+        if self.mode == "offline":
+            return 0.0
+        return 1.0 if self.on_policy_share is None else self.on_policy_share
+
+    @property
+    def needs_completions(self) -> bool:
+        """Whether some steps train on the data's completions."""
+        return self.on_policy_rate < 1.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "offline" and self.on_policy_share is not None:
+            raise ValueError(
+                f"on_policy_share: {self.on_policy_share} sets the share of on-policy steps, and mode offline takes "
+                "none: set mode: on_policy, or remove on_policy_share"
+            )
+        if self.teacher == self.name:
+            raise ValueError(f"teacher: '{self.teacher}' is this stage itself; name an earlier stage or a model")
+        if self.teacher == "base":
+            raise ValueError(
+                "teacher: base would distill the base model into the student it starts from; name the teacher: an "
+                "earlier stage, builtin:NAME, a model folder or a hub id"
+            )
+        return self
