@@ -394,13 +394,12 @@ def recipe_reference() -> str:
     key with its type, default and description. A section met in several places with the same defaults (a dataset,
     `parallel`) is written once, under "Sections used in several places", and linked from each place."""
     import alignlab.recipe as recipe_module
-    from alignlab.stages import registry
+    from alignlab.stages.registry import stage_types
 
-    STAGE_TYPES = registry.stage_types() if hasattr(registry, "stage_types") else registry.STAGE_TYPES  # noqa: N806
     stage_base = _section_class(recipe_module.Recipe.model_fields["stages"].annotation)
     stages = _Place("Keys of every stage", stage_base, skip={"type"}, owner="every stage: ", link_text="stage")
     roots = [_Place("Top-level keys", recipe_module.Recipe), stages]
-    for name, record in STAGE_TYPES.items():
+    for name, record in stage_types().items():
         inherited = {"type"} | {
             k for k, f in stage_base.model_fields.items() if repr(record.spec.model_fields.get(k)) == repr(f)
         }

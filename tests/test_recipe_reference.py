@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from alignlab.recipe import Recipe
-from alignlab.stages import registry
+from alignlab.stages.registry import stage_types
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +52,7 @@ def test_the_reference_holds_every_key_of_every_section():
                 check(target, model, _keys(model, skip={"type"} if model is stage_base else set()))
 
     check("top-level-keys", Recipe, _keys(Recipe))
-    types = registry.stage_types() if hasattr(registry, "stage_types") else registry.STAGE_TYPES
-    for name, record in types.items():
+    for name, record in stage_types().items():
         base = stage_base.model_fields  # a key every stage has is listed once, unless this type redefines it
         own = [k for k, f in record.spec.model_fields.items() if k != "type" and repr(f) != repr(base.get(k))]
         check(gen._anchor(f"Stage type `{name}`"), record.spec, own)
