@@ -33,12 +33,12 @@ from alignlab.stages.types import STAGE_TYPES
 
 
 class Recipe(Strict):
-    name: str
-    seed: int = Field(42, ge=0, le=MAX_SEED)
-    output_dir: str = "runs/${name}"
-    model: ModelSpec
-    peft: PeftSpec = Field(default_factory=PeftSpec)
-    stages: list[StageSpec] = Field(min_length=1)
+    name: str = Field(description="The recipe's name (the default output_dir uses it)")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seeds data, sampling and training in every stage")
+    output_dir: str = Field("runs/${name}", description="The run directory; ${name} is the recipe's name")
+    model: ModelSpec = Field(description="The pretrained base model every stage starts from")
+    peft: PeftSpec = Field(default_factory=PeftSpec, description="Full fine-tuning, or adapters (LoRA, DoRA, QLoRA)")
+    stages: list[StageSpec] = Field(min_length=1, description="The stages, run in order")
     parallel: ParallelSpec = Field(
         default_factory=ParallelSpec,
         description="Sharding of the stages alignlab runs itself (ppo, grpo, generate, eval)",

@@ -32,10 +32,12 @@ class Strict(BaseModel):
 class QuantizationSpec(Strict):
     """bitsandbytes quantization of the base model (QLoRA). 4-bit NF4 with double quantization by default."""
 
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    bits: Literal[4, 8] = Field(4, description="Bits per base weight (bitsandbytes): 4 (QLoRA) or 8")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bits per weight)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Precision the 4-bit layers compute in (their weights are dequantized to it)"
+    )
     quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
         "uint8", description="dtype the packed 4-bit weights are stored in; FSDP / ZeRO-3 need model.dtype here"
     )
@@ -52,11 +54,17 @@ class ModelSpec(Strict):
         description="A GGUF file inside the folder name_or_path (or point name_or_path at the .gguf itself); "
         "converted once to a cached safetensors folder (alignlab/gguf.py)",
     )
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision the weights are loaded in (auto: the checkpoint's)"
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None, description="Attention kernel (transformers' attn_implementation); default: transformers' choice"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% more time, same values"
+    )
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code (only for repos you trust)")
     tokenizer: str | None = Field(None, description="Tokenizer path or id when it differs from the model's")
     chat_template: str | None = Field(None, description="Path to a Jinja chat template file overriding the model's")
 
@@ -64,14 +72,24 @@ class ModelSpec(Strict):
 class PeftSpec(Strict):
     """Parameter-efficient fine-tuning. `qlora` = LoRA on a bitsandbytes-quantized base."""
 
-    method: Literal["none", "lora", "dora", "qlora"] = "none"
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    quantization: QuantizationSpec | None = None
+    method: Literal["none", "lora", "dora", "qlora"] = Field(
+        "none", description="none: full fine-tuning; lora; dora (weight-decomposed LoRA); qlora (LoRA on a 4-bit base)"
+    )
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(
+        32.0, gt=0, description="LoRA scale numerator: the update is (alpha / r) B A (alpha / sqrt(r) with rsLoRA)"
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: all-linear (every linear layer but the head), or names"
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full beside the adapters and saved with them (e.g. [lm_head])"
+    )
+    quantization: QuantizationSpec | None = Field(
+        None, description="The 4-bit base of qlora (its defaults when not set)"
+    )
 
     @model_validator(mode="after")
     def _quantization_needs_qlora(self):
@@ -99,16 +117,23 @@ class DataSource(Strict):
     answer, label) to the names in your file, e.g. {prompt: question, completion: answer} or {label: thumbs_up}.
     """
 
-    path: str
+    path: str = Field(description="The data: a file, a folder, a hub dataset id, builtin:TASK or stage:NAME")
     weight: float = Field(1.0, gt=0, description="In a `mix`: this source's share, relative to the other sources'")
-    split: str = "train"
-    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt", "unpaired"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)
+    split: str = Field("train", description="Split of a hub dataset or a builtin task (data_cards/ lists a task's)")
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt", "unpaired"] = Field(
+        "auto", description="The rows' format (auto: read from the columns, as the stage type prefers)"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="alignlab's column names -> yours, e.g. {prompt: question, completion: answer}",
+    )
     eval_path: str | None = Field(None, description="Held-out data file/id; otherwise eval_fraction of path")
-    eval_split: str | None = None
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
-    max_samples: int | None = Field(None, gt=0)
-    eval_max_samples: int | None = Field(None, gt=0)
+    eval_split: str | None = Field(None, description="Held-out split of the same hub dataset or builtin task")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Held-out share of the rows (seeded) when no eval_path or eval_split"
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows (the first ones)")
+    eval_max_samples: int | None = Field(None, gt=0, description="Use at most this many held-out rows")
     size: int = Field(2000, gt=0, description="Rows to generate for builtin: datasets")
     eval_size: int = Field(200, gt=0, description="Held-out rows to generate for builtin: datasets")
     flip_rate: float = Field(0.0, ge=0, le=1, description="Fraction of preference labels flipped (seeded)")
@@ -219,16 +244,22 @@ class TrainSpec(OptimSpec):
 
     epochs: float = Field(1.0, gt=0, description="Passes over the dataset")
     max_steps: int = Field(-1, description="Optimizer steps; overrides epochs when > 0")
-    per_device_batch_size: int = Field(8, gt=0)
-    eval_batch_size: int | None = Field(None, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    per_device_batch_size: int = Field(8, gt=0, description="Examples per forward and backward, per process")
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="Examples per evaluation forward; default: per_device_batch_size"
+    )
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Forwards per optimizer step: the batch is processes x per_device_batch_size x this"
+    )
     lr_scheduler: str = Field("linear", description="transformers' scheduler name: linear, cosine, constant, ...")
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of the steps the learning rate warms up over")
     max_length: int | None = Field(1024, gt=0, description="Tokens per row; longer rows are truncated")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default: at the end only")
-    bf16: bool = False
-    fp16: bool = False
-    extra: dict[str, Any] = Field(default_factory=dict)
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPUs from Ampere on; CPUs with AMX)")
+    fp16: bool = Field(False, description="float16 mixed precision, with loss scaling")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other field of the stage's TRL config, checked against it by validate"
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -333,9 +364,11 @@ class StageSpec(Strict):
     # the trainer stages (TRL) are sharded by an FSDP accelerate config instead
     SHARDABLE: ClassVar[bool] = False
 
-    name: str
-    type: str
-    input: str = "previous"
+    name: str = Field(description="The stage's name: its folder in the run directory, and how later stages name it")
+    type: str = Field(description="The stage type (docs/stages.md)")
+    input: str = Field(
+        "previous", description="The model it starts from: previous (the last model-writing stage), base, or a stage"
+    )
     merge: bool = Field(False, description="Also write merged full weights (adapters merged into the base)")
     parallel: ParallelSpec | None = Field(
         None, description="This stage's sharding (ppo, grpo, generate, eval), in place of the recipe's `parallel`"

@@ -43,7 +43,9 @@ class SFTLossSpec(Strict):
     on the tokens a response already wrote (Welleck et al. 2019; alignlab/losses/sft.py), a guard against greedy
     decoding loops ("simple simple simple ..."). Its eval_loss (and perplexity) stays the plain NLL."""
 
-    name: Literal["nll", "unlikelihood"] = "nll"
+    name: Literal["nll", "unlikelihood"] = Field(
+        "nll", description="nll (cross-entropy) or unlikelihood (NLL + alpha UL)"
+    )
     alpha: float | None = Field(None, gt=0, description="weight of the unlikelihood term (default 1.0)")
 
     @model_validator(mode="after")
@@ -63,11 +65,15 @@ class SFTSpec(StageSpec):
     The loss is on completions / assistant turns only unless `completion_only_loss: false`; `loss` picks it."""
 
     type: Literal["sft"] = "sft"
-    dataset: DatasetSpec
-    train: SFTTrainSpec = Field(default_factory=SFTTrainSpec)
-    packing: bool = False
-    completion_only_loss: bool = True
-    loss: SFTLossSpec = Field(default_factory=lambda: SFTLossSpec())
+    dataset: DatasetSpec = Field(description="The training data (formats: docs/data-and-models.md)")
+    train: SFTTrainSpec = Field(
+        default_factory=SFTTrainSpec, description="Optimisation, logging and checkpoints (this stage type's defaults)"
+    )
+    packing: bool = Field(False, description="Pack several rows into each max_length sequence (TRL's packing)")
+    completion_only_loss: bool = Field(
+        True, description="Loss on completions / assistant turns only; false: on every token, prompts included"
+    )
+    loss: SFTLossSpec = Field(default_factory=lambda: SFTLossSpec(), description="nll, or unlikelihood with its alpha")
 
     @model_validator(mode="after")
     def _unlikelihood_needs_responses(self):
@@ -86,8 +92,8 @@ class PreferenceLossSpec(Strict):
     loss's own default (alignlab/losses/catalog.py: 0.1; ln_dpo 5 and simpo 2, on per-token averages)."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "dpo"
-    beta: float = Field(0.1, gt=0)
+    name: str = Field("dpo", description="The loss, by name (docs/algorithms.md lists them and their parameters)")
+    beta: float = Field(0.1, gt=0, description="The implicit reward's scale (the loss's own default when not given)")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -119,9 +125,13 @@ class DPOSpec(StageSpec):
     The reference model is the stage's input model (e.g. the SFT model), frozen."""
 
     type: Literal["dpo"] = "dpo"
-    dataset: DatasetSpec
-    train: DPOTrainSpec = Field(default_factory=DPOTrainSpec)
-    loss: PreferenceLossSpec = Field(default_factory=PreferenceLossSpec)
+    dataset: DatasetSpec = Field(description="The training data (formats: docs/data-and-models.md)")
+    train: DPOTrainSpec = Field(
+        default_factory=DPOTrainSpec, description="Optimisation, logging and checkpoints (this stage type's defaults)"
+    )
+    loss: PreferenceLossSpec = Field(
+        default_factory=PreferenceLossSpec, description="The preference loss by name, its parameters as sibling keys"
+    )
     precompute_ref_logps: bool = Field(False, description="Compute reference log-probs once, cache them on disk")
     nll_alpha: float = Field(
         0.0,
@@ -160,8 +170,10 @@ class KTOSpec(StageSpec):
     stage's input model (e.g. the SFT model), frozen, as for dpo."""
 
     type: Literal["kto"] = "kto"
-    dataset: DatasetSpec
-    train: KTOTrainSpec = Field(default_factory=KTOTrainSpec)
+    dataset: DatasetSpec = Field(description="The training data (formats: docs/data-and-models.md)")
+    train: KTOTrainSpec = Field(
+        default_factory=KTOTrainSpec, description="Optimisation, logging and checkpoints (this stage type's defaults)"
+    )
     beta: float = Field(0.1, gt=0, description="KL strength: the implied reward is beta * log(pi / pi_ref)")
     desirable_weight: float = Field(
         1.0, gt=0, description="lambda_D, weight of the desirable examples' losses (balance unequal counts)"
@@ -189,8 +201,11 @@ class RewardSpec(StageSpec):
     optional per-pair `margin`). Reports held-out accuracy (eval_accuracy)."""
 
     type: Literal["reward"] = "reward"
-    dataset: DatasetSpec
-    train: RewardTrainSpec = Field(default_factory=RewardTrainSpec)
+    dataset: DatasetSpec = Field(description="The training data (formats: docs/data-and-models.md)")
+    train: RewardTrainSpec = Field(
+        default_factory=RewardTrainSpec,
+        description="Optimisation, logging and checkpoints (this stage type's defaults)",
+    )
     center_coef: float | None = Field(None, ge=0, description="Reward centering eta (0.01 recommended when on)")
 
 
@@ -271,9 +286,13 @@ class PPOSpec(StageSpec):
     dataset: DatasetSpec = Field(description="Prompts (format prompt: a `prompt` column; other columns ignored)")
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     reward_fn: str | None = Field(None, description="module:function returning one float per completion")
-    train: PPOTrainSpec = Field(default_factory=PPOTrainSpec)
-    rollout: PPORolloutSpec = Field(default_factory=PPORolloutSpec)
-    ppo: PPOHyperSpec = Field(default_factory=PPOHyperSpec)
+    train: PPOTrainSpec = Field(
+        default_factory=PPOTrainSpec, description="Optimisation, logging and checkpoints (this stage type's defaults)"
+    )
+    rollout: PPORolloutSpec = Field(default_factory=PPORolloutSpec, description="Sampling (this stage type's defaults)")
+    ppo: PPOHyperSpec = Field(
+        default_factory=PPOHyperSpec, description="PPO's objective: clipping, value loss, GAE, KL"
+    )
 
     @property
     def forward_batch_size(self) -> int:
@@ -358,8 +377,12 @@ class GRPOSpec(StageSpec):
     )
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the summed reward")
-    train: GRPOTrainSpec = Field(default_factory=GRPOTrainSpec)
-    rollout: GRPORolloutSpec = Field(default_factory=GRPORolloutSpec)
+    train: GRPOTrainSpec = Field(
+        default_factory=GRPOTrainSpec, description="Optimisation, logging and checkpoints (this stage type's defaults)"
+    )
+    rollout: GRPORolloutSpec = Field(
+        default_factory=GRPORolloutSpec, description="Sampling (this stage type's defaults)"
+    )
     advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
         "grpo",
         description="grpo: (r - group mean) / (group std + 1e-4); dr_grpo: r - group mean; rloo: r - mean of the "
@@ -474,7 +497,9 @@ class GenerateSpec(StageSpec):
         description="preference: (prompt, chosen = best, rejected = worst) per prompt whose scores differ; sft: "
         "(prompt, completion = best of rollout.num_samples)",
     )
-    rollout: GenerateRolloutSpec = Field(default_factory=GenerateRolloutSpec)
+    rollout: GenerateRolloutSpec = Field(
+        default_factory=GenerateRolloutSpec, description="Sampling (this stage type's defaults)"
+    )
     min_margin: float = Field(
         0.0, ge=0, description="preference: keep a pair only when best - worst score exceeds this (ties always drop)"
     )
@@ -527,7 +552,9 @@ class EvalSpec(StageSpec):
     SHARDABLE = True
     type: Literal["eval"] = "eval"
     dataset: DatasetSpec = Field(description="Prompts (with answers when the task has a reward function)")
-    preference_dataset: DatasetSpec | None = None
+    preference_dataset: DatasetSpec | None = Field(
+        None, description="Held-out preference pairs: the implicit reward's pair accuracy (and a reward model's)"
+    )
     sft_dataset: DatasetSpec | None = Field(None, description="Held-out SFT data for perplexity")
     nll_dataset: DatasetSpec | None = Field(
         None,
@@ -539,8 +566,10 @@ class EvalSpec(StageSpec):
     reward_model: str | None = Field(None, description="Name of an earlier reward stage, or a model path")
     beta: float = Field(0.1, gt=0, description="beta of the implicit DPO reward")
     num_prompts: int = Field(200, gt=0, description="The first num_prompts prompts of `dataset`")
-    rollout: EvalRolloutSpec = Field(default_factory=EvalRolloutSpec)
-    num_samples_shown: int = Field(5, ge=0)
+    rollout: EvalRolloutSpec = Field(
+        default_factory=EvalRolloutSpec, description="Sampling (this stage type's defaults)"
+    )
+    num_samples_shown: int = Field(5, ge=0, description="Side-by-side answers of policy and reference in eval.md")
 
 
 class DistillLossSpec(Strict):
@@ -636,8 +665,13 @@ class DistillSpec(StageSpec):
         "with on_policy_share 1"
     )
     loss: DistillLossSpec = Field(default_factory=DistillLossSpec)
-    train: DistillTrainSpec = Field(default_factory=DistillTrainSpec)
-    rollout: DistillRolloutSpec = Field(default_factory=DistillRolloutSpec)
+    train: DistillTrainSpec = Field(
+        default_factory=DistillTrainSpec,
+        description="Optimisation, logging and checkpoints (this stage type's defaults)",
+    )
+    rollout: DistillRolloutSpec = Field(
+        default_factory=DistillRolloutSpec, description="Sampling (this stage type's defaults)"
+    )
 
     @property
     def loss_name(self) -> str:
