@@ -320,10 +320,10 @@ def _export(args) -> int:
         push_to_hub=args.push_to_hub,
         private=args.private,
     )
-    what = "adapter" if res["kind"] == "adapter" else f"merged model ({res['dtype']})"
+    what = "an adapter" if res["kind"] == "adapter" else f"a merged model ({res['dtype']})"
     gguf = f" and {res['gguf']['file']}" if res["gguf"] else ""
     print(
-        f"exported stage {res['stage']} as a {what}{gguf} to {res['to']} (checked: logits within "
+        f"exported stage {res['stage']} as {what}{gguf} to {res['to']} (checked: logits within "
         f"{res['checks']['folder_vs_run']:.2g} of the run's model"
         + (f", GGUF within {res['checks']['gguf']:.2g}" if res["gguf"] else "")
         + ")"

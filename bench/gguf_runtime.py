@@ -9,14 +9,15 @@ The model (by default the built-in SmolLM2-135M-Instruct; or an exported folder)
 alignlab's writer (alignlab/export/gguf_writer.py), each loaded by llama.cpp (llama-cpp-python). For each prompt
 of PROMPTS, with the chat template applied: do llama.cpp's token ids equal transformers' tokenizer's (the
 pre-tokenizer and the special tokens), and how many of the first greedy tokens agree with transformers' greedy
-decoding of the float32 model (f32 should agree to the end, up to float sums that flip a near tie; q8_0 may leave it
-earlier). The tests check the same files through transformers' GGUF loader; this checks the runtime people use.
+decoding, of the float32 model and of the weights as the file stores them (f16, q8_0: rounded; llama.cpp's q8_0
+kernels also round the activations to 8 bits, so a near tie can still go the other way). The tests check the same files through transformers' GGUF loader; this checks the runtime people use.
 Nothing here is asserted: the table goes to bench/results/gguf_runtime.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -53,7 +54,7 @@ def main() -> None:
 
     from alignlab.builtin import resolve_model_name
     from alignlab.builtin.pretrained import PRETRAINED_MODELS, fetch_gguf
-    from alignlab.export.gguf_writer import write_gguf
+    from alignlab.export.gguf_writer import as_stored, write_gguf
     from alignlab.generation import end_token_ids
     from alignlab.gguf import read_gguf_header
 
@@ -65,12 +66,17 @@ def main() -> None:
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in PROMPTS]  # fmt: skip
     hf_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    hf_answers = []
-    for ids in hf_ids:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=ends,
+
+    def greedy(m) -> list[list[int]]:
+        answers = []
+        for ids in hf_ids:
+            with torch.no_grad():
+                out = m.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=ends,
                                  pad_token_id=tok.pad_token_id, repetition_penalty=None)  # fmt: skip
-        hf_answers.append(out[0, len(ids) :].tolist())
+            answers.append(out[0, len(ids) :].tolist())
+        return answers
+
+    hf_answers = greedy(model)
 
     pre = None  # a built-in converted from a GGUF: that GGUF's pre-tokenizer name, as `alignlab export` writes it
     name = args.model.removeprefix("builtin:")
@@ -83,7 +89,12 @@ def main() -> None:
             path = Path(tmp) / f"model-{kind}.gguf"
             write_gguf(path, model.config, model.state_dict(), tok, ends, kind, name="bench", source_pre=pre)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=args.threads, verbose=False)
-            for prompt, text, ids, hf in zip(PROMPTS, texts, hf_ids, hf_answers):
+            # transformers on the weights as the file stores them (f16, q8_0: rounded): what llama.cpp should compute
+            stored = copy.deepcopy(model)
+            stored.load_state_dict({k: as_stored(v, kind) for k, v in model.state_dict().items()})
+            as_file = greedy(stored) if kind != "f32" else hf_answers
+            del stored
+            for prompt, text, ids, hf, same_weights in zip(PROMPTS, texts, hf_ids, hf_answers, as_file):
                 cpp_ids = llm.tokenize(text.encode(), add_bos=False, special=True)
                 start = time.perf_counter()
                 cpp = []
@@ -92,13 +103,14 @@ def main() -> None:
                     if token in ends or len(cpp) == NEW_TOKENS:
                         break
                 seconds = time.perf_counter() - start
-                agree = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
-                same = hf == cpp
-                rows.append([kind, prompt[:32], cpp_ids == ids, f"{agree}/{len(hf)}", same, round(seconds, 2)])
-                raw[f"{kind}: {prompt}"] = {"tokens_equal": cpp_ids == ids, "hf": hf, "llama_cpp": cpp,
-                                            "hf_text": tok.decode(hf), "llama_cpp_text": tok.decode(cpp)}  # fmt: skip
+                rows.append([kind, prompt[:32], cpp_ids == ids, _agree(hf, cpp), _agree(same_weights, cpp),
+                             round(seconds, 2)])  # fmt: skip
+                raw[f"{kind}: {prompt}"] = {"tokens_equal": cpp_ids == ids, "hf": hf, "hf_file_weights": same_weights,
+                                            "llama_cpp": cpp, "hf_text": tok.decode(hf),
+                                            "llama_cpp_text": tok.decode(cpp)}  # fmt: skip
             del llm
-    headers = ["type", "prompt", "same token ids", "greedy tokens agreeing", "same answer", "llama.cpp s"]
+    headers = ["type", "prompt", "same token ids", "greedy tokens as float32 transformers",
+               "as transformers on the file's weights", "llama.cpp s"]  # fmt: skip
     text = table(headers, rows)
     print(text)
     path = write_result("gguf_runtime", {
@@ -106,6 +118,12 @@ def main() -> None:
         "versions": {**versions(), "llama_cpp_python": llama_cpp.__version__}, "table": text, "raw": raw,
     })  # fmt: skip
     print(f"wrote {path}")
+
+
+def _agree(reference: list[int], got: list[int]) -> str:
+    """`k/n`: the first k of the reference's n greedy tokens that llama.cpp gave too."""
+    k = next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), min(len(reference), len(got)))
+    return f"{k}/{len(reference)}"
 
 
 if __name__ == "__main__":

@@ -305,6 +305,44 @@ def test_gguf_writes_qwen2_and_mistral(model_type, tiny_model_path, tmp_path):
         assert _rel(_logits(back, tok, text), _logits(model, tok, text)) < 1e-5
 
 
+def test_gguf_writes_a_sentencepiece_style_tokenizer(tmp_path):
+    """A Llama-2-style tokenizer (BPE over "\u2581"-spaced text with byte fallback: <0xNN> tokens for bytes outside
+    the vocabulary, a BOS added), trained here, written as llama.cpp's "llama" tokenizer: read back, the same ids
+    (accents and a symbol through byte fallback) and chat, and the model's float32 logits. Text that starts with
+    spaces is left out: transformers rebuilds such a tokenizer with a Metaspace pre-tokenizer, which spells leading
+    spaces one "\u2581" shorter than this normalizer (a difference of its GGUF reader, not of the file)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    from alignlab.export.gguf_writer import write_gguf
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    corpus = ["the quick brown fox jumps over the lazy dog", "what is 12 plus 30", "hello world, tabs\tand lines"]
+    tok.train_from_iterator(
+        corpus * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False)
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(fast), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    write_gguf(tmp_path / "m.gguf", config, model.state_dict(), fast, [fast.eos_token_id], "f32", name="sp")
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["the quick brown fox", "what is 12 plus 30?", "\u00fcn\u00efcode \u2713 bytes", "hello  world"]:
+        assert back(text).input_ids == fast(text).input_ids, text
+    assert fast("\u2713").input_ids[1:] == fast.convert_tokens_to_ids(["\u2581", "<0xE2>", "<0x9C>", "<0x93>"])
+    assert _chat(back) == _chat(fast)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert _rel(_logits(loaded, fast, "the quick brown fox"), _logits(model, fast, "the quick brown fox")) < 1e-5
+
+
 def test_gguf_refuses_what_it_cannot_write(tiny_model_path):
     from transformers import AutoConfig, AutoTokenizer
 
