@@ -163,6 +163,32 @@ def test_adapter_only_keeps_the_adapter_naming_its_base(finished, tmp_path):
     assert meta["library_name"] == "peft"
 
 
+@pytest.mark.slow
+def test_a_qlora_adapter_is_merged_into_the_unquantized_base(tmp_path):
+    """After QLoRA SFT (4-bit base on CPU) the export merges the adapter into the base's unquantized weights: the
+    folder gives the logits of the adapter over those weights, and the card says so. (Slow tier: ~30 s on 2 busy
+    cores, most of it bitsandbytes' 4-bit training step.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.models import load_frozen_model
+
+    train = {"max_steps": 1, "per_device_batch_size": 4, "learning_rate": 3e-3, "max_length": 64}
+    stage = {
+        "name": "sft",
+        "type": "sft",
+        "dataset": {"path": "builtin:arith", "split": "sft", "size": 8},
+        "train": train,
+    }
+    run_recipe(make_recipe([stage], tmp_path / "run", name="qlora-export", peft="qlora"))
+    to = tmp_path / "merged"
+    export_run(tmp_path / "run", to)
+    recipe = load_recipe(tmp_path / "run" / "recipe.yaml")
+    unquantized = load_frozen_model(recipe, StageOutput.load(tmp_path / "run" / "sft"), quantize=False, move=False)
+    model, tok = AutoModelForCausalLM.from_pretrained(to).eval(), AutoTokenizer.from_pretrained(to)
+    assert _rel(_logits(model, tok, TEXTS[0]), _logits(unquantized, tok, TEXTS[0])) < 1e-5
+    assert "merged here into the base's unquantized weights" in (to / "README.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------- model card
 
 

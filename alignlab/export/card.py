@@ -193,6 +193,12 @@ def model_card(
     lines += _made(recipe, records, chain, base)
     lines += _scores(recipe, evals, stage)
     lines += _export(export)
+    if recipe.peft.quantized and export["kind"] == "merged":
+        lines += [
+            "The adapter was trained over the base model's 4-bit (QLoRA) weights; it is merged here into the base's "
+            "unquantized weights, and the run's model the checks compare with is the adapter over those.",
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
