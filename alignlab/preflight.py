@@ -46,9 +46,10 @@ def hub_models(recipe: Recipe, only: str | None = None) -> list[tuple[str, str, 
     for i, stage in enumerate(recipe.stages):
         if only is not None and stage.name != only:
             continue
-        rm = getattr(stage, "reward_model", None)
-        if rm and rm not in names:
-            found.append((f"stages[{i}] ({stage.name}).reward_model", rm, None))
+        for key, wanted in stage_record(stage.type).references.items():  # a reward_model or teacher by name
+            value = getattr(stage, key, None)
+            if value and wanted is not None and value not in names:
+                found.append((f"stages[{i}] ({stage.name}).{key}", value, None))
     return [(key, name, rev) for key, name, rev in found if name and is_hub_id(name, recipe)]
 
 

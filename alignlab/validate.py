@@ -94,15 +94,17 @@ def validate_recipe(
                 load_revise_fn(spec.revise_fn)
             except ValueError as e:
                 problems.append(f"{where}.revise_fn: {e}")
-        rm = getattr(spec, "reward_model", None)
-        if rm and rm not in stage_names:
+        for key, wanted in record.references.items():  # a reward_model or teacher named by path, not by stage
+            value = getattr(spec, key, None)
+            if not value or wanted is None or value in stage_names:
+                continue
             try:
-                note = check_model_source(rm, recipe)
+                note = check_model_source(value, recipe)
             except RecipeError as e:
-                problems.append(f"{where}.reward_model: {e}")
+                problems.append(f"{where}.{key}: {e}")
             else:
                 if note:
-                    notes.append(f"{where}.reward_model: {note}")
+                    notes.append(f"{where}.{key}: {note}")
         problem = record.check(recipe, i) if record.check else None
         if problem:
             problems.append(f"{where}: {problem}")

@@ -98,3 +98,93 @@ def test_weight_decay_splits_each_depth():
 def test_a_model_without_a_layer_stack_is_a_clear_error():
     with pytest.raises(ValueError, match="train.layer_lr_decay: cannot find the decoder layers of Linear"):
         layer_lr_groups(torch.nn.Linear(2, 2), LR, DECAY)
+
+
+def _sft_trainer(model_path, tmp_path, decay):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from alignlab.stages.sft import GuardedSFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = Dataset.from_list([{"prompt": "1+1=", "completion": "2"}] * 4)
+    args = SFTConfig(
+        output_dir=str(tmp_path), learning_rate=LR, weight_decay=0.1, report_to="none", max_steps=1, bf16=False
+    )
+    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.layer_lr_decay = decay
+    return trainer
+
+
+def test_trainer_stages_build_the_groups(tiny_model_path, tmp_path):
+    """TRL's trainers (GuardedTrainer.create_optimizer): the same rates, transformers' weight-decay exemptions kept
+    (norms take none), and the optimizer the recipe's `optim` names (AdamW)."""
+    trainer = _sft_trainer(tiny_model_path, tmp_path, DECAY)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer).__name__ == "AdamW"
+    rates = _rates(trainer.model, optimizer.param_groups)
+    for name, rate in rates.items():
+        assert rate == pytest.approx(LR * DECAY ** (5 - _depth_by_name(name, 4)), rel=1e-12), name
+    for group in optimizer.param_groups:
+        names = {n for n, p in trainer.model.named_parameters() if any(p is q for q in group["params"])}
+        assert group["weight_decay"] == (0.0 if all("norm" in n for n in names) else 0.1), names
+    # without the key: Trainer's own two groups at one rate
+    plain = _sft_trainer(tiny_model_path, tmp_path / "plain", None).create_optimizer()
+    assert {g["lr"] for g in plain.param_groups} == {LR} and len(plain.param_groups) == 2
+
+
+@pytest.mark.slow
+def test_sft_stage_resumes_with_its_layer_rates(tmp_path, monkeypatch):
+    """An sft stage (LoRA) with layer_lr_decay: its checkpoints hold the groups (each depth's rate, scaled by the
+    schedule alike), and a run cut off after checkpoint-2 and resumed ends with the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    from alignlab.stages.sft import GuardedSFTTrainer
+    from tests.helpers import make_recipe
+    from tests.helpers import run as run_recipe
+
+    def recipe(name):
+        stage = {
+            "name": "sft",
+            "type": "sft",
+            "dataset": {"path": "builtin:arith", "split": "sft", "size": 48, "eval_size": 8},
+            "train": {"max_steps": 3, "per_device_batch_size": 8, "max_length": 48, "learning_rate": 3e-3,
+                      "save_steps": 1, "save_total_limit": None, "layer_lr_decay": 0.5},
+        }  # fmt: skip
+        return make_recipe([stage], tmp_path / name, peft="lora")
+
+    run_recipe(recipe("straight"))
+    real_step = GuardedSFTTrainer.training_step
+
+    def crashing_step(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise RuntimeError("simulated crash")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuardedSFTTrainer, "training_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe("resumed"))
+    calls = []
+
+    def counted_step(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuardedSFTTrainer, "training_step", counted_step)
+    run_recipe(recipe("resumed"), resume=True)
+    assert calls == [2]  # only step 3 ran: the rest came from checkpoint-2
+
+    groups = torch.load(tmp_path / "straight" / "sft" / "checkpoints" / "checkpoint-2" / "optimizer.pt")
+    groups = groups["param_groups"]
+    assert sorted({g["layer"] for g in groups}) == [1, 2, 3, 4]  # LoRA: adapters in the 4 layers only
+    head = 3e-3 * groups[0]["lr"] / groups[0]["initial_lr"]  # the schedule's factor at step 2, times the full rate
+    for g in groups:
+        assert g["initial_lr"] == pytest.approx(3e-3 * 0.5 ** (5 - g["layer"]))
+        assert g["lr"] == pytest.approx(head * 0.5 ** (5 - g["layer"]))
+    a, b = (
+        load_file(str(tmp_path / n / "sft" / "model" / "adapter_model.safetensors")) for n in ("straight", "resumed")
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)

@@ -100,7 +100,7 @@ def distill_loss(
     div = token_divergence(student_logits, teacher_logits, name=name, beta=beta, temperature=temperature)
     total = (div * mask).sum()
     with torch.no_grad():
-        logq = F.log_softmax(student_logits.float(), dim=-1)
+        logq = F.log_softmax(student_logits.float(), dim=-1)  # [B, C, V]
         logp = F.log_softmax(teacher_logits.float(), dim=-1)
         stats = {
             "divergence": total.detach() / count,

@@ -17,6 +17,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
+from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import rotate_checkpoints
 
 from alignlab.checkpoints import last_checkpoint
@@ -127,12 +128,39 @@ class GuardedTrainer(CheckpointHook):
     Finite loss: a nan or inf loss on any process stops training before the optimizer applies it, so no checkpoint
     holds its weights. (A TrainerCallback never sees the per-step loss: only logged averages, every logging_steps.)
     Float32 adapters on a quantized base: see `keep_trainable_float32`.
+    Layer-wise learning rates (`layer_lr_decay`, set by train_and_save from `train.layer_lr_decay`): the optimizer's
+    parameter groups come from alignlab/optim.py.
     """
+
+    layer_lr_decay: float | None = None
 
     def __init__(self, *args, model=None, **kwargs):
         before = trainable_float32(model)
         super().__init__(*args, model=model, **kwargs)
         keep_trainable_float32(self, before)
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer (`optim`, its settings), with one parameter group per depth of the model at the
+        depth's rate (alignlab.optim.layer_lr_groups) when layer_lr_decay is set. The scheduler then scales every
+        group's rate by the same factor, so the ratios between depths hold throughout training."""
+        if self.layer_lr_decay is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from alignlab.optim import layer_lr_groups
+
+        opt_model = self.model if model is None else model
+        decays = set(self.get_decay_parameter_names(opt_model))
+        no_decay = {n for n, _ in opt_model.named_parameters() if n not in decays}
+        groups = layer_lr_groups(
+            opt_model, self.args.learning_rate, self.layer_lr_decay, self.args.weight_decay, no_decay
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise ValueError(
+                f"train.layer_lr_decay sets the optimizer's parameter groups, which optim '{self.args.optim}' builds "
+                "itself: remove layer_lr_decay, or use an AdamW optim (the default)"
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def write_checkpoint(self, model, trial, write):
         if self.state.global_step >= self.state.max_steps:
@@ -221,8 +249,10 @@ def train_and_save(
     if trainer.is_world_process_zero():
         keep_metrics_until(metrics_path, state["global_step"])  # the rows up to the checkpoint (fresh run: none)
     trainer.add_callback(JsonlMetrics(metrics_path))
+    trainer.layer_lr_decay = ctx.spec.train.layer_lr_decay
     if ckpt:
         log.info("stage %s: resuming from %s (step %d)", ctx.spec.name, ckpt, state["global_step"])
+    check_rows_left(trainer, ctx)
     result = trainer.train(resume_from_checkpoint=ckpt)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     # Trainer's training_loss averages the steps of this call only; a resumed run reports the whole run's mean.
@@ -255,6 +285,26 @@ def train_and_save(
         append_final_metrics(ctx.stage_dir, trainer.state.global_step, metrics)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def check_rows_left(trainer, ctx: StageContext) -> None:
+    """A DataError when TRL's preparation of the data left no rows. TRL drops a row whose trained tokens (its
+    completion or assistant turns) all fall beyond max_length, and an empty dataset would fail inside torch's sampler
+    ("num_samples=0") without a word of why. `alignlab validate` counts prompt tokens beforehand only for a model
+    whose tokenizer is on disk (not a hub id offline), so this check runs here, once the model has loaded and before
+    the first step."""
+    from alignlab.data import DataError
+
+    for which, ds in (("training", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        if ds is None or not hasattr(ds, "__len__") or len(ds) > 0:
+            continue  # an iterable dataset has no length to check
+        args = trainer.args
+        raise DataError(
+            f"stage '{ctx.spec.name}' ({ctx.spec.dataset.path}): no {which} rows are left once tokenized: in every "
+            f"row, the completion (or the assistant turns) starts beyond train.max_length = {args.max_length} "
+            f"tokens (truncation_mode {getattr(args, 'truncation_mode', 'keep_start')}), so TRL dropped them all. "
+            f"Found after the model loaded, before training: raise train.max_length, or shorten the prompts."
+        )
 
 
 def _summed_loss(log_history: list[dict]) -> float:
