@@ -19,7 +19,7 @@ from alignlab.evaluation.report import write_results
 from alignlab.logprobs import completion_logps
 from alignlab.recipe import RecipeError, parse_recipe
 from alignlab.rewards import load_reward_fn, reward_fn_scores
-from tests.helpers import make_recipe
+from tests.helpers import make_recipe, make_stage
 
 ARITH = "alignlab.builtin.tasks:arith_reward"
 N = 8  # prompts (and pairs, and SFT rows) in the end-to-end evaluations: small, the CPU is shared
@@ -108,20 +108,18 @@ def test_true_reward_on_the_eval_split():
 
 
 def _recipe(out: Path, **eval_keys):
-    stage = {
-        "name": "eval",
-        "type": "eval",
-        "rollout": {"max_new_tokens": 6},
-        "input": "base",
-        "dataset": {"path": "builtin:arith", "split": "eval", "size": N},
-        "preference_dataset": {"path": "builtin:arith", "split": "preference_eval", "size": N},
-        "sft_dataset": {"path": "builtin:arith", "split": "sft_eval", "size": N},
-        "reward_fn": ARITH,
-        "num_prompts": N,
-        "num_samples_shown": 3,
-        **eval_keys,
-    }
-    return parse_recipe(make_recipe([stage], out, name="evaltest"))
+    """An eval stage on the base model (tests.helpers.make_stage: each key where the schema keeps it)."""
+    keys = dict(
+        max_new_tokens=6,
+        input="base",
+        dataset={"path": "builtin:arith", "split": "eval", "size": N},
+        preference_dataset={"path": "builtin:arith", "split": "preference_eval", "size": N},
+        sft_dataset={"path": "builtin:arith", "split": "sft_eval", "size": N},
+        reward_fn=ARITH,
+        num_prompts=N,
+        num_samples_shown=3,
+    )
+    return parse_recipe(make_recipe([make_stage("eval", **{**keys, **eval_keys})], out, name="evaltest"))
 
 
 @pytest.fixture(scope="module")
