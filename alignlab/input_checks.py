@@ -102,3 +102,69 @@ def is_hub_id_syntax(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+# Keys whose values name files or folders (the run folder, models, data, templates, stage folders).
+PATH_KEYS = frozenset(
+    {
+        "output_dir",
+        "name",
+        "name_or_path",
+        "tokenizer",
+        "chat_template",
+        "gguf_file",
+        "path",
+        "eval_path",
+        "reward_model",
+    }
+)
+NAME_MAX = 255  # bytes in one file or folder name: ext4, XFS, APFS, NTFS (in UTF-16 units)
+
+
+def unusable_text(values: dict, run_dir: Path) -> list[str]:
+    """Strings of a recipe (`values`: Recipe.model_dump()) that no run can use, each as one problem naming its key:
+    a NUL character or a lone surrogate, which YAML's escapes (\\0, \\x00, \\ud800) allow in any string, and which no
+    file name holds and UTF-8 cannot write (the run folder keeps the recipe as UTF-8 text); and in a value naming a
+    file or folder, a name longer than file systems allow. The checks of what the paths point at raise OSError or
+    ValueError on such strings, so they come first."""
+    problems = []
+    for key, text in _strings(values, ""):
+        if "\x00" in text:
+            problems.append(f"{key}: {_short(text)} holds a NUL character (a \\0 or \\x00 escape): remove it")
+        elif any("\ud800" <= c <= "\udfff" for c in text):
+            problems.append(
+                f"{key}: {_short(text)} holds a lone surrogate (an escape such as \\ud800), which is no character and "
+                f"cannot be written as UTF-8: write the character itself (or one \\U0001F600-style escape for it)"
+            )
+        elif key.rsplit(".", 1)[-1] in PATH_KEYS:
+            problems += _long_name(key, text)
+    if not problems:
+        problems += _long_name("output_dir", str(run_dir))  # with ${name} filled in
+    return list(dict.fromkeys(problems))
+
+
+def _long_name(key: str, path: str) -> list[str]:
+    part = next((p for p in path.split("/") if len(p.encode("utf-8")) > NAME_MAX), None)
+    if part is None:
+        return []
+    return [
+        f"{key}: the name {_short(part)} is {len(part.encode('utf-8'))} bytes long, and file systems allow "
+        f"{NAME_MAX} bytes in a file or folder name: shorten it"
+    ]
+
+
+def _strings(value, key: str):
+    """(dotted key, string) for every string in a recipe's plain data, stages named as stages[i]."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{key}[{i}]")
+
+
+def _short(text: str, n: int = 40) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= n else shown[: n - 4] + "...'"

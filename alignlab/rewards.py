@@ -51,15 +51,22 @@ def load_revise_fn(ref: str):
 
 
 def revise_texts(fn, prompts: list, texts: list[str], name: str) -> list[str]:
-    """`texts` with each replaced by its revision where `fn` gives one (a string); a clear error for a wrong
-    length or type."""
-    revised = fn(prompts, texts)
+    """`texts` with each replaced by its revision where `fn` gives one (a string). Raises RewardFnError, naming the
+    function and the completion, when `fn` raises or returns anything but one string or None per completion."""
+    name = f"revise_fn {name}"
+    try:
+        revised = fn(prompts, list(texts))
+    except Exception as e:
+        raise _call_failed(name, e, "revised", len(texts), prompts[0] if prompts else "", "revise") from e
     if not isinstance(revised, list | tuple) or len(revised) != len(texts):
-        got = f"{len(revised)} values" if isinstance(revised, list | tuple) else type(revised).__name__
-        raise ValueError(f"revise_fn {name} returned {got} for {len(texts)} completions: return one per completion")
-    bad = next((r for r in revised if r is not None and not isinstance(r, str)), None)
-    if bad is not None:
-        raise ValueError(f"revise_fn {name} returned {type(bad).__name__}: return a string or None per completion")
+        got = f"{len(revised)} values" if isinstance(revised, list | tuple) else _short(revised)
+        raise RewardFnError(f"{name} returned {got} for {len(texts)} completions: return one per completion")
+    for j, r in enumerate(revised):
+        if r is not None and not isinstance(r, str):
+            raise RewardFnError(
+                f"{name} returned {_short(r)} ({type(r).__name__}) for completion {j} ({_short(texts[j])}): return "
+                f"a string (the revised completion) or None (keep it) per completion"
+            )
     return [t if r is None else r for t, r in zip(texts, revised)]
 
 
@@ -108,23 +115,19 @@ def reward_fn_scores(
     texts = [prompt_text(p) for p in prompts]
     completions = list(completions)
     try:
-        values = fn(texts, completions)
+        values = fn(texts, list(completions))
     except Exception as e:
-        if len(traceback.extract_tb(e.__traceback__)) == 1:  # the call itself failed: not a (prompts, completions) fn
-            raise RewardFnError(
-                f"{name} cannot be called as fn(prompts: list[str], completions: list[str]) -> list[float]: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        raise RewardFnError(
-            f"{name} raised {_raised(e)} when called on {len(completions)} completions (first prompt "
-            f"{_short(texts[0] if texts else '')}). A reward function must score any completion, even an empty or "
-            f"malformed one."
-        ) from e
-    if isinstance(values, str | bytes | dict) or not hasattr(values, "__len__"):
+        raise _call_failed(name, e, "called", len(completions), texts[0] if texts else "", "score") from e
+    try:  # a list, a tuple, a numpy array or a tensor: one number per completion
+        listed = None if isinstance(values, str | bytes | dict) else list(values)
+    except Exception:  # not a sequence: None, a number, a 0-d array
+        listed = None
+    if listed is None:
         raise RewardFnError(
             f"{name} returned {_short(values)} ({type(values).__name__}); it must return a list of floats, one per "
             f"completion"
         )
+    values = listed
     if len(values) != len(completions):
         raise RewardFnError(
             f"{name} returned {len(values)} scores for {len(completions)} completions; it must return one per "
@@ -132,9 +135,9 @@ def reward_fn_scores(
         )
     scores = []
     for j, v in enumerate(values):
-        try:
-            score = float(v)
-        except (TypeError, ValueError):
+        try:  # a number, a numpy scalar, a one-element tensor, text such as "0.5"; a tensor on another device too
+            score = float(v.detach().cpu() if hasattr(v, "detach") else v)
+        except Exception:  # TypeError, ValueError, a tensor of several elements (RuntimeError), a __float__ raising
             score = None
         if score is None or not (math.isfinite(score) or allow_nonfinite):
             raise RewardFnError(
@@ -150,29 +153,70 @@ def check_reward_fn(ref: str, dataset, recipe: Recipe, stage_type: str) -> None:
     empty and a short completion, so that a function that raises or returns the wrong thing fails at validation
     instead of after the stages before it have trained. Raises ValueError."""
     fn = load_reward_fn(ref)
+    prompts = _trial_prompts(dataset, recipe, stage_type)
+    try:
+        if prompts:
+            reward_fn_scores(fn, [p for p in prompts for _ in range(2)], ["", "42"] * len(prompts), name=ref)
+    except RewardFnError as e:
+        raise ValueError(f"tried on the first prompts of the dataset: {e}") from e
+
+
+def check_revise_fn(ref: str, dataset, recipe: Recipe, stage_type: str) -> None:
+    """A generate stage's `revise_fn`, loaded and tried as check_reward_fn tries a reward function (an empty and a
+    short completion to each of the first two prompts), so that one that raises or returns the wrong thing fails
+    at validation, not after the samples were drawn. Raises ValueError."""
+    fn = load_revise_fn(ref)
+    prompts = _trial_prompts(dataset, recipe, stage_type)
+    try:
+        if prompts:
+            revise_texts(fn, [p for p in prompts for _ in range(2)], ["", "42"] * len(prompts), ref)
+    except RewardFnError as e:
+        raise ValueError(f"tried on the first prompts of the dataset: {e}") from e
+
+
+def _trial_prompts(dataset, recipe: Recipe, stage_type: str) -> list | None:
+    """The first two prompts of a stage's dataset to try a function on; None for hub data (not read offline) or data
+    that cannot be read (the dataset's own check reports that)."""
     from alignlab.data import DataError, first_prompts
 
     try:
-        prompts = first_prompts(dataset, recipe, stage_type, 2)
+        return first_prompts(dataset, recipe, stage_type, 2)
     except DataError:
-        return  # reported with the dataset
-    if not prompts:
-        return  # a hub dataset: not read offline
-    try:
-        reward_fn_scores(fn, [p for p in prompts for _ in range(2)], ["", "42"] * len(prompts), name=ref)
-    except RewardFnError as e:
-        raise ValueError(f"tried on the first prompts of the dataset: {e}") from e
+        return None
+
+
+def _call_failed(name: str, e: Exception, did: str, n: int, first_prompt, verb: str) -> RewardFnError:
+    """The error for a reward or revise function that raised: it cannot take (prompts, completions) at all (the call
+    itself failed), or its own code raised on these completions (named by the place in the user's code)."""
+    if len(traceback.extract_tb(e.__traceback__)) == 1:  # the call itself failed: not a (prompts, completions) fn
+        returns = "list[float]" if verb == "score" else "list[str | None]"
+        return RewardFnError(
+            f"{name} cannot be called as fn(prompts: list[str], completions: list[str]) -> {returns}: "
+            f"{type(e).__name__}: {e}"
+        )
+    return RewardFnError(
+        f"{name} raised {_raised(e)} when {did} on {n} completions (first prompt {_short(first_prompt)}). A "
+        f"{'reward' if verb == 'score' else 'revise'} function must {verb} any completion, even an empty or "
+        f"malformed one."
+    )
 
 
 def _raised(e: BaseException) -> str:
     """'ValueError: message (at file.py:12)', the place being the last frame of the traceback (the user's code)."""
     frames = traceback.extract_tb(e.__traceback__)
     at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {e}{at}"
+    try:
+        message = str(e)
+    except Exception:  # an exception class whose message itself fails
+        message = "(its message cannot be read)"
+    return f"{type(e).__name__}: {message}{at}"
 
 
 def _short(value, n: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a user's object whose repr fails
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= n else text[: n - 3] + "..."
 
 

@@ -17,9 +17,15 @@ from pathlib import Path
 from alignlab.builtin.models import built_model_path
 from alignlab.data import DataError, check_dataset
 from alignlab.gguf import gguf_source
-from alignlab.input_checks import chat_template_problem, is_hub_id_syntax, model_folder_problem, output_dir_problem
+from alignlab.input_checks import (
+    chat_template_problem,
+    is_hub_id_syntax,
+    model_folder_problem,
+    output_dir_problem,
+    unusable_text,
+)
 from alignlab.recipe import Recipe, RecipeError, load_recipe
-from alignlab.rewards import check_reward_fn, load_revise_fn
+from alignlab.rewards import check_revise_fn, check_reward_fn
 from alignlab.schema import reward_fn_refs
 from alignlab.stages.registry import check_chain, stage_record
 
@@ -30,6 +36,9 @@ def validate_recipe(
     """Returns the recipe and notes (things not checked offline, and "warning: ..." lines). Raises RecipeError
     listing every problem."""
     recipe = load_recipe(path, overrides)
+    unusable = unusable_text(recipe.model_dump(serialize_as_any=True), recipe.run_dir)
+    if unusable:  # first: the checks below would fail on such paths with OSError (name too long) or ValueError
+        raise RecipeError(f"{recipe.source}: invalid recipe:\n  - " + "\n  - ".join(unusable))
     problems: list[str] = []
     notes: list[str] = list(recipe.load_notes)
     try:
@@ -91,7 +100,7 @@ def validate_recipe(
                 problems.append(f"{where}.reward_fn{'' if isinstance(fns, str) else f'[{j}].fn'}: {e}")
         if getattr(spec, "revise_fn", None):
             try:
-                load_revise_fn(spec.revise_fn)
+                check_revise_fn(spec.revise_fn, spec.dataset, recipe, spec.type)
             except ValueError as e:
                 problems.append(f"{where}.revise_fn: {e}")
         for key, wanted in record.references.items():  # a reward_model or teacher named by path, not by stage

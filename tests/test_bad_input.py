@@ -24,6 +24,13 @@ PAIR_ROWS = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f
 PPO = {"name": "ppo", "type": "ppo", "input": "sft", "dataset": {"path": "TMP/prompts.jsonl"}}
 GRPO = {"name": "grpo", "type": "grpo", "input": "sft", "dataset": {"path": "TMP/prompts.jsonl"}}
 FN = "alignlab.builtin.tasks:arith_reward"
+GENERATE = {
+    "name": "best",
+    "type": "generate",
+    "dataset": {"path": "TMP/prompts.jsonl"},
+    "reward_fn": FN,
+    "output": "sft",
+}
 
 
 def recipe() -> dict:
@@ -101,6 +108,10 @@ def raises(prompts, completions):
 
 def one_argument(completions):
     return [0.0 for c in completions]
+
+
+def revise_to_numbers(prompts, completions):
+    return [len(c) for c in completions]
 """
 
 
@@ -620,6 +631,85 @@ CASES = [
         {"stages.0.dataset.path": "TMP/data"},
         {"data/a.jsonl": jsonl(SFT_ROWS), "data/b.csv": "prompt,completion\nq,a\n"},
     ),
+    # ---- found by fuzzing (tests/test_fuzz.py)
+    case(
+        "stage-type-a-mapping",
+        ["stages[0].type: unknown stage type '{'name': 'sft'}'", "known types: "],
+        {"stages.0.type": {"name": "sft"}},
+    ),
+    case(
+        "output-dir-with-nul",
+        [
+            "recipe.yaml: invalid recipe",
+            "  - output_dir: '",
+            "holds a NUL character (a \\0 or \\x00 escape): remove it",
+        ],
+        {"output_dir": "TMP/a\x00b"},
+    ),
+    case(
+        "name-with-lone-surrogate",
+        ["stages[1].name: '\\ud83d' holds a lone surrogate", "cannot be written as UTF-8"],
+        {"stages.1.name": "\ud83d"},
+    ),
+    case(
+        "data-path-name-too-long",
+        ["stages[0].dataset.path: the name 'xxxxxxxx", "is 306 bytes long, and file systems allow 255 bytes"],
+        {"stages.0.dataset.path": "TMP/" + "x" * 300 + ".jsonl"},
+    ),
+    case(
+        "data-lone-surrogate",
+        ["TMP/sft.jsonl: line 2 holds a lone surrogate", "cut between the two halves of an emoji"],
+        files={"sft.jsonl": jsonl(SFT_ROWS[:1]) + '{"prompt": "\\ud83d", "completion": "x"}\n'},
+    ),
+    case(
+        "chat-in-a-text-column",
+        [
+            "TMP/sft.jsonl: line 1: column 'text' holds [{'role': 'user', 'content': 'What is...,",
+            "not text: a `text` column is plain text",
+            "columns: {messages: text}",
+        ],
+        files={"sft.jsonl": jsonl([{"text": MESSAGES}])},
+    ),
+    case(
+        "jsonl-column-of-two-kinds",
+        [
+            "TMP/sft.jsonl: line 3: column 'messages' holds a list, but line 1 holds text there",
+            "a column holds one kind of value in every row",
+        ],
+        files={"sft.jsonl": jsonl([{"messages": "What is 1 + 1?"}]) + "\n" + jsonl([{"messages": MESSAGES}])},
+    ),
+    case(
+        "latin1-byte-inside-jsonl-string",
+        [
+            "stages[0] (sft).dataset: TMP/sft.jsonl: line 2 is not UTF-8 (byte 0xe9)",
+            "likely Latin-1",
+            "iconv -f latin1",
+        ],
+        files={
+            "sft.jsonl": (jsonl(SFT_ROWS[:1]) + '{"prompt": "Caf\u00e9?", "completion": "oui"}\n').encode("latin-1")
+        },
+    ),
+    case(
+        "chat-without-assistant-turn",
+        [
+            "TMP/sft.jsonl: line 1: column 'messages' holds no assistant turn (only user)",
+            "nothing to train on",
+            "Add the assistant's reply to the conversation, or drop the row",
+        ],
+        files={"sft.jsonl": jsonl([{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(3)])},
+    ),
+    case(
+        "chat-with-only-a-system-turn",
+        ["TMP/sft.jsonl: line 2: column 'messages' holds no assistant turn (only system)"],
+        files={
+            "sft.jsonl": jsonl([{"messages": MESSAGES}, {"messages": [{"role": "system", "content": "Be brief."}]}])
+        },
+    ),
+    case(
+        "chat-messages-as-text",
+        ["TMP/sft.jsonl: line 1: column 'messages' holds 'What is 1 + 1?', not a list of chat messages", "`text`"],
+        files={"sft.jsonl": jsonl([{"messages": "What is 1 + 1?"}])},
+    ),
     case(
         "hub-dataset-offline",
         ["stages[0] (sft).dataset.path: 'alignlab-test/no-such-data' is no local file or folder", "OfflineMode"],
@@ -654,6 +744,26 @@ CASES = [
         "reward-fn-wrong-signature",
         ["bad_rewards:one_argument cannot be called as fn(prompts: list[str], completions: list[str])"],
         {"stages.2": {**PPO, "reward_fn": "bad_rewards:one_argument"}},
+        setup=reward_module,
+    ),
+    case(
+        "revise-fn-raises",
+        [
+            "stages[2] (best).revise_fn: tried on the first prompts of the dataset",
+            "revise_fn bad_rewards:raises raised ZeroDivisionError: division by zero (at TMP/bad_rewards.py:17)",
+            "A revise function must revise any completion",
+        ],
+        {"stages.2": {**GENERATE, "revise_fn": "bad_rewards:raises"}},
+        setup=reward_module,
+    ),
+    case(
+        "revise-fn-returns-numbers",
+        [
+            "stages[2] (best).revise_fn: tried on the first prompts",
+            "revise_fn bad_rewards:revise_to_numbers returned 0 (int) for completion 0 ('')",
+            "return a string (the revised completion) or None (keep it) per completion",
+        ],
+        {"stages.2": {**GENERATE, "revise_fn": "bad_rewards:revise_to_numbers"}},
         setup=reward_module,
     ),
     case(
@@ -805,3 +915,99 @@ def test_reward_fn_results_are_checked_at_every_call(returned, expect):
     with pytest.raises(StageFailed, match="^" + re.escape("reward_fn mod:score " + expect)):
         reward_fn_scores(score, ["What is 1 + 1?", "What is 3 + 4?"], ["2", "7"], name="reward_fn mod:score")
     assert reward_fn_scores(lambda p, c: ["1.5", 2], ["a", "b"], ["x", "y"]) == [1.5, 2.0]  # numbers as text are fine
+
+
+@pytest.mark.parametrize(
+    "what, expect",
+    [
+        ("array [2, 2]", "returned array([0., 0.]) for completion 0 ('2' after prompt 'What is 1 + 1?'); scores must"),
+        ("meta tensor [2]", "returned tensor(..., device='meta', size=()) for completion 0"),
+        ("0-d tensor", "returned tensor(0.5000) (Tensor); it must return a list of floats, one per completion"),
+        ("unreadable", "returned <Unreadable> (Unreadable); it must return a list of floats"),
+        ("raises unreadable", "raised Unreadable: (its message cannot be read) (at "),
+    ],
+)
+def test_reward_fn_results_that_are_no_list_of_numbers(what, expect):
+    """Found by fuzzing: a reward function returning an array or a tensor of the wrong shape or device, or an object
+    that cannot even be printed (or raising one), used to end in a RuntimeError traceback from torch or from the
+    object itself; now the error names the function and what it returned."""
+    import numpy as np
+    import torch
+
+    from alignlab.rewards import RewardFnError, reward_fn_scores
+    from tests.helpers import Unreadable
+
+    def score(prompts, completions):
+        if what == "raises unreadable":
+            raise Unreadable()
+        return {
+            "array [2, 2]": lambda: np.zeros((2, 2)),
+            "meta tensor [2]": lambda: torch.zeros(2, device="meta"),
+            "0-d tensor": lambda: torch.tensor(0.5),
+            "unreadable": Unreadable,
+        }[what]()
+
+    with pytest.raises(RewardFnError, match="^" + re.escape("reward_fn mod:score " + expect)):
+        reward_fn_scores(score, ["What is 1 + 1?", "What is 3 + 4?"], ["2", "7"], name="reward_fn mod:score")
+    assert reward_fn_scores(lambda p, c: np.array([0.5, 1]), ["a", "b"], ["x", "y"]) == [0.5, 1.0]
+    assert reward_fn_scores(lambda p, c: torch.tensor([0.5, 1.0]), ["a", "b"], ["x", "y"]) == [0.5, 1.0]
+
+
+def test_revise_fn_results_are_checked_at_every_call():
+    """A generate stage's revise_fn during the run: a wrong result, or an exception from its own code, is a
+    RewardFnError (a StageFailed: exit 1, one message) naming the function and the completion, not a ValueError
+    traceback. (Found by fuzzing: revise_fn was imported at validation, but never tried.)"""
+    from alignlab.rewards import RewardFnError, revise_texts
+
+    prompts, texts = ["What is 1 + 1?", "What is 3 + 4?"], ["2", "7"]
+    assert revise_texts(lambda p, c: [None, "seven"], prompts, texts, "mod:fix") == ["2", "seven"]
+    with pytest.raises(RewardFnError, match=re.escape("revise_fn mod:fix returned 1 values for 2 completions")):
+        revise_texts(lambda p, c: ["x"], prompts, texts, "mod:fix")
+    with pytest.raises(RewardFnError, match=re.escape("revise_fn mod:fix returned 7 (int) for completion 1 ('7')")):
+        revise_texts(lambda p, c: [None, 7], prompts, texts, "mod:fix")
+    with pytest.raises(RewardFnError, match=re.escape("revise_fn mod:fix raised KeyError: 'x' (at ")):
+        revise_texts(lambda p, c: [{}["x"]], prompts, texts, "mod:fix")
+
+
+def test_no_rows_left_after_tokenization_stops_before_training():
+    """TRL drops a row whose completion starts beyond max_length; when it drops them all, the trainer used to fail in
+    torch's sampler ("num_samples should be a positive integer value, but got num_samples=0") after the model
+    loaded. `alignlab validate` finds such rows only with the tokenizer on disk; otherwise this check, made before
+    the first step, says what happened and what to change."""
+    from types import SimpleNamespace
+
+    from alignlab.data import DataError
+    from alignlab.stages.trl_glue import check_rows_left
+
+    spec = SimpleNamespace(name="sft", dataset=SimpleNamespace(path="data/chats.jsonl"))
+    args = SimpleNamespace(max_length=32, truncation_mode="keep_start")
+    ctx = SimpleNamespace(spec=spec)
+    check_rows_left(SimpleNamespace(train_dataset=[1], eval_dataset=None, args=args), ctx)  # rows left: fine
+    with pytest.raises(DataError) as e:
+        check_rows_left(SimpleNamespace(train_dataset=[], eval_dataset=None, args=args), ctx)
+    assert str(e.value).startswith("stage 'sft' (data/chats.jsonl): no training rows are left once tokenized")
+    assert "train.max_length = 32 tokens (truncation_mode keep_start)" in str(e.value)
+    assert "Found after the model loaded, before training: raise train.max_length" in str(e.value)
+    with pytest.raises(DataError, match="no eval rows are left"):
+        check_rows_left(SimpleNamespace(train_dataset=[1], eval_dataset=[], args=args), ctx)
+
+
+def test_utf8_check_reads_a_file_block_by_block(tmp_path):
+    """The encoding check reads a data file in blocks: a character split between two blocks is no error, and a bad
+    byte in a later block is named by its line in the whole file."""
+    from alignlab.data import DataError
+    from alignlab.data.formats import _check_utf8
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "é", "completion": "日本"}\n' * 5, encoding="utf-8")
+    for block in (1, 2, 3, 5, 7, 1 << 20):  # every split of the 2- and 3-byte characters
+        _check_utf8(good, block)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(good.read_bytes() + '{"prompt": "Café"}\n'.encode("latin-1"))
+    for block in (1, 3, 16, 1 << 20):
+        with pytest.raises(DataError, match=re.escape("bad.jsonl: line 6 is not UTF-8 (byte 0xe9)")):
+            _check_utf8(bad, block)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(good.read_bytes()[:-4])  # the file ends inside the 3-byte 本
+    with pytest.raises(DataError, match=re.escape("cut.jsonl: line 5 is not UTF-8 (byte 0xe6)")):
+        _check_utf8(cut, 7)

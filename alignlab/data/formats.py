@@ -130,6 +130,9 @@ def load_raw(spec: DatasetSpec, recipe: Recipe | None, *, held_out: bool = False
         return _stage_rows(src, recipe)
     if src.kind == "local":
         builder = FILE_BUILDERS[Path(src.files[0]).suffix]
+        for f in src.files:  # pyarrow's JSON reader takes invalid UTF-8 in a string and fails later, on reading it
+            if builder != "parquet":
+                _check_utf8(Path(f))
         kwargs = {"features": _csv_features(Path(src.files[0]), spec)} if builder == "csv" else {}
         # datasets logs its own account of a bad file ("Failed to read file ... <class 'UnicodeDecodeError'>")
         # before raising; the DataError below says it better, so the log stays quiet while loading.
@@ -143,7 +146,7 @@ def load_raw(spec: DatasetSpec, recipe: Recipe | None, *, held_out: bool = False
         except Exception as e:  # datasets raises many types for a malformed file; say which file and line
             for f in src.files:
                 _check_file(Path(f))
-            raise DataError(f"{src.location}: cannot read as {builder}: {e}") from e
+            raise DataError(f"{src.location}: cannot read as {builder}: {_causes(e)}") from e
         finally:
             quiet.setLevel(level)
     else:
@@ -192,11 +195,31 @@ def _stage_rows(src: Source, recipe: Recipe) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def _causes(e: BaseException) -> str:
+    """An exception's message followed by those of the errors that caused it (`datasets` wraps the reader's own
+    message, e.g. pyarrow's "JSON parse error: ... in row 0", in "An error occurred while generating the dataset")."""
+    messages, seen = [], set()
+    while e is not None and id(e) not in seen and len(messages) < 4:
+        seen.add(id(e))
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if text not in messages:
+            messages.append(text)
+        e = e.__cause__ or e.__context__
+    return ": ".join(messages)
+
+
 def _check_file(path: Path) -> None:
     """Explain why `datasets` could not read a local file: not UTF-8 text, empty, a header and no rows, a CSV line
     with more fields than its header, or a bad JSON line."""
     text = _utf8_text(path) if path.suffix != ".parquet" else "x"
-    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # The file's own lines: str.splitlines would also split at U+2028 and other separators JSON strings may hold.
+    lines = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    nul = next((i for i, line in lines if "\x00" in line), None)
+    if nul is not None:
+        raise DataError(
+            f"{path}: line {nul} holds a NUL byte (0x00), which no text holds: the file is binary or was damaged. "
+            f"Remove the byte, or export the data again."
+        )
     if not lines:
         raise DataError(f"{path}: the file is empty. Point dataset.path at a file with rows.")
     if path.suffix == ".csv" and len(lines) == 1:
@@ -211,6 +234,7 @@ def _check_file(path: Path) -> None:
                     f'({",".join(header)}). Put a field that holds a comma in double quotes: "a, b".'
                 )
     if path.suffix == ".jsonl":
+        first_kinds: dict[str, tuple[str, str]] = {}  # column -> (its kind of JSON value, the line it was first seen)
         for i, line in lines:
             try:
                 row = json.loads(line)
@@ -221,30 +245,112 @@ def _check_file(path: Path) -> None:
                 ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object with named columns")
+            if _has_lone_surrogate(row):
+                raise DataError(f"{path}: line {i} {_SURROGATE}")
+            _check_column_kinds(path, row, f"line {i}", first_kinds)
     elif path.suffix == ".json":
         try:
-            json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+        if _has_lone_surrogate(data):
+            raise DataError(f"{path}: the file {_SURROGATE}")
+        if isinstance(data, list):
+            first_kinds = {}
+            for i, row in enumerate(data):
+                if isinstance(row, dict):
+                    _check_column_kinds(path, row, f"row {i}", first_kinds)
+
+
+def _json_kind(value: Any) -> str | None:
+    """What a JSON value is, as one column of a table holds one kind of value (null fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}[type(value)]
+
+
+def _check_column_kinds(path: Path, row: dict, place: str, first: dict[str, tuple[str, str]]) -> None:
+    """A column must hold one kind of JSON value in every row (pyarrow reads the file as a table); name the first row
+    that breaks this, and the row that set the kind."""
+    for col, value in row.items():
+        kind = _json_kind(value)
+        if kind is None:
+            continue
+        seen = first.setdefault(col, (kind, place))
+        if seen[0] != kind:
+            raise DataError(
+                f"{path}: {place}: column '{col}' holds {kind}, but {seen[1]} holds {seen[0]} there: a column holds "
+                f"one kind of value in every row. Fix the row, or drop it."
+            )
+
+
+_SURROGATE = (
+    "holds a lone surrogate (an escape such as \\ud800 that is half of a pair, which is no character): the data was "
+    "cut between the two halves of an emoji or other character. Fix or drop the text."
+)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _utf8_text(path: Path) -> str:
     """The text of a data file, or a DataError when it is not UTF-8 (the only encoding `datasets` reads)."""
     data = path.read_bytes()
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4096]:
+    _check_not_utf16(path, data[:4096])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data[: e.start].count(b"\n") + 1, data[e.start]) from None
+
+
+def _check_utf8(path: Path, block: int = 1 << 20) -> None:
+    """A DataError unless a text data file is UTF-8 throughout, read block by block (a large file is never held
+    whole). `datasets` reads a CSV through pandas, which fails on the first bad byte, but a JSON file through pyarrow,
+    which keeps a Latin-1 byte inside a string value and fails only when that row is read, with a UnicodeDecodeError
+    from deep inside pyarrow: this check comes first, for every text format."""
+    import codecs
+
+    decoder, lines = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as f:
+        data = f.read(block)
+        _check_not_utf16(path, data[:4096])
+        while True:
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.object: the bytes of an unfinished character, then this block
+                raise _not_utf8(path, lines + e.object[: e.start].count(b"\n") + 1, e.object[e.start]) from None
+            if not data:
+                return
+            lines += data.count(b"\n")
+            data = f.read(block)
+
+
+def _check_not_utf16(path: Path, head: bytes) -> None:
+    """UTF-16: a byte-order mark, or NUL bytes in a quarter of the first bytes or more (ASCII text in UTF-16 is half
+    NULs). A stray NUL in UTF-8 text is left to the reader; _check_file names its line if the reader fails on it."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or 0 < len(head) <= 4 * head.count(b"\x00"):
         raise DataError(
             f"{path}: the file is UTF-16 text (or binary), and data files are read as UTF-8. Save it as UTF-8 "
             f"(e.g. iconv -f UTF-16 -t UTF-8 {path.name} > utf8{path.suffix})."
         )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}): the file is in another encoding, "
-            f"likely Latin-1 / Windows-1252. Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
-            f"utf8{path.suffix})."
-        ) from None
+
+
+def _not_utf8(path: Path, line: int, byte: int) -> DataError:
+    return DataError(
+        f"{path}: line {line} is not UTF-8 (byte {byte:#04x}): the file is in another encoding, likely Latin-1 / "
+        f"Windows-1252. Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > utf8{path.suffix})."
+    )
 
 
 def _builtin_heldout_split(split: str) -> str:
@@ -310,6 +416,25 @@ def check_rows(ds: Dataset, fmt: str, where: str) -> None:
     for i, row in enumerate(ds):
         for col in required:
             _check_cell(row.get(col), col, i, where)
+        if fmt == "text" and not isinstance(row["text"], str):
+            raise DataError(
+                f"{where}: {row_place(where, i)}: column 'text' holds {_short_repr(row['text'])}, not text: a `text` "
+                f"column is plain text, trained on whole. A chat goes in a `messages` column (loss on the "
+                f"assistant's turns); map yours with dataset.columns, e.g. columns: {{messages: text}}."
+            )
+        if fmt == "messages" and not isinstance(row["messages"], list):
+            raise DataError(
+                f"{where}: {row_place(where, i)}: column 'messages' holds {_short_repr(row['messages'])}, not a list "
+                f"of chat messages [{{'role': 'user', 'content': ...}}, {{'role': 'assistant', 'content': ...}}]. "
+                f"Plain text goes in a `text` column (or prompt/completion columns)."
+            )
+        if fmt == "messages" and not any(m["role"] == "assistant" for m in row["messages"]):
+            roles = ", ".join(dict.fromkeys(str(m["role"]) for m in row["messages"]))
+            raise DataError(
+                f"{where}: {row_place(where, i)}: column 'messages' holds no assistant turn (only {roles}), so the "
+                f"row has nothing to train on or score: the loss is on the assistant's replies, and TRL drops a row "
+                f"without any. Add the assistant's reply to the conversation, or drop the row."
+            )
         if fmt == "preference":
             if row.get("prompt") is not None:
                 _check_cell(row["prompt"], "prompt", i, where)
@@ -363,33 +488,42 @@ def _label_of(value: Any) -> bool | None:
 
 
 def _check_cell(value: Any, col: str, row: int, where: str) -> None:
-    at = f"{where}: {row_place(where, row)}: column '{col}'"
+    def at() -> str:  # the row's line is looked up only for an error: it reads the file
+        return f"{where}: {row_place(where, row)}: column '{col}'"
+
     if value is None or (isinstance(value, str | list) and len(value) == 0):
-        raise DataError(f"{at} is missing or empty. Fill it or drop the row.")
+        raise DataError(f"{at()} is missing or empty. Fill it or drop the row.")
     if isinstance(value, list):
         for j, msg in enumerate(value):
             if not isinstance(msg, dict) or msg.get("role") is None or "content" not in msg:
                 raise DataError(
-                    f"{at} message {j} is malformed; chat messages are "
+                    f"{at()} message {j} is malformed; chat messages are "
                     f"{{'role': 'user'|'assistant'|'system', 'content': str}}"
                 )
             if msg["role"] not in CHAT_ROLES:
                 close = difflib.get_close_matches(str(msg["role"]), CHAT_ROLES, n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise DataError(f"{at} message {j} has role {msg['role']!r}; roles are {', '.join(CHAT_ROLES)}.{hint}")
+                raise DataError(
+                    f"{at()} message {j} has role {msg['role']!r}; roles are {', '.join(CHAT_ROLES)}.{hint}"
+                )
             content = msg["content"]
             if not isinstance(content, str | list) and not (content is None and msg.get("tool_calls")):
                 raise DataError(
-                    f"{at} message {j} ({msg['role']}) has content {content!r} of type {type(content).__name__}; "
+                    f"{at()} message {j} ({msg['role']}) has content {content!r} of type {type(content).__name__}; "
                     f"content is text. Write it as a string in the file."
                 )
     elif isinstance(value, bool | int | float):
         raise DataError(
-            f"{at} holds {value!r} (a {type(value).__name__}), not text. Write it as a string in the file "
+            f"{at()} holds {value!r} (a {type(value).__name__}), not text. Write it as a string in the file "
             f'("{value}"), so that the model trains on exactly the text you mean.'
         )
     elif not isinstance(value, str):
-        raise DataError(f"{at} must be a string or a list of chat messages (got {type(value).__name__})")
+        raise DataError(f"{at()} must be a string or a list of chat messages (got {type(value).__name__})")
+
+
+def _short_repr(value: Any, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def row_place(where: str, row: int) -> str:
