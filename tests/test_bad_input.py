@@ -638,6 +638,19 @@ CASES = [
         {"stages.0.type": {"name": "sft"}},
     ),
     case(
+        "distill-with-an-empty-model-path",
+        ["model.name_or_path: model path . has no config.json", "!Traceback"],
+        {
+            "model.name_or_path": "",
+            "stages.2": {
+                "name": "distill",
+                "type": "distill",
+                "teacher": "builtin:tiny-llama",
+                "dataset": {"path": "TMP/sft.jsonl"},
+            },
+        },
+    ),
+    case(
         "output-dir-with-nul",
         [
             "recipe.yaml: invalid recipe",

@@ -153,11 +153,14 @@ def check_teacher_tokenizer(recipe, index: int) -> str | None:
     from transformers import AutoTokenizer
 
     trust = recipe.model.trust_remote_code
-    return teacher_tokenizer_problem(
-        AutoTokenizer.from_pretrained(student, trust_remote_code=trust),
-        AutoTokenizer.from_pretrained(teacher, trust_remote_code=trust),
-        spec.teacher,
-    )
+    tokenizers = []
+    for role, folder in (("student", student), ("teacher", teacher)):
+        try:
+            tokenizers.append(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust))
+        except (OSError, ValueError) as e:  # a damaged or unreadable tokenizer file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return f"cannot read the {role}'s tokenizer in {folder} to compare the two ({first}): fix its files"
+    return teacher_tokenizer_problem(*tokenizers, spec.teacher)
 
 
 def _tokenizer_folder(recipe, name: str) -> str | None:
@@ -171,6 +174,10 @@ def _tokenizer_folder(recipe, name: str) -> str | None:
     path = recipe.resolve_path(name)
     if name.lower().endswith(".gguf") or not path.is_dir():
         return None
+    from alignlab.input_checks import TOKENIZER_FILES
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None  # not a model folder (an empty name is "."): the model checks of validate say so
     return str(path)
 
 
