@@ -51,12 +51,14 @@ def thread_policy():
     """One thread policy for every test: alignlab's (alignlab/threads.py: ALIGNLAB_THREADS=N, else fewer threads
     only on a busy machine, and OMP_NUM_THREADS set by you is left alone), applied once at the start of the session.
     `alignlab run` applies it itself at its start; a test that calls run_pipeline directly would otherwise run on
-    torch's default count whatever the load. Returns the count the session runs on."""
+    torch's default count whatever the load. Under pytest-xdist (`-n N`) the N workers count as N processes of one
+    run: each gets its share of the free cores (one each on 2 cores, 2 workers). Returns the count the session runs
+    on."""
     import torch
 
     from alignlab.threads import apply_thread_policy
 
-    apply_thread_policy()
+    apply_thread_policy(processes=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     return torch.get_num_threads()
 
 

@@ -22,7 +22,8 @@ def test_readme_starts_with_quickstart_and_test_commands():
     quickstart, tests = _readme_commands()[:2]
     assert quickstart.endswith("alignlab run recipes/quickstart.yaml")
     assert "-c constraints.txt" in quickstart and "-c constraints.txt" in tests
-    assert tests.endswith("python -m pytest -q && python -m pytest -q -m real")
+    tiers = "python -m pytest -q -n auto --dist loadfile -m slow && python -m pytest -q -n auto --dist loadfile && "
+    assert tests.endswith(tiers + "python -m pytest -q -n auto --dist loadfile -m real")
 
 
 def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
@@ -41,7 +42,7 @@ def test_constraints_pin_every_tested_dependency():
     }
     for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "evaluate"):
         assert name in pins, name
-    for name in ("pytest", "ruff"):
+    for name in ("pytest", "ruff", "pytest-xdist"):
         assert name in pins, name
 
 

@@ -29,7 +29,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import alignlab_beside, make_recipe, write_yaml
+from tests.helpers import alignlab_beside, make_recipe, make_stage, write_yaml
 from tests.helpers import run as _run
 
 pytestmark = pytest.mark.real
@@ -284,9 +284,11 @@ def test_generate_writes_the_bf16_models_own_samples_scored_by_the_checker(tmp_p
     from alignlab.stages.generate import sample_seed
 
     n, k, tokens = 3, 4, 16
-    gen = {"name": "pairs", "type": "generate", "dataset": {"path": "builtin:constraints", "split": "train", "size": n}}
-    gen.update(reward_fn="builtin:constraints", output="preference", num_samples=k, max_new_tokens=tokens)
-    gen.update(temperature=1.0, batch_size=n, dtype="bfloat16")
+    gen = make_stage(
+        "generate", "pairs", dataset={"path": "builtin:constraints", "split": "train", "size": n},
+        reward_fn="builtin:constraints", output="preference",
+        num_samples=k, max_new_tokens=tokens, temperature=1.0, batch_size=n, dtype="bfloat16",
+    )  # fmt: skip
     raw = _recipe("real-gen", tmp_path / "run", [gen], peft=None)
     rows = generate_task("constraints", "train", n, seed=0)  # the stage's prompts: the dataset's rows, in order
     with alignlab_beside(["run", write_yaml(tmp_path / "gen.yaml", raw)], log=tmp_path / "gen.log"):
