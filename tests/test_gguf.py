@@ -298,7 +298,10 @@ def test_validate_uses_the_cached_conversion(tmp_path, capsys, cache, fake_conve
 
 def test_unknown_builtin_is_one_line(capsys):
     assert main(["builtin", "foo"]) == 2
-    assert capsys.readouterr().err == "error: unknown builtin model 'foo'; known: tiny-llama, smollm2-135m-instruct\n"
+    assert (
+        capsys.readouterr().err
+        == "error: unknown builtin model 'foo'; known: tiny-llama, smollm2-135m-instruct, smollm2-135m-instruct-half\n"
+    )
 
 
 def test_no_network_and_no_cache_says_what_to_fetch(tmp_path, capsys, cache, monkeypatch):
