@@ -49,7 +49,7 @@ def _worker(config: dict) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rows = generate_task("constraints", "eval", config["rows"], seed=0)
-    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    prompts = [r["prompt"] for r in rows]  # chat messages
     decode = []
     for _ in range(config["repeats"]):
         start = time.perf_counter()
